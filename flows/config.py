@@ -1,0 +1,208 @@
+"""deployment_config.yaml: the user's one file, validated before any work.
+
+Each stage module owns its Settings model; this module composes them with the pipeline-wide sections.
+Errors name the field's path (e.g. `quantization.types[1]`) and what to write instead, and unknown keys
+suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from tasks.card import CardSettings
+from tasks.convert import ConvertSettings
+from tasks.core.errors import ConfigError
+from tasks.core.settings import SecretRef, StrictModel
+from tasks.download import DownloadSettings
+from tasks.evaluate import EvalSettings
+from tasks.health import HealthSettings
+from tasks.hub_push import HubSettings
+from tasks.local_deploy import LocalDeploySettings
+from tasks.merge import MergeSettings
+from tasks.quantize import QuantizeSettings
+from tasks.serve import ServeSettings
+from tasks.space import SpaceSettings
+
+# The stages in pipeline order. `critical` stages fail the run; the others may be allowed to fail
+# (pipeline.continue_on_error) and then the run ends Completed with a degraded summary.
+STAGES: tuple[str, ...] = ("download", "merge", "convert", "quantize", "hub_push", "card", "space", "local_deploy", "serve", "health", "evaluate")
+CRITICAL_STAGES: frozenset[str] = frozenset({"download", "merge", "convert", "quantize"})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class ModelSettings(StrictModel):
+    name: str = Field(description="the model's short name: files are named {name}-{QUANT}.gguf")
+    version: str = Field("v1", description="run folder: runs/<name>/<version>")
+    base_model: str = Field("", description="base model id or folder (for the card and the merge)")
+    description: str = ""
+
+    @field_validator("name", "version")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it becomes a folder and file name)")
+        return v
+
+
+class NotificationSettings(StrictModel):
+    on_completion: list[str] = Field(default_factory=list, description="names of saved Prefect notification blocks")
+    on_failure: list[str] = Field(default_factory=list)
+    on_degraded: list[str] = Field(default_factory=list)
+
+
+class LoggingSettings(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class CleanupSettings(StrictModel):
+    delete_f16: bool = Field(False, description="delete the F16 GGUF once the quantizations are validated")
+    delete_merged: bool = Field(False, description="delete merged/ once converted")
+
+
+class PipelineSettings(StrictModel):
+    runs_dir: str = Field("runs", description="where run folders are made (relative to the working directory)")
+    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="stages enabled, in any order")
+    continue_on_error: bool = Field(False, description="a failing non-critical stage degrades the run instead of failing it")
+    cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s not in STAGES:
+                raise ValueError(f"unknown stage {s!r}{_suggest(s, STAGES)}; stages are: {', '.join(STAGES)}")
+        return v
+
+
+class PerformanceSettings(StrictModel):
+    threads: int | None = Field(None, ge=1, description="threads for heavy work; None: all cores")
+    parallelism: int | None = Field(None, ge=1, description="parallel quantize jobs; None: chosen from cores and memory")
+
+
+class PipelineConfig(StrictModel):
+    """The whole deployment_config.yaml."""
+
+    model: ModelSettings
+    source: DownloadSettings
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    convert: ConvertSettings = Field(default_factory=ConvertSettings)
+    quantization: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
+    card: CardSettings = Field(default_factory=CardSettings)
+    space: SpaceSettings = Field(default_factory=SpaceSettings)
+    deployment: LocalDeploySettings = Field(default_factory=LocalDeploySettings)
+    serving: ServeSettings = Field(default_factory=ServeSettings)
+    health_check: HealthSettings = Field(default_factory=HealthSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "PipelineConfig":
+        enabled = set(self.pipeline.stages)
+        if "space" in enabled and "hub_push" not in enabled and not self.space.space_id:
+            pass  # a Space can run a repo pushed earlier; nothing impossible here
+        if self.pipeline.cleanup.delete_f16 and "evaluate" in enabled:
+            raise ValueError("pipeline.cleanup.delete_f16 with the evaluate stage: eval compares against the F16; set delete_f16: false or drop 'evaluate' from pipeline.stages")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.pipeline.runs_dir) / self.model.name / self.model.version
+
+
+# Where each section's Settings model comes from, for the config reference.
+SECTION_OWNERS: dict[str, str] = {
+    "source": "tasks/download.py", "merge": "tasks/merge.py", "convert": "tasks/convert.py", "quantization": "tasks/quantize.py",
+    "hub": "tasks/hub_push.py", "card": "tasks/card.py", "space": "tasks/space.py", "deployment": "tasks/local_deploy.py",
+    "serving": "tasks/serve.py", "health_check": "tasks/health.py", "evaluation": "tasks/evaluate.py",
+}
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = PipelineConfig
+    for part in path:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+        for arg in getattr(model, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the configuration:"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
+        where = _loc(loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            options = list(parent.model_fields) if parent else []
+            msg = f"unknown key{_suggest(loc[-1], options)}; valid keys here: {', '.join(options)}" if options else "unknown key"
+        elif e["type"] == "missing":
+            msg = "required: add this key"
+        elif "input" in e and e["type"].endswith(("_type", "_parsing", "literal_error", "enum")):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, source:, ...)")
+    # An empty section (`performance:` with everything commented out) means "all defaults".
+    data = {k: ({} if v is None and k in PipelineConfig.model_fields else v) for k, v in data.items()}
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def _expand_env(text: str) -> str:
+    """`${VAR}` and `${VAR:-default}` in the YAML are replaced (not for secrets: those are references)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, _, default = m.group(1).partition(":-")
+        return os.environ.get(name, default)
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?)\}", sub, text)
+
+
+def load_config(path: Path | str) -> PipelineConfig:
+    """Read and validate a deployment_config.yaml; relative paths inside stay relative to the CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="pass --config with the path of your deployment_config.yaml (see deployments/deployment_config.example.yaml)")
+    try:
+        data = yaml.safe_load(_expand_env(path.read_text())) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+__all__ = ["PipelineConfig", "load_config", "parse_config", "STAGES", "CRITICAL_STAGES", "SecretRef"]

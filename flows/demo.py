@@ -1,0 +1,40 @@
+"""The built-in demo: a tiny Llama-style model and a LoRA adapter really trained here on the toy task.
+
+`python -m flows.full` with no --config runs every stage on it: no network, token or GPU. The model
+and adapter are built once into the user cache folder (~/.cache/loraship, or $LORASHIP_CACHE).
+Stages that need credentials (Hub push, Space) run as dry runs that stage what they would upload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.config import PipelineConfig, parse_config
+
+DEMO_TRAIN_STEPS = 60
+
+
+def demo_inputs() -> tuple[Path, Path]:
+    """(base model folder, adapter folder), built once and cached."""
+    from tasks.tiny_models import tiny_adapter, tiny_model
+
+    base = tiny_model("llama", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
+    adapter = tiny_adapter(base, r=8, alpha=16, train_steps=DEMO_TRAIN_STEPS)
+    return base, adapter
+
+
+def demo_config(validate_only: bool = False, runs_dir: str = "runs") -> PipelineConfig:
+    if validate_only:
+        base, adapter = Path("<demo-base>"), Path("<demo-adapter>")
+    else:
+        print("building the demo model and adapter (cached after the first run)...", flush=True)
+        base, adapter = demo_inputs()
+    return parse_config(
+        {
+            "model": {"name": "loraship-demo", "version": "v1", "base_model": str(base), "description": "A tiny Llama-style model with a LoRA adapter trained for a few seconds on loraship's toy task."},
+            "source": {"kind": "local", "path": str(adapter)},
+            "merge": {"base_model": str(base)},
+            "pipeline": {"runs_dir": runs_dir},
+        },
+        "built-in demo config",
+    )

@@ -1,0 +1,201 @@
+"""The full pipeline as one Prefect flow, and its command line: `python -m flows.full`.
+
+download -> merge -> convert -> quantize (parallel) -> hub push -> card -> Space -> LM Studio/Ollama
+-> serve -> health -> eval. With no arguments it runs the built-in demo (no network, token or GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.env import prepare_environment
+
+prepare_environment()
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+from flows.config import CRITICAL_STAGES, STAGES, PipelineConfig, load_config, parse_config  # noqa: E402
+from flows.context import RunContext, RunSummary, StageOutcome  # noqa: E402
+from flows.runners import RUNNERS  # noqa: E402
+from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
+from tasks.core.hashing import digest_of  # noqa: E402
+from tasks.core.run import RunFolder, manifest_table  # noqa: E402
+
+
+def select_stages(enabled: list[str], only: list[str] | None = None, skip: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+    """The stages to run, in pipeline order, from the config's list and the --only/--skip/--from options."""
+    for name, values in (("--only", only or []), ("--skip", skip or []), ("--from", [from_stage] if from_stage else [])):
+        for v in values:
+            if v not in STAGES:
+                raise ConfigError(f"{name} {v!r} is not a stage; stages are: {', '.join(STAGES)}")
+    chosen = [s for s in STAGES if s in enabled]
+    if from_stage:
+        chosen = [s for s in chosen if STAGES.index(s) >= STAGES.index(from_stage)]
+    if only:
+        chosen = [s for s in chosen if s in only]
+    if skip:
+        chosen = [s for s in chosen if s not in skip]
+    return chosen
+
+
+def _load_previous_artifacts(run: RunFolder) -> dict[str, Any]:
+    """Artifacts of an earlier run of the same folder that are still intact (for --from/--only)."""
+    m = run.load_manifest()
+    return {name: a for name, a in m.artifacts.items() if a.is_intact()}
+
+
+@flow(name="loraship-full", log_prints=True)
+def full(
+    config: dict[str, Any] | None = None,
+    config_path: str | None = None,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    from_stage: str | None = None,
+    dry_run: bool = False,
+    refresh: list[str] | None = None,
+) -> RunSummary:
+    """Run the pipeline for one model. Pass `config_path` (a deployment_config.yaml) or `config` (its contents)."""
+    logger = get_run_logger()
+    if config_path:
+        cfg = load_config(config_path)
+    elif config is not None:
+        cfg = parse_config(config)
+    else:
+        raise ConfigError("the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml")
+    stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
+    run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
+    run.set_config_digest(digest_of(cfg))
+    ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
+    summary = RunSummary(model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path))
+    logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        started = time.monotonic()
+        try:
+            made = RUNNERS[stage](ctx)
+        except StageSkipped as skip_reason:
+            outcome = StageOutcome(stage=stage, status="skipped", message=str(skip_reason))
+            run.record(stage, "skipped", message=str(skip_reason))
+            logger.info("%s: skipped (%s)", stage, skip_reason)
+            summary.stages.append(outcome)
+            continue
+        except Exception as exc:
+            seconds = time.monotonic() - started
+            message = f"{type(exc).__name__}: {exc}"
+            if stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error:
+                run.record(stage, "failed", seconds=seconds, message=message)
+                summary.stages.append(StageOutcome(stage=stage, status="failed", seconds=seconds, message=message))
+                logger.error("%s failed: %s", stage, message)
+                raise
+            run.record(stage, "degraded", seconds=seconds, message=message)
+            summary.degraded = True
+            summary.stages.append(StageOutcome(stage=stage, status="degraded", seconds=seconds, message=message))
+            logger.warning("%s failed, continuing (pipeline.continue_on_error): %s", stage, message)
+            continue
+        seconds = time.monotonic() - started
+        for a in made:
+            ctx.artifacts[a.name] = a
+        status = "dry-run" if ctx.notes.get("dry_run", {}).get(stage) else ("cached" if ctx.all_cached(stage) else "done")
+        message = ctx.notes.get("messages", {}).get(stage, "")
+        run.record(stage, status, made, seconds=seconds, message=message)
+        summary.stages.append(StageOutcome(stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]))
+        logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
+    manifest = run.load_manifest()
+    summary.artifacts = manifest_table(manifest)
+    summary.links.update(ctx.notes.get("links", {}))
+    _publish_summary_artifacts(summary)
+    return summary
+
+
+def _publish_summary_artifacts(summary: RunSummary) -> None:
+    """The manifest as a table in the Prefect UI (best effort: the run's result does not depend on it)."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(key=f"manifest-{_artifact_key(summary.model)}", table=summary.artifacts or [{"artifact": "(none)"}], description=f"Artifacts of {summary.model} {summary.version}: {summary.manifest}")
+    except Exception as exc:  # pragma: no cover - UI nicety
+        logging.getLogger("loraship").debug("no table artifact: %s", exc)
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "model"
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"\n{summary.model} {summary.version}: {'DEGRADED' if summary.degraded else 'ok'}", f"run folder: {summary.run_dir}", "", "stages:"]
+    for s in summary.stages:
+        lines.append(f"  {s.stage:<13} {s.status:<9} {s.seconds:7.1f}s  {s.message}")
+    if summary.artifacts:
+        lines += ["", "artifacts:"]
+        for a in summary.artifacts:
+            lines.append(f"  {a['artifact']:<22} {a['size_mb']:>10.2f} MB  sha256 {a['sha256']}…  {a['path']}")
+    if summary.links:
+        lines += ["", "links:"] + [f"  {k}: {v}" for k, v in summary.links.items()]
+    lines += [
+        "",
+        f"manifest: {summary.manifest}",
+        "Prefect UI: run `prefect server start` and open http://127.0.0.1:4200 (set PREFECT_API_URL=http://127.0.0.1:4200/api before the run to see it there)",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.full",
+        description=(
+            "Take a LoRA fine-tune to usable models: download, merge, convert to GGUF, quantize in parallel, "
+            "publish to the Hub with a card and a demo Space, link into LM Studio/Ollama, serve, health-check "
+            "and evaluate. With no --config it runs the built-in demo: a tiny model and a LoRA adapter trained "
+            "here for a few seconds (no network, token or GPU needed); stages that need credentials run as a "
+            "dry run and show what they would upload."
+        ),
+        epilog=f"stages, in order: {', '.join(STAGES)}. Critical stages ({', '.join(sorted(CRITICAL_STAGES))}) always fail the run; the others can be allowed to fail with pipeline.continue_on_error.",
+    )
+    p.add_argument("--config", metavar="FILE", help="deployment_config.yaml (see deployments/deployment_config.example.yaml); default: the built-in demo")
+    p.add_argument("--only", metavar="STAGE", nargs="+", help="run only these stages (earlier artifacts are taken from the run folder's manifest)")
+    p.add_argument("--skip", metavar="STAGE", nargs="+", help="skip these stages")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage, reusing the earlier stages' artifacts")
+    p.add_argument("--dry-run", action="store_true", help="stages that publish or install write exactly what they would send, and send nothing")
+    p.add_argument("--refresh", metavar="STAGE", nargs="*", help="ignore the cache for these stages (no name: all stages)")
+    p.add_argument("--runs-dir", metavar="DIR", help="override pipeline.runs_dir")
+    p.add_argument("--validate", action="store_true", help="only validate the config and print it; run nothing")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.config:
+            cfg = load_config(args.config)
+        else:
+            from flows.demo import demo_config
+
+            print("No --config given: running the built-in demo (a tiny model and a LoRA adapter built on this machine).", flush=True)
+            cfg = demo_config(validate_only=args.validate)
+        if args.runs_dir:
+            cfg.pipeline.runs_dir = args.runs_dir
+        select_stages(cfg.pipeline.stages, args.only, args.skip, args.from_stage)
+        if args.validate:
+            print(cfg.model_dump_json(indent=2))
+            print("config is valid", file=sys.stderr)
+            return 0
+        refresh = None if args.refresh is None else (args.refresh or ["all"])
+        summary = full(config=cfg.model_dump(mode="json"), only=args.only, skip=args.skip, from_stage=args.from_stage, dry_run=args.dry_run, refresh=refresh)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.model_dump_json(indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

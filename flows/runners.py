@@ -1,0 +1,61 @@
+"""One runner per stage: how the flow feeds a stage from the config and what came before.
+
+A runner takes the RunContext and returns the artifacts it made (or raises StageSkipped with the
+reason). It reads like the pipeline diagram: pick the inputs, call the stage's task through
+`ctx.call` / `ctx.map` (cached, retried), return the records. Stage work itself lives in tasks/.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from flows.context import RunContext
+from tasks.core.artifacts import Artifact
+from tasks.core.errors import PermanentError, StageSkipped
+
+
+def _need(ctx: RunContext, kind: str, stage: str) -> list[Artifact]:
+    found = ctx.of_kind(kind)
+    if not found:
+        raise PermanentError(f"stage {stage} needs a {kind!r} artifact and none was made in this run", hint=f"enable the stage that makes it, or run with --from {stage} after a run that made it")
+    return found
+
+
+def run_download(ctx: RunContext) -> list[Artifact]:
+    from tasks.download import download_task
+
+    return [ctx.call("download", download_task, ctx.config.source, ctx.run.adapter_dir)]
+
+
+def _not_yet(stage: str) -> Callable[[RunContext], list[Artifact]]:
+    def runner(ctx: RunContext) -> list[Artifact]:
+        raise StageSkipped(f"the {stage} stage is not available in this build yet")
+
+    return runner
+
+
+run_merge = _not_yet("merge")
+run_convert = _not_yet("convert")
+run_quantize = _not_yet("quantize")
+run_hub_push = _not_yet("hub_push")
+run_card = _not_yet("card")
+run_space = _not_yet("space")
+run_local_deploy = _not_yet("local_deploy")
+run_serve = _not_yet("serve")
+run_health = _not_yet("health")
+run_evaluate = _not_yet("evaluate")
+
+
+RUNNERS: dict[str, Callable[[RunContext], list[Artifact]]] = {
+    "download": run_download,
+    "merge": run_merge,
+    "convert": run_convert,
+    "quantize": run_quantize,
+    "hub_push": run_hub_push,
+    "card": run_card,
+    "space": run_space,
+    "local_deploy": run_local_deploy,
+    "serve": run_serve,
+    "health": run_health,
+    "evaluate": run_evaluate,
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up loraship in ./.venv: Debian packages (when run as root), CPU torch if no torch is present,
+# llama-cpp-python built once (pip caches the wheel), then the project itself.
+#   ./setup.sh          what the demo needs
+#   ./setup.sh --test   plus what the tests need (sshd, rsync, chromium, pytest, ...)
+set -euo pipefail
+cd "$(dirname "$0")"
+WANT_TEST=0
+[[ "${1:-}" == "--test" ]] && WANT_TEST=1
+PY="${PYTHON:-python3}"
+
+apt_install() {
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null; then
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if (( ${#missing[@]} )); then
+      echo "== apt-get install ${missing[*]}"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+  else
+    echo "== not root: make sure these Debian packages are installed: $*"
+  fi
+}
+
+apt_install rsync openssh-client
+if (( WANT_TEST )); then
+  apt_install openssh-server chromium chromium-driver
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  echo "== installing torch (CPU build; bring your own CUDA build for a GPU)"
+  "$VPY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+  echo "== building llama-cpp-python 0.3.36 (about 7 minutes the first time; pip caches the wheel)"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" "$VPY" -m pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+EXTRA=""
+(( WANT_TEST )) && EXTRA="[test]"
+echo "== installing loraship${EXTRA}"
+"$VPY" -m pip install -q -e ".${EXTRA}" 2>&1 | grep -v "^WARNING: Location" || true
+"$VPY" -c "import flows.full, llama_cpp, torch, prefect; print('loraship ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__, '| prefect', prefect.__version__)"

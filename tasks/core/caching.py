@@ -1,0 +1,135 @@
+"""Content-addressed caching of stage results, as a Prefect cache policy.
+
+The key is: the stage module's source (its code version) + the digests of the input artifacts + the
+settings (as canonical JSON) + the run folder. Prefect's default `INPUTS` policy would hash a path
+string, not the file, so a changed file with the same name would hit; this policy hashes artifacts by
+their content digest instead.
+
+A hit must never hand back a record whose files are missing or changed. Prefect has no hook between
+"record found" and "record returned", so `compute_key` itself reads the stored record, checks every
+artifact in it against the disk, and deletes a stale record, which turns the lookup into a miss and
+the stage recomputes (and stores a fresh record under the same key).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tasks.core.artifacts import Artifact
+from tasks.core.hashing import canonical_json
+
+log = logging.getLogger("loraship.cache")
+
+
+def fingerprint(value: Any) -> Any:
+    """A JSON-able stand-in for a task input that changes exactly when the input's content changes."""
+    if isinstance(value, Artifact):
+        return {"artifact": value.name, "sha256": value.sha256}
+    if isinstance(value, BaseModel):
+        return {k: fingerprint(getattr(value, k)) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [fingerprint(v) for v in value]
+        return sorted(items, key=canonical_json) if isinstance(value, (set, frozenset)) else items
+    if hasattr(value, "root") and hasattr(value, "manifest_path"):  # RunFolder
+        return {"run": str(value.root)}
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "get_secret_value"):
+        return "<secret>"  # never key (or log) a secret's value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+@functools.lru_cache(maxsize=None)
+def module_code_version(module_name: str) -> str:
+    module = sys.modules.get(module_name)
+    try:
+        src = inspect.getsource(module) if module is not None else module_name
+    except (OSError, TypeError):
+        src = module_name
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def artifacts_in(value: Any) -> list[Artifact]:
+    """Every Artifact inside a task result (a record, a list of records, a model holding records)."""
+    found: list[Artifact] = []
+    if isinstance(value, Artifact):
+        found.append(value)
+    elif isinstance(value, BaseModel):
+        for k in type(value).model_fields:
+            found.extend(artifacts_in(getattr(value, k)))
+    elif isinstance(value, dict):
+        for v in value.values():
+            found.extend(artifacts_in(v))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found.extend(artifacts_in(v))
+    return found
+
+
+def _drop_if_stale(task_ctx: Any, key: str) -> None:
+    store = getattr(task_ctx, "result_store", None)
+    storage = getattr(store, "result_storage", None)
+    basepath = getattr(storage, "basepath", None)
+    if store is None or basepath is None:
+        return
+    record_path = Path(basepath).expanduser() / key
+    if not record_path.exists():
+        return
+    try:
+        from prefect.results import ResultRecord
+
+        record = ResultRecord.deserialize(record_path.read_bytes())
+        result = record.result
+    except Exception as exc:  # unreadable record: recompute
+        log.warning("cache record %s unreadable (%s); recomputing", record_path.name, exc)
+        record_path.unlink(missing_ok=True)
+        return
+    for art in artifacts_in(result):
+        problems = art.problems()
+        if problems:
+            log.warning("cached %s is no longer valid (%s); recomputing", art.name, "; ".join(problems[:3]))
+            record_path.unlink(missing_ok=True)
+            cache = getattr(store, "cache", None)
+            if cache is not None:
+                for k in list(cache.keys()):
+                    if str(k).endswith(key):
+                        cache.pop(k, None)
+            return
+
+
+try:
+    from prefect.cache_policies import CachePolicy
+except ImportError:  # pragma: no cover - prefect is a hard dependency; this keeps plain functions importable
+    CachePolicy = object  # type: ignore[misc,assignment]
+
+
+class ArtifactCachePolicy(CachePolicy):  # type: ignore[misc]
+    """Key = stage code version + input artifact digests + settings; stale records are dropped."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        if task_ctx is None:
+            return None
+        fn = task_ctx.task.fn
+        payload = {
+            "stage": task_ctx.task.name,
+            "code": module_code_version(fn.__module__),
+            "inputs": {k: fingerprint(v) for k, v in sorted((inputs or {}).items()) if not k.startswith("_")},
+        }
+        key = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+        _drop_if_stale(task_ctx, key)
+        return key
+
+
+ARTIFACTS = ArtifactCachePolicy()

@@ -1,0 +1,48 @@
+"""The thin Prefect wrapper every stage shares: naming, caching, retries.
+
+A stage module holds its Settings model, a plain function that does the work (callable and testable
+without Prefect) and a task made with `stage_task`. The flow binds each task to the run folder with
+`bind(task, run)` so its cached records live in the run's .cache folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from tasks.core.caching import ARTIFACTS
+from tasks.core.errors import retry_if_transient
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def stage_task(stage: str, *, retries: int = 3, base_delay: float = 2.0, cache: bool = True, **options: Any) -> Callable[[F], Any]:
+    """Make a Prefect task for a stage: cached by content, retried only on transient errors with backoff."""
+    from prefect import task
+    from prefect.tasks import exponential_backoff
+
+    def deco(fn: F) -> Any:
+        kw: dict[str, Any] = dict(
+            name=stage,
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=base_delay) if retries else 0,
+            retry_jitter_factor=0.5 if retries else None,
+            retry_condition_fn=retry_if_transient,
+            persist_result=cache,
+        )
+        if cache:
+            kw["cache_policy"] = ARTIFACTS
+        else:
+            from prefect.cache_policies import NO_CACHE
+
+            kw["cache_policy"] = NO_CACHE
+        kw.update(options)
+        return task(**kw)(fn)
+
+    return deco
+
+
+def bind(task: Any, cache_dir: Path, refresh: bool = False) -> Any:
+    """The task with its results stored under `cache_dir` (a Path: a str would name a storage block)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return task.with_options(result_storage=Path(cache_dir), refresh_cache=refresh or None)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny but real models built locally (cached across sessions), a Prefect test API.
+
+Environment set here, before any test imports prefect or huggingface_hub: a private PREFECT_HOME,
+no telemetry, no Xet (tests talk to local servers only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="loraship-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HOME", str(_SESSION_TMP / "hf-home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraship")
+
+
+@pytest.fixture(scope="session")
+def llama_base() -> Path:
+    """Llama-style causal LM, SentencePiece tokenizer trained here, chat template, hidden_size 256."""
+    from tasks.tiny_models import tiny_model
+
+    return tiny_model("llama", hidden=256)
+
+
+@pytest.fixture(scope="session")
+def qwen2_base() -> Path:
+    """Qwen2-style causal LM, byte-level BPE tokenizer trained here (unknown to llama.cpp: needs vocab_pre)."""
+    from tasks.tiny_models import tiny_model
+
+    return tiny_model("qwen2", hidden=256)
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(llama_base: Path) -> Path:
+    """A peft LoRA adapter for llama_base with non-zero B (so merging changes outputs)."""
+    from tasks.tiny_models import tiny_adapter
+
+    return tiny_adapter(llama_base)
+
+
+@pytest.fixture(scope="session")
+def qwen2_adapter(qwen2_base: Path) -> Path:
+    from tasks.tiny_models import tiny_adapter
+
+    return tiny_adapter(qwen2_base)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test API for the whole session (it takes 20-30 s to start here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
