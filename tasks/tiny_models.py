@@ -11,11 +11,9 @@ arguments, behind a file lock, so parallel test workers and repeated runs build 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,9 +53,13 @@ def corpus_lines() -> list[str]:
     return lines
 
 
+# Bump when a builder's output changes: the cache key is this version + the builder's arguments (not the
+# module source, so unrelated edits here do not rebuild every fixture and the caches built on them).
+BUILDERS_VERSION = 2
+
+
 def _key(kind: str, **kwargs: Any) -> str:
-    src = inspect.getsource(sys.modules[__name__])
-    return hashlib.sha256(json.dumps([kind, kwargs, src], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([kind, kwargs, BUILDERS_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cached(kind: str, builder, **kwargs: Any) -> Path:
@@ -129,7 +131,7 @@ def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
 # --- models -----------------------------------------------------------------------------------------
 
 
-def _build_model(out: Path, arch: Literal["llama", "qwen2"], hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab_size: int, seed: int, dtype: str, tie: bool) -> None:
+def _build_model(out: Path, arch: Literal["llama", "qwen2"], hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab_size: int, seed: int, dtype: str, tie: bool, shard_size: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
@@ -157,13 +159,15 @@ def _build_model(out: Path, arch: Literal["llama", "qwen2"], hidden: int, layers
             if p.dim() >= 2:
                 p.normal_(0.0, 0.05)
     model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id, max_new_tokens=32)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     tok.save_pretrained(out)
 
 
-def tiny_model(arch: Literal["llama", "qwen2"] = "llama", hidden: int = 256, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 512, vocab_size: int = 384, seed: int = 0, dtype: str = "float32", tie: bool = False) -> Path:
-    """A cached tiny causal LM folder (config, safetensors, tokenizer with chat template)."""
-    return _cached(f"{arch}-h{hidden}", _build_model, arch=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab_size=vocab_size, seed=seed, dtype=dtype, tie=tie)
+def tiny_model(arch: Literal["llama", "qwen2"] = "llama", hidden: int = 256, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 512, vocab_size: int = 384, seed: int = 0, dtype: str = "float32", tie: bool = False, shard_size: str | None = None) -> Path:
+    """A cached causal LM folder (config, safetensors, tokenizer with chat template); small by default,
+    benchmark-sized when asked (e.g. hidden=1280, layers=24, intermediate=3456: ~0.5B parameters)."""
+    extra = {"shard_size": shard_size} if shard_size else {}
+    return _cached(f"{arch}-h{hidden}", _build_model, arch=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab_size=vocab_size, seed=seed, dtype=dtype, tie=tie, **extra)
 
 
 # --- adapters ---------------------------------------------------------------------------------------
