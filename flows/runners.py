@@ -24,7 +24,12 @@ def _need(ctx: RunContext, kind: str, stage: str) -> list[Artifact]:
 def run_download(ctx: RunContext) -> list[Artifact]:
     from tasks.download import download_task
 
-    return [ctx.call("download", download_task, ctx.config.source, ctx.run.adapter_dir)]
+    adapter = ctx.call("download", download_task, ctx.config.source, ctx.run.adapter_dir)
+    m = adapter.meta
+    how = "already up to date" if m.get("method") == "none" else f"fetched {m.get('files_fetched')} file(s) by {m.get('method')}"
+    ctx.notes.setdefault("messages", {})["download"] = f"{len(adapter.files)} file(s), {adapter.size / 1e6:.1f} MB from {m.get('source')}: {how}"
+    ctx.notes.setdefault("links", {})["download_record"] = str(ctx.run.root / "download.json")
+    return [adapter]
 
 
 def _not_yet(stage: str) -> Callable[[RunContext], list[Artifact]]:
