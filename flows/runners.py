@@ -54,9 +54,81 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
 
 run_convert = _not_yet("convert")
 run_quantize = _not_yet("quantize")
-run_hub_push = _not_yet("hub_push")
-run_card = _not_yet("card")
-run_space = _not_yet("space")
+def _hub_token(ctx: RunContext, ref, what: str):
+    """A configured secret reference resolved (missing: a clear error); None when none is configured."""
+    return ref.resolve(required=True) if ref is not None else None
+
+
+def run_hub_push(ctx: RunContext) -> list[Artifact]:
+    from tasks.hub_push import hub_push_task
+
+    ggufs = _need(ctx, "gguf", "hub_push")
+    token = None if ctx.dry_run else _hub_token(ctx, ctx.config.hub.token, "hub.token")
+    dry = ctx.dry_run or token is None
+    made = ctx.call(
+        "hub_push", hub_push_task, ggufs, ctx.config.hub, ctx.config.card, ctx.run.publish_dir, ctx.run.reports_dir,
+        model_name=ctx.config.model.name, version=ctx.config.model.version, base_model=ctx.config.model.base_model,
+        description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), merged=ctx.artifacts.get("merged"),
+        eval_report=ctx.artifacts.get("report:eval"), dry_run=dry, _token=token,
+    )
+    if made.meta.get("dry_run"):
+        ctx.notes.setdefault("dry_run", {})["hub_push"] = True
+        ctx.notes.setdefault("links", {})["hub repo (staged, not pushed)"] = made.meta["staged"]
+        ctx.notes.setdefault("messages", {})["hub_push"] = f"dry run ({made.meta.get('reason')}): would push {len(made.files)} files to {made.meta['repo_id']}; staged in {made.meta['staged']}"
+    else:
+        ctx.notes.setdefault("links", {})["hub repo"] = made.meta["url"]
+        ctx.notes.setdefault("messages", {})["hub_push"] = f"{made.meta['url']}: {len(made.meta.get('uploaded', []))} file(s) sent, {len(made.meta.get('skipped', []))} unchanged"
+    return [made]
+
+
+def run_card(ctx: RunContext) -> list[Artifact]:
+    from tasks.card import card_task
+
+    ggufs = _need(ctx, "gguf", "card")
+    pushed = ctx.artifacts.get("publish:hub")
+    if pushed is not None:
+        repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
+    else:
+        from tasks.hub_push import default_repo_id
+
+        repo_id, endpoint = default_repo_id(ctx.config.hub, ctx.config.model.name, None), ctx.config.hub.endpoint
+    real = pushed is not None and not pushed.meta.get("dry_run") and not ctx.dry_run
+    token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
+    made = ctx.call(
+        "card", card_task, ggufs, ctx.config.card, ctx.run.reports_dir / "README.md",
+        model_name=ctx.config.model.name, version=ctx.config.model.version, repo_id=repo_id, base_model=ctx.config.model.base_model,
+        description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), eval_report=ctx.artifacts.get("report:eval"),
+        pushed=pushed if real else None, endpoint=endpoint, _token=token,
+    )
+    ctx.notes.setdefault("links", {})["model card"] = made.path
+    ctx.notes.setdefault("messages", {})["card"] = f"{made.path} ({'with' if made.meta.get('has_eval') else 'no'} eval numbers)" + (f"; updated on the Hub ({made.meta['commit'][:12]})" if made.meta.get("commit") else "")
+    return [made]
+
+
+def run_space(ctx: RunContext) -> list[Artifact]:
+    from tasks.space import space_task
+
+    pushed = ctx.artifacts.get("publish:hub")
+    if pushed is None:
+        raise PermanentError("the space stage needs the hub_push record (publish:hub) and this run has none", hint="enable hub_push, or run with --from space after a run that pushed")
+    ggufs = _need(ctx, "gguf", "space")
+    real = not pushed.meta.get("dry_run") and not ctx.dry_run
+    token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
+    read_token = _hub_token(ctx, ctx.config.space.read_token, "space.read_token") if real else None
+    made = ctx.call(
+        "space", space_task, pushed, ggufs, ctx.config.space, ctx.run.publish_dir, model_name=ctx.config.model.name,
+        license=ctx.config.card.license, dry_run=not real, _token=token, _read_token=read_token,
+    )
+    if made.meta.get("dry_run"):
+        ctx.notes.setdefault("dry_run", {})["space"] = True
+        ctx.notes.setdefault("links", {})["Space (staged, not deployed)"] = made.meta["staged"]
+        ctx.notes.setdefault("messages", {})["space"] = f"dry run ({made.meta.get('reason')}): Space folder for {made.meta['space_id']} in {made.meta['staged']}"
+    else:
+        ctx.notes.setdefault("links", {})["Space"] = made.meta["url"]
+        ctx.notes.setdefault("messages", {})["space"] = f"{made.meta['url']}: {made.meta.get('stage', 'deployed')}"
+    return [made]
+
+
 run_local_deploy = _not_yet("local_deploy")
 run_serve = _not_yet("serve")
 run_health = _not_yet("health")

@@ -1,22 +1,318 @@
-"""Stage 5, Hub push: the GGUFs, card and manifest to a Hugging Face model repo in one commit.
+"""Stage 5, Hub push: the GGUFs, card, training metadata and manifest to a model repo in ONE commit.
 
-Settings only for now: the stage's work lands with its own issue, and the flow skips a stage whose
-module does not provide `run_stage` yet (it says so in the summary).
+What goes in the commit (the "repo folder", staged under publish/hub/<owner>__<name>/ first, big files
+hard-linked, so a dry run shows exactly what would be sent): every GGUF, README.md (the model card,
+rendered here by tasks.card so it lands in the same commit), loraship.json (the published artifacts
+with their digests and provenance, no timestamps, so an unchanged run publishes an identical file),
+training/*.json (adapter_config, trainer_state, ... from the download stage's metadata), and optionally
+adapter/ and merged/.
+
+How: whoami (a bad token fails before any upload), create_repo(exist_ok), the Hub validates the card's
+YAML, then the repo's current tree is compared with the local files (LFS sha256 / git blob sha1): only
+changed files are uploaded, and an unchanged push sends no file and makes no commit. LFS files are
+uploaded one by one ahead of the commit (`preupload_lfs_files`): a retried run asks the LFS batch API
+again, which answers "already stored" for what made it, so a large upload resumes instead of starting
+over, and still ends in one commit. Then the version is tagged. 5xx/timeouts are retried by the stage
+task; 401/403/404 fail at once (tasks.hub_client.translate).
+
+No token (the demo) or --dry-run: only the staged folder is written, and the stage says where.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_dir, atomic_write_json
+from tasks.core.errors import PermanentError
+from tasks.core.progress import Progress
 from tasks.core.settings import SecretRef, StrictModel
 
 STAGE = "hub_push"
+log = logging.getLogger("loraship.hub_push")
 
 
 class HubSettings(StrictModel):
+    repo_id: str = Field("", description="owner/name of the model repo; empty: <organization or token user>/<model>-GGUF")
+    organization: str | None = Field(None, description="namespace to create the repo in when repo_id is empty")
+    private: bool = Field(False, description="create the repo private (an existing repo keeps its visibility)")
+    token: SecretRef | None = Field(None, description="write token reference, e.g. 'env:HF_TOKEN' or 'block:hub-credentials/main'; none: dry run")
+    endpoint: str | None = Field(None, description="Hub URL; empty: HF_ENDPOINT or https://huggingface.co")
+    include_adapter: bool = Field(True, description="upload the LoRA adapter folder as adapter/")
+    include_merged: bool = Field(False, description="upload the merged safetensors as merged/ (large)")
+    include_f16: bool = Field(True, description="upload the F16 GGUF too")
+    tag_version: bool = Field(True, description="tag the commit with model.version")
+    commit_message: str = Field("", description="commit title; empty: 'loraship: <model> <version>'")
 
-    repo_id: str = Field("", description="owner/name of the model repo; empty: <user>/<model>-GGUF")
-    private: bool = False
-    token: SecretRef | None = Field(None, description="write token reference, e.g. 'env:HF_TOKEN'; none: dry run")
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if v and (v.count("/") != 1 or not all(v.split("/"))):
+            raise ValueError("repo_id is 'owner/name' (or empty to derive it from the model name)")
+        return v
+
+
+# --- what goes in the repo ------------------------------------------------------------------------
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob id of a file (what the Hub lists as the oid of a non-LFS file)."""
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_repo_id(settings: HubSettings, model_name: str, user: str | None) -> str:
+    if settings.repo_id:
+        return settings.repo_id
+    owner = settings.organization or user or "your-username"
+    return f"{owner}/{model_name}-GGUF"
+
+
+def publish_manifest(artifacts: list[Artifact], model: str, version: str, repo_id: str) -> dict[str, Any]:
+    """loraship.json: what was published and where it came from (deterministic: no timestamps)."""
+    out = {"schema_version": 1, "model": model, "version": version, "repo_id": repo_id, "artifacts": {}}
+    for a in sorted(artifacts, key=lambda a: a.name):
+        out["artifacts"][a.name] = {
+            "kind": a.kind,
+            "sha256": a.sha256,
+            "size": a.size,
+            "stage": a.stage,
+            "inputs": a.inputs,
+            "settings_digest": a.settings_digest,
+            "tools": a.tools,
+            "files": {f.path: f.sha256 for f in a.files} if a.is_dir else None,
+            "meta": {k: v for k, v in a.meta.items() if k not in ("metadata_files", "source", "path")},
+        }
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        try:
+            os.symlink(src.resolve(), dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def stage_repo_folder(
+    dest: Path,
+    *,
+    ggufs: list[Artifact],
+    card_text: str,
+    manifest: dict[str, Any],
+    adapter: Artifact | None,
+    merged: Artifact | None,
+    settings: HubSettings,
+) -> dict[str, str]:
+    """Write the exact repo folder to `dest` (atomically). Returns {repo path: sha256 already known}."""
+    known: dict[str, str] = {}
+    with atomic_dir(dest) as tmp:
+        for g in ggufs:
+            _link(Path(g.path), tmp / Path(g.path).name)
+            known[Path(g.path).name] = g.sha256
+        if adapter is not None:
+            meta_files = adapter.meta.get("metadata_files") or {}
+            for name, p in sorted(meta_files.items()):
+                if Path(p).is_file():
+                    _link(Path(p), tmp / "training" / name)
+            if settings.include_adapter:
+                for f in adapter.files:
+                    _link(Path(adapter.path) / f.path, tmp / "adapter" / f.path)
+                    known[f"adapter/{f.path}"] = f.sha256
+        if merged is not None and settings.include_merged:
+            for f in merged.files:
+                _link(Path(merged.path) / f.path, tmp / "merged" / f.path)
+                known[f"merged/{f.path}"] = f.sha256
+        atomic_write_json(tmp / "loraship.json", manifest)
+        (tmp / "README.md").write_text(card_text, encoding="utf-8")
+    return known
+
+
+def repo_notes(adapter: Artifact | None, merged: Artifact | None, settings: HubSettings) -> list[dict[str, str]]:
+    """The non-GGUF files of the repo, for the card's 'Other files' section."""
+    notes = []
+    if adapter is not None and adapter.meta.get("metadata_files"):
+        notes.append({"path": "training/", "what": "training configuration and results (" + ", ".join(sorted(adapter.meta["metadata_files"])) + ")"})
+    if adapter is not None and settings.include_adapter:
+        notes.append({"path": "adapter/", "what": "the LoRA adapter (peft) the GGUFs were merged from"})
+    if merged is not None and settings.include_merged:
+        notes.append({"path": "merged/", "what": "the merged model as safetensors (for transformers)"})
+    notes.append({"path": "loraship.json", "what": "every published file with its sha256 and provenance"})
+    return notes
+
+
+def _remote_files(api: Any, repo_id: str, token: str, repo_type: str = "model") -> dict[str, Any]:
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        return {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, token=token, repo_type=repo_type) if isinstance(f, RepoFile)}
+    except Exception as exc:
+        from tasks.hub_client import translate
+
+        raise translate(exc, what="list files of", repo_id=repo_id, token=token, repo_type=repo_type) from exc
+
+
+def _unchanged(local: Path, sha256: str, remote: Any) -> bool:
+    if remote is None or remote.size != local.stat().st_size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == sha256
+    return remote.blob_id == git_blob_sha1(local)
+
+
+def push_folder(folder: Path, repo_id: str, *, token: str, endpoint: str | None, private: bool, commit_message: str, commit_description: str = "", tag: str | None = None, known: dict[str, str] | None = None, repo_type: str = "model", space_sdk: str | None = None) -> dict[str, Any]:
+    """Create the repo if needed and upload `folder` in one commit, sending only changed files."""
+    from huggingface_hub import CommitOperationAdd
+
+    from tasks.core.hashing import iter_files, sha256_file
+    from tasks.hub_client import hub_api, translate, validate_card_remote
+
+    known = known or {}
+    api = hub_api(endpoint, token)
+
+    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except Exception as exc:
+            raise translate(exc, what=what, repo_id=repo_id, token=token, repo_type=repo_type) from exc
+
+    url = str(call("create repo" if repo_type == "model" else "create Space", api.create_repo, repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk))
+    readme = folder / "README.md"
+    if readme.is_file():
+        validate_card_remote(api, readme.read_text(encoding="utf-8"), token, repo_type=repo_type)
+    remote = _remote_files(api, repo_id, token, repo_type)
+    changed: list[CommitOperationAdd] = []
+    skipped: list[str] = []
+    sizes: dict[str, int] = {}
+    for rel in iter_files(folder):
+        path_in_repo = rel.as_posix()
+        local = folder / rel
+        digest = known.get(path_in_repo) or sha256_file(local)
+        sizes[path_in_repo] = local.stat().st_size
+        if _unchanged(local, digest, remote.get(path_in_repo)):
+            skipped.append(path_in_repo)
+        else:
+            changed.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
+    commit_oid = None
+    if changed:
+        total = sum(sizes[op.path_in_repo] for op in changed)
+        log.info("uploading %d changed file(s), %.1f MB, to %s (%d unchanged)", len(changed), total / 1e6, repo_id, len(skipped))
+        with Progress(f"upload to {repo_id}", total) as progress:
+            for op in changed:  # one at a time: progress per file, and a retry resumes after the last stored file
+                call(f"upload {op.path_in_repo} to", api.preupload_lfs_files, repo_id, additions=[op], repo_type=repo_type, free_memory=False)
+                progress.advance(sizes[op.path_in_repo])
+        info = call("commit to", api.create_commit, repo_id, operations=changed, commit_message=commit_message, commit_description=commit_description, repo_type=repo_type)
+        commit_oid = info.oid
+    else:
+        log.info("%s already has every file (%d unchanged): nothing to send", repo_id, len(skipped))
+        commit_oid = call("read", api.repo_info, repo_id, repo_type=repo_type).sha
+    tagged = None
+    if tag:
+        call(f"tag {tag} on", api.create_tag, repo_id, tag=tag, revision=commit_oid, tag_message=commit_message, exist_ok=True, repo_type=repo_type)
+        tagged = tag
+    return {"repo_id": repo_id, "url": url, "commit": commit_oid, "uploaded": [op.path_in_repo for op in changed], "skipped": skipped, "tag": tagged, "bytes_uploaded": sum(sizes[op.path_in_repo] for op in changed)}
+
+
+def update_readme(repo_id: str, readme: Path, *, endpoint: str | None, token: str, expected_sha256: str | None = None) -> str | None:
+    """Commit README.md alone when it differs from what the repo has (the card stage, after eval)."""
+    from tasks.core.hashing import sha256_file
+
+    if expected_sha256 and sha256_file(readme) == expected_sha256:
+        return None
+    folder = readme.parent
+    tmp = folder / ".card-push"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shutil.copy2(readme, tmp / "README.md")
+        result = push_folder(tmp, repo_id, token=token, endpoint=endpoint, private=False, commit_message="loraship: update model card")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result["commit"] if result["uploaded"] else None
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def hub_push(
+    ggufs: list[Artifact],
+    settings: HubSettings,
+    card_settings: Any,
+    publish_dir: Path,
+    reports_dir: Path,
+    *,
+    model_name: str,
+    version: str,
+    base_model: str = "",
+    description: str = "",
+    adapter: Artifact | None = None,
+    merged: Artifact | None = None,
+    eval_report: Artifact | None = None,
+    token: Any = None,
+    dry_run: bool = False,
+) -> Artifact:
+    """Stage the repo folder and (with a token, not dry_run) push it in one commit. Returns the 'publish:hub' record."""
+    from tasks.card import build_card
+
+    ggufs = [g for g in ggufs if settings.include_f16 or str(g.meta.get("quant", "")).upper() not in ("F16", "BF16", "F32")]
+    if not ggufs:
+        raise PermanentError("nothing to push: no GGUF artifacts in this run", hint="enable the convert and quantize stages, or run with --from hub_push after a run that made them")
+    secret = token.get_secret_value() if token is not None else None
+    will_push = bool(secret) and not dry_run
+    user = None
+    if will_push and not settings.repo_id:
+        from tasks.hub_client import hub_api, whoami
+
+        user = whoami(hub_api(settings.endpoint, secret), secret).get("name")
+    repo_id = default_repo_id(settings, model_name, user)
+    endpoint = (settings.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    publishable = [*ggufs, *([adapter] if adapter is not None and settings.include_adapter else []), *([merged] if merged is not None and settings.include_merged else [])]
+    manifest = publish_manifest(publishable, model_name, version, repo_id)
+    extra_preview = repo_notes(adapter, merged, settings)
+    card_text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=card_settings, base_model=base_model, description=description or card_settings.description, adapter=adapter, eval_report=eval_report, extra_files=extra_preview, endpoint=endpoint)
+    folder = publish_dir / "hub" / repo_id.replace("/", "__")
+    known = stage_repo_folder(folder, ggufs=ggufs, card_text=card_text, manifest=manifest, adapter=adapter, merged=merged, settings=settings)
+    notes = extra_preview
+    card_sha = hashlib.sha256(card_text.encode()).hexdigest()
+    meta: dict[str, Any] = {"repo_id": repo_id, "endpoint": endpoint, "private": settings.private, "dry_run": not will_push, "card_sha256": card_sha, "extra_files": notes, "url": f"{endpoint}/{repo_id}", "staged": str(folder)}
+    if will_push:
+        message = settings.commit_message or f"loraship: {model_name} {version}"
+        result = push_folder(folder, repo_id, token=secret, endpoint=settings.endpoint, private=settings.private, commit_message=message, commit_description=f"{len(ggufs)} GGUF file(s): " + ", ".join(sorted(str(g.meta.get('quant')) for g in ggufs)), tag=version if settings.tag_version else None, known=known)
+        meta.update({k: v for k, v in result.items() if k != "url"})
+        meta["url"] = result["url"] or meta["url"]
+        log.info("pushed %s: commit %s, %d file(s) sent, %d unchanged", meta["url"], (result["commit"] or "")[:12], len(result["uploaded"]), len(result["skipped"]))
+    else:
+        why = "--dry-run" if dry_run else "no hub.token configured"
+        meta["reason"] = why
+        log.info("dry run (%s): the repo folder that would be pushed to %s is %s", why, repo_id, folder)
+    atomic_write_json(reports_dir / "hub_push.json", {k: v for k, v in meta.items() if k != "extra_files"})
+    inputs = [*ggufs, *(x for x in (adapter, merged, eval_report) if x is not None)]
+    return Artifact.from_path(folder, name="publish:hub", kind="publish", stage=STAGE, inputs=inputs, settings=settings, tools=["huggingface_hub"], meta=meta, known=known)
+
+
+def _hub_push_task_fn(ggufs: list[Artifact], settings: HubSettings, card_settings: Any, publish_dir: Path, reports_dir: Path, model_name: str, version: str, base_model: str = "", description: str = "", adapter: Artifact | None = None, merged: Artifact | None = None, eval_report: Artifact | None = None, dry_run: bool = False, _token: Any = None) -> Artifact:
+    return hub_push(ggufs, settings, card_settings, publish_dir, reports_dir, model_name=model_name, version=version, base_model=base_model, description=description, adapter=adapter, merged=merged, eval_report=eval_report, token=_token, dry_run=dry_run or _token is None)
+
+
+def _make_task() -> Any:
+    from tasks.core.stage import stage_task
+
+    return stage_task(STAGE)(_hub_push_task_fn)
+
+
+hub_push_task = _make_task()

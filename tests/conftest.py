@@ -61,3 +61,23 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+# --- Hub (issue 6): a local Hub-compatible server; nothing in the tests may reach huggingface.co ---
+# huggingface_hub reads HF_ENDPOINT at import time: point any call that does not name an endpoint at a
+# closed local port, so a stray call fails fast instead of going to the internet.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+@pytest.fixture
+def hub_server(tmp_path):
+    """A fresh local Hub (tests/hub_server.py) with users alice (write token `hf_write_alice`, read token
+    `hf_read_alice`) and bob (`hf_write_bob`). Pass `hub_server.url` as the endpoint."""
+    from tests.hub_server import HubServer
+
+    srv = HubServer(tmp_path / "hub").start()
+    srv.state.add_token("hf_write_alice", "alice", "write")
+    srv.state.add_token("hf_read_alice", "alice", "read")
+    srv.state.add_token("hf_write_bob", "bob", "write")
+    yield srv
+    srv.stop()

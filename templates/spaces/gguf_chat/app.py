@@ -1,0 +1,133 @@
+"""A Gradio chat demo for one GGUF file of a model repo, run with llama-cpp-python.
+
+Configured by Space variables (environment): MODEL_REPO and MODEL_FILE (which GGUF to download),
+TITLE, DESCRIPTION, EXAMPLES (a JSON list of prompts), MAX_TOKENS, N_CTX, RATE_LIMIT_PER_MINUTE (per
+browser session), and the HF_TOKEN secret (a read-only token, for a private model repo). The model is
+loaded on the first message, so the page comes up at once and a download error is shown in the chat
+instead of crashing the Space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict, deque
+
+import gradio as gr
+
+MODEL_REPO = os.environ.get("MODEL_REPO", "")
+MODEL_FILE = os.environ.get("MODEL_FILE", "")
+TITLE = os.environ.get("TITLE") or (MODEL_REPO.split("/")[-1] if MODEL_REPO else "GGUF chat")
+DESCRIPTION = os.environ.get("DESCRIPTION", "")
+MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "256"))
+N_CTX = int(os.environ.get("N_CTX", "2048"))
+RATE_LIMIT = int(os.environ.get("RATE_LIMIT_PER_MINUTE", "10"))
+try:
+    EXAMPLES = [str(e) for e in json.loads(os.environ.get("EXAMPLES") or "[]")]
+except ValueError:
+    EXAMPLES = []
+EXAMPLES = EXAMPLES or ["Hello! Who are you?", "Write a haiku about the sea.", "Explain LoRA in one sentence."]
+
+_llm = None
+_llm_lock = threading.Lock()
+_gen_lock = threading.Lock()  # one generation at a time: llama.cpp contexts are not thread-safe
+_sessions: dict[str, deque] = defaultdict(deque)
+
+
+def load_model():
+    """Download the GGUF (cached) and load it once."""
+    global _llm
+    with _llm_lock:
+        if _llm is None:
+            if not MODEL_REPO or not MODEL_FILE:
+                raise RuntimeError("MODEL_REPO and MODEL_FILE are not set: add them as Space variables")
+            from huggingface_hub import hf_hub_download
+            from llama_cpp import Llama
+
+            path = hf_hub_download(MODEL_REPO, MODEL_FILE, token=os.environ.get("HF_TOKEN") or None)
+            _llm = Llama(model_path=path, n_ctx=N_CTX, n_threads=max(1, (os.cpu_count() or 2)), verbose=False)
+        return _llm
+
+
+def allowed(session: str) -> float:
+    """0 when this session may send a message now, else the seconds to wait."""
+    now = time.monotonic()
+    q = _sessions[session]
+    while q and now - q[0] > 60:
+        q.popleft()
+    if len(q) >= RATE_LIMIT:
+        return 60 - (now - q[0])
+    q.append(now)
+    return 0.0
+
+
+def respond(message: str, history: list, request: gr.Request):
+    history = list(history or [])
+    message = (message or "").strip()
+    if not message:
+        yield history, "", gr.update()
+        return
+    history.append({"role": "user", "content": message})
+    wait = allowed(getattr(request, "session_hash", None) or "anonymous")
+    if wait:
+        history.append({"role": "assistant", "content": f"⚠️ Rate limit: {RATE_LIMIT} messages per minute. Try again in {wait:.0f} s."})
+        yield history, "", "rate limited"
+        return
+    history.append({"role": "assistant", "content": ""})
+    yield history, "", "loading the model…" if _llm is None else "thinking…"
+    try:
+        llm = load_model()
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1] if m.get("role") in ("user", "assistant")]
+        with _gen_lock:
+            started = time.perf_counter()
+            first = None
+            n = 0
+            for chunk in llm.create_chat_completion(messages=messages, max_tokens=MAX_TOKENS, stream=True):
+                delta = chunk["choices"][0].get("delta", {}).get("content") or ""
+                if not delta:
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                n += 1
+                history[-1]["content"] += delta
+                elapsed = time.perf_counter() - started
+                yield history, "", f"{n} tokens · {n / max(elapsed, 1e-6):.1f} tokens/s"
+        elapsed = time.perf_counter() - started
+        if not history[-1]["content"]:
+            history[-1]["content"] = "(the model returned an empty answer)"
+        stats = f"{n} tokens in {elapsed:.2f} s · {n / max(elapsed, 1e-6):.1f} tokens/s"
+        if first is not None:
+            stats += f" · first token after {first - started:.2f} s"
+        yield history, "", stats
+    except Exception as exc:  # show the problem, keep the app up
+        history[-1]["content"] = f"⚠️ Error: {type(exc).__name__}: {exc}"
+        yield history, "", "error"
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(c.get("text", "") if isinstance(c, dict) else str(c) for c in content)
+    return str(content)
+
+
+with gr.Blocks(title=TITLE) as demo:
+    gr.Markdown(f"# {TITLE}\n{DESCRIPTION}\n\nModel: `{MODEL_REPO}` · file `{MODEL_FILE}`")
+    chatbot = gr.Chatbot(label="chat", elem_id="chat", height=420)
+    with gr.Row():
+        box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="prompt", scale=8)
+        send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+    stats = gr.Markdown("", elem_id="stats")
+    gr.Examples(EXAMPLES, inputs=box, label="Examples")
+    clear = gr.Button("Clear", elem_id="clear")
+    box.submit(respond, [box, chatbot], [chatbot, box, stats])
+    send.click(respond, [box, chatbot], [chatbot, box, stats])
+    clear.click(lambda: ([], ""), None, [chatbot, stats])
+
+demo.queue(default_concurrency_limit=2)
+
+if __name__ == "__main__":
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
