@@ -1,0 +1,268 @@
+"""The merge stage on tiny real Llama, Qwen2 and GPT-2 models with real peft adapters.
+
+Every reference here is real: peft's own merge_and_unload (the `peft` backend), PeftModel(base, adapter)
+logits, and the tensors written to disk. Only the unsloth path is not exercised on a GPU: this machine
+has no CUDA, so the test checks that it fails at once with a useful message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from tasks.core.errors import PermanentError
+from tasks.merge import MergeSettings, merge, resolve_base
+from tasks.merge_plan import disk_preflight, nf4_roundtrip
+from tests.merge_helpers import as_artifact, bf16_ulp, copy_model, load_weights, peft_adapter, tiny_gpt2
+
+NEVER = dict(verify="never")
+
+
+@pytest.fixture(scope="module")
+def bf16_llama() -> tuple[Path, Path]:
+    from tasks.tiny_models import tiny_adapter, tiny_model
+
+    base = tiny_model("llama", hidden=256, dtype="bfloat16")
+    return base, tiny_adapter(base, r=8, alpha=16)
+
+
+def _merge(adapter: Path, base: Path, out: Path, **kw) -> "object":
+    return merge(as_artifact(adapter), MergeSettings(base_model=str(base), **kw), out / "merged")
+
+
+def test_streaming_equals_peft_within_one_bf16_ulp(bf16_llama, tmp_path):
+    base, adapter = bf16_llama
+    s = _merge(adapter, base, tmp_path / "s", **NEVER)
+    p = _merge(adapter, base, tmp_path / "p", backend="peft", **NEVER)
+    ws, wp, wb = load_weights(Path(s.path)), load_weights(Path(p.path)), load_weights(base)
+    assert set(ws) == set(wb) and s.meta["dtype"] == "bfloat16"
+    changed = 0
+    for name, t in ws.items():
+        assert t.dtype == wb[name].dtype == wp[name].dtype, name
+        diff = (t.float() - wp[name].float()).abs()
+        # one ulp at the weight's scale (base or merged value, whichever is larger): peft rounds the update
+        # to bf16 before adding it, streaming rounds once, so where an update cancels most of a weight
+        # the two can differ by more than one ulp of the (small) result.
+        scale = t.float().abs().maximum(wp[name].float().abs()).maximum(wb[name].float().abs())
+        ulp = bf16_ulp(scale)
+        assert bool((diff <= ulp).all()), f"{name}: {int((diff > ulp).sum())} weights differ by more than one bf16 ulp"
+        if "proj" in name:
+            assert not bool((t == wb[name]).all()), f"{name} was not merged"
+            changed += 1
+        else:
+            assert bool((t == wb[name]).all()), f"{name} should be unchanged"
+    assert changed == 14 and s.meta["tensors_merged"] == 14 and s.meta["tensors_copied"] == 7
+    assert s.name == s.kind == "merged" and s.inputs["adapter"]
+
+
+def test_qwen2_merged_loads_and_matches_peft_logits(qwen2_base, qwen2_adapter, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    art = _merge(qwen2_adapter, qwen2_base, tmp_path)
+    out = Path(art.path)
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"} <= {f.path for f in art.files}
+    assert art.meta["max_abs_logit_diff"] is not None and art.meta["max_abs_logit_diff"] < 1e-3
+    assert art.meta["adapter_effect_max_abs_logit"] > 100 * art.meta["max_abs_logit_diff"]  # the merge kept the adapter's effect
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template and model.config.model_type == "qwen2"
+    # Qwen2 has q/k/v biases: untouched by a LoRA without lora_bias, copied as they were
+    wb, wm = load_weights(qwen2_base), load_weights(out)
+    assert bool((wb["model.layers.0.self_attn.q_proj.bias"] == wm["model.layers.0.self_attn.q_proj.bias"]).all())
+    assert not any(p.name.startswith(".partial-") for p in tmp_path.iterdir())
+
+
+def test_rslora_scaling(llama_base, tmp_path):
+    from tasks.tiny_models import tiny_adapter
+
+    adapter = tiny_adapter(llama_base, r=4, alpha=16, use_rslora=True, targets=["q_proj", "v_proj"])
+    art = _merge(adapter, llama_base, tmp_path)
+    assert art.meta["use_rslora"] and art.meta["scalings"] == [16 / math.sqrt(4)]  # 8.0, not alpha/r = 4.0
+    ad = load_weights(adapter)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    a = ad["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"]
+    b = ad["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    expected = load_weights(llama_base)[name] + 8.0 * (b @ a)
+    assert float((load_weights(Path(art.path))[name] - expected).abs().max()) < 1e-6
+    assert art.meta["max_abs_logit_diff"] < 1e-3
+
+
+def test_modules_to_save_are_copied(llama_base, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tasks.tiny_models import copy_tree, tiny_adapter
+
+    adapter = copy_tree(tiny_adapter(llama_base, modules_to_save=["lm_head"]), tmp_path / "adapter")
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = "base_model.model.lm_head.weight"
+    tensors[key] = tensors[key] + 0.5 * torch.randn_like(tensors[key])  # "trained" head, visibly different
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    art = _merge(adapter, llama_base, tmp_path / "out")
+    merged = load_weights(Path(art.path))
+    assert torch.equal(merged["lm_head.weight"], tensors[key])
+    assert not torch.equal(merged["lm_head.weight"], load_weights(llama_base)["lm_head.weight"])
+    assert art.meta["modules_to_save"] == ["lm_head"] and art.meta["max_abs_logit_diff"] < 1e-3
+
+
+def test_tied_embeddings_preserved_with_fan_in_fan_out(tmp_path):
+    """GPT-2: Conv1D weights are stored [in, out] (fan_in_fan_out) and lm_head is tied to wte."""
+    base = tiny_gpt2(tmp_path / "gpt2")
+    adapter = peft_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    s = _merge(adapter, base, tmp_path / "s")
+    p = _merge(adapter, base, tmp_path / "p", backend="peft", **NEVER)
+    ws, wp = load_weights(Path(s.path)), load_weights(Path(p.path))
+    assert "lm_head.weight" not in ws and s.meta["tied_embeddings"] and s.meta["fan_in_fan_out"]
+    assert json.loads((Path(s.path) / "config.json").read_text())["tie_word_embeddings"] is True
+    for name in ("h.0.attn.c_attn.weight", "h.1.mlp.c_fc.weight"):
+        full = name if name in ws else f"transformer.{name}"
+        assert float((ws[full] - wp[full]).abs().max()) < 1e-6
+    assert s.meta["max_abs_logit_diff"] < 1e-3
+
+
+def test_dora_merged_like_peft(llama_base, tmp_path):
+    adapter = peft_adapter(llama_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True)
+    art = _merge(adapter, llama_base, tmp_path)
+    assert art.meta["use_dora"]
+    assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
+
+
+def test_lora_on_embeddings(llama_base, tmp_path):
+    adapter = peft_adapter(llama_base, tmp_path / "emb", r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])
+    art = _merge(adapter, llama_base, tmp_path)
+    assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
+
+
+def test_mismatched_adapter_names_tensor_and_shapes(llama_base, tmp_path):
+    from tasks.tiny_models import tiny_model
+
+    other = tiny_model("llama", hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+    adapter = peft_adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(PermanentError) as err:
+        _merge(adapter, llama_base, tmp_path / "out")
+    msg = str(err.value)
+    assert "q_proj" in msg and "[4, 128]" in msg and "[256, 256]" in msg, msg
+    assert not (tmp_path / "out" / "merged").exists()
+
+
+def test_missing_target_module_is_named(llama_base, qwen2_base, tmp_path):
+    adapter = peft_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "query_key_value"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PermanentError, match="query_key_value"):
+        _merge(adapter, llama_base, tmp_path / "out")
+
+
+def test_truncated_base_fails_clearly_and_leaves_no_merged(llama_base, llama_adapter, tmp_path):
+    base = copy_model(llama_base, tmp_path / "base")
+    shard = base / "model.safetensors"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    with pytest.raises(PermanentError, match="model.safetensors is truncated"):
+        _merge(llama_adapter, base, tmp_path / "out")
+    assert not (tmp_path / "out" / "merged").exists()
+    assert not list((tmp_path / "out").glob(".partial-*"))
+
+
+def test_failure_keeps_previous_merged(llama_base, llama_adapter, tmp_path):
+    first = _merge(llama_adapter, llama_base, tmp_path, **NEVER)
+    base = copy_model(llama_base, tmp_path / "base")
+    with open(base / "model.safetensors", "r+b") as fh:
+        fh.truncate(1000)
+    with pytest.raises(PermanentError):
+        _merge(llama_adapter, base, tmp_path, **NEVER)
+    assert first.is_intact(full=True)
+
+
+def test_adapter_base_mismatch_warns_or_fails(llama_base, llama_adapter, tmp_path, caplog):
+    other = copy_model(llama_base, tmp_path / "some-other-model")
+    with pytest.raises(PermanentError, match="trained on"):
+        _merge(llama_adapter, other, tmp_path / "strict", strict_base=True, **NEVER)
+    with caplog.at_level(logging.WARNING, logger="loraship.merge"):
+        art = _merge(llama_adapter, other, tmp_path / "lenient", **NEVER)
+    assert "trained on" in caplog.text and art.kind == "merged"
+
+
+def test_unsloth_without_cuda_fails_naming_other_backends(llama_base, llama_adapter, tmp_path):
+    with pytest.raises(PermanentError) as err:
+        _merge(llama_adapter, llama_base, tmp_path, backend="unsloth")
+    assert "CUDA" in str(err.value) and "streaming" in str(err.value) and "peft" in str(err.value)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_qlora_detected_and_roundtrip_logged(llama_base, tmp_path, caplog):
+    import torch
+
+    adapter = peft_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    (adapter / "training_args.json").write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}))
+    with caplog.at_level(logging.INFO, logger="loraship.merge"):
+        art = _merge(adapter, llama_base, tmp_path / "rt")
+    assert "QLoRA adapter detected" in caplog.text and "NF4-dequantized" in caplog.text
+    assert art.meta["qlora_base"] == "nf4-roundtrip" and art.meta["tensors_nf4_roundtrip"] == 14
+    assert art.meta["max_abs_logit_diff"] < 1e-3  # against PeftModel on the same round-tripped base
+    plain = _merge(adapter, llama_base, tmp_path / "orig", qlora="original", **NEVER)
+    rt_w, plain_w, base_w = load_weights(Path(art.path)), load_weights(Path(plain.path)), load_weights(llama_base)
+    name = "model.layers.0.mlp.up_proj.weight"  # not a LoRA target: only the round trip changes it
+    assert torch.equal(plain_w[name], base_w[name])
+    assert torch.equal(rt_w[name], nf4_roundtrip(base_w[name])) and not torch.equal(rt_w[name], base_w[name])
+
+
+def test_nf4_roundtrip_is_a_16_level_blockwise_quantization():
+    import torch
+
+    w = torch.randn(4, 128)
+    q = nf4_roundtrip(w)
+    for block in q.reshape(-1, 64):
+        assert len(torch.unique(block)) <= 16
+    assert float((q - w).abs().max()) < 0.25 * float(w.abs().max())
+
+
+def test_dtype_conversion_to_float16(llama_base, llama_adapter, tmp_path):
+    import torch
+
+    art = _merge(llama_adapter, llama_base, tmp_path, dtype="float16")
+    w = load_weights(Path(art.path))
+    assert all(t.dtype == torch.float16 for t in w.values())
+    assert json.loads((Path(art.path) / "config.json").read_text())["dtype"] == "float16"
+    assert art.meta["max_abs_logit_diff"] < 0.02 * art.meta["reference_max_abs_logit"]
+
+
+def test_sharded_base_keeps_shards_and_index(tmp_path):
+    from tasks.tiny_models import tiny_adapter, tiny_model
+
+    base = tiny_model("llama", hidden=256, shard_size="2MB")
+    assert (base / "model.safetensors.index.json").exists()
+    adapter = tiny_adapter(base, r=4, alpha=8)
+    art = _merge(adapter, base, tmp_path)
+    out = Path(art.path)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    base_index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"] and art.meta["shards"] >= 2
+    assert index["metadata"]["total_size"] == sum((out / f).stat().st_size for f in set(index["weight_map"].values())) - sum(
+        8 + int.from_bytes((out / f).read_bytes()[:8], "little") for f in set(index["weight_map"].values()))
+    assert art.meta["max_abs_logit_diff"] < 1e-3
+
+
+def test_disk_preflight_refuses_before_writing(tmp_path):
+    with pytest.raises(PermanentError, match="not enough disk space"):
+        disk_preflight(tmp_path, needed=5 * 10**9, free=10**9)
+    disk_preflight(tmp_path, needed=10**6, free=10**9)
+
+
+def test_hub_id_resolves_from_the_local_cache(llama_base, tmp_path):
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--loraship-test--tiny-llama"
+    snap = repo / "snapshots" / ("a" * 40)
+    copy_model(llama_base, snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert resolve_base("loraship-test/tiny-llama") == snap
+    assert resolve_base("loraship-test/not-cached", download=False) is None
