@@ -1,21 +1,272 @@
 """Stage 4, quantize: the F16 GGUF into several llama.cpp types, in parallel.
 
-Settings only for now: the stage's work lands with its own issue, and the flow skips a stage whose
-module does not provide `run_stage` yet (it says so in the summary).
+Each type is one call of llama.cpp's `llama_model_quantize` (through llama-cpp-python, the same
+llama.cpp that serves the files; the call releases the GIL, so jobs run in threads of one process, as
+mapped Prefect tasks). How many run at once and with how many threads each is planned from the cores,
+the memory and the F16's largest tensor (tasks/quantize_plan.py). Every output is written under a
+temporary name, renamed when complete and validated (tasks/gguf_validate.py): the requested tensor
+type must be present (llama.cpp silently falls back from K-quants on odd shapes), sizes must be
+plausible, and the file must generate a few tokens.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import ctypes
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from tasks.core.settings import SecretRef, StrictModel
+from tasks.convert import disk_preflight, file_progress, gguf_name
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_path
+from tasks.core.errors import ConfigError, PermanentError
+from tasks.core.settings import StrictModel
+from tasks.core.stage import stage_task
+from tasks.quantize_plan import QuantPlan, plan_jobs
 
 STAGE = "quantize"
+log = logging.getLogger("loraship.quantize")
+TOOLS = ("llama-cpp-python", "gguf")
+
+
+def ftype_names() -> dict[str, int]:
+    """llama.cpp's file type names (Q4_K_M, Q8_0, F16, ...) -> llama_ftype value, from the runtime itself."""
+    try:
+        import llama_cpp
+    except ImportError:  # validation of a config on a machine without the runtime: gguf knows the names too
+        import gguf
+
+        return {n.removeprefix("MOSTLY_").removeprefix("ALL_"): int(v) for n, v in gguf.LlamaFileType.__members__.items() if n != "GUESSED"}
+    out: dict[str, int] = {}
+    for attr in dir(llama_cpp):
+        for prefix in ("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"):
+            if attr.startswith(prefix):
+                out[attr[len(prefix):]] = int(getattr(llama_cpp, attr))
+    return out
+
+
+def tensor_type_names() -> dict[str, int]:
+    """ggml tensor type names (Q6_K, Q8_0, F16, ...) -> ggml_type value, for the per-tensor overrides."""
+    import llama_cpp
+
+    return {a[len("GGML_TYPE_"):]: int(getattr(llama_cpp, a)) for a in dir(llama_cpp) if a.startswith("GGML_TYPE_") and a != "GGML_TYPE_COUNT"}
+
+
+def parse_quant(name: str) -> str:
+    """Canonical upper-case ftype name; unknown names are refused with the list of valid ones."""
+    names = ftype_names()
+    q = str(name).strip().upper()
+    if q not in names:
+        import difflib
+
+        close = difflib.get_close_matches(q, list(names), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown quantization type {name!r}{hint}; valid types: {', '.join(sorted(names))}")
+    return q
+
+
+def parse_tensor_type(name: str, field: str) -> str:
+    names = tensor_type_names()
+    q = str(name).strip().upper()
+    if q not in names:
+        raise ConfigError(f"{field}: unknown tensor type {name!r}; valid types: {', '.join(sorted(names))}")
+    return q
 
 
 class QuantizeSettings(StrictModel):
+    """The `quantization:` section: which llama.cpp types to make from the F16, and how."""
 
-    types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"])
-    threads: int | None = Field(None, description="threads per job; None: split the machine's cores among the parallel jobs")
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], description="llama.cpp file types (any case), e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS")
+    threads: int | None = Field(None, ge=1, description="threads per job; None: split the machine's cores among the jobs running at once")
+    parallel: int | None = Field(None, ge=1, description="jobs at once; None: chosen from cores, memory and the model (performance.parallelism also sets it)")
+    output_tensor_type: str | None = Field(None, description="tensor type for output.weight (e.g. Q8_0, F16)")
+    token_embedding_type: str | None = Field(None, description="tensor type for token_embd.weight")
+    leave_output_tensor: bool = Field(False, description="do not quantize output.weight (keep the F16 values)")
+    pure: bool = Field(False, description="every matrix gets the requested type (no K-quant mixtures)")
+    imatrix: str | None = Field(None, description="an importance matrix file (GGUF imatrix from llama-imatrix) for better low-bit quants")
+    generate_tokens: int = Field(4, ge=0, description="tokens each file must generate through llama_cpp.Llama in validation (0: skip)")
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one type, e.g. [Q4_K_M]")
+        out: list[str] = []
+        for name in v:
+            try:
+                q = parse_quant(name)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+            if q not in out:
+                out.append(q)
+        return out
+
+    @field_validator("output_tensor_type", "token_embedding_type")
+    @classmethod
+    def _tensor_type(cls, v: str | None, info: Any) -> str | None:
+        if v is None:
+            return v
+        try:
+            return parse_tensor_type(v, info.field_name)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+
+
+# --- imatrix ----------------------------------------------------------------------------------------
+
+
+def load_imatrix(path: Path) -> dict[str, Any]:
+    """Read an imatrix GGUF (llama-imatrix's format: `<tensor>.in_sum2` and `<tensor>.counts`) into per-tensor means."""
+    import gguf
+    import numpy as np
+
+    if not path.is_file():
+        raise PermanentError(f"quantization.imatrix: {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:
+        raise PermanentError(f"quantization.imatrix: {path} is not a GGUF imatrix file ({exc})", hint="make one with llama.cpp's llama-imatrix (the legacy .dat format is not read)") from None
+    sums: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    for t in reader.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32)
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32)
+    if not sums:
+        raise PermanentError(f"quantization.imatrix: {path} holds no *.in_sum2 tensors", hint="make it with llama.cpp's llama-imatrix")
+    out = {}
+    for name, s in sums.items():
+        c = counts.get(name)
+        n_mat = s.shape[0] if s.ndim > 1 else 1
+        s2 = s.reshape(n_mat, -1)
+        cnt = (c.reshape(-1)[:n_mat] if c is not None else np.ones(n_mat, dtype=np.float32)).reshape(n_mat, 1)
+        out[name] = np.ascontiguousarray((s2 / np.maximum(cnt, 1.0)).reshape(-1), dtype=np.float32)
+    return out
+
+
+def _imatrix_struct(values: dict[str, Any]) -> tuple[Any, list[Any]]:
+    import llama_cpp
+
+    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    keep: list[Any] = []
+    for i, (name, data) in enumerate(values.items()):
+        b = name.encode()
+        keep += [b, data]
+        arr[i].name = b
+        arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = data.size
+    arr[len(values)].name = None
+    return arr, keep
+
+
+# --- the work ---------------------------------------------------------------------------------------
+
+_LIMITS: dict[str, threading.BoundedSemaphore] = {}
+_LIMITS_LOCK = threading.Lock()
+
+
+def _slot(key: str, size: int) -> threading.BoundedSemaphore:
+    with _LIMITS_LOCK:
+        sem = _LIMITS.get(f"{key}/{size}")
+        if sem is None:
+            sem = _LIMITS[f"{key}/{size}"] = threading.BoundedSemaphore(size)
+        return sem
+
+
+def quantize(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Path, model_name: str, *, threads: int | None = None, max_buf_size: int = 0) -> Artifact:
+    """One llama.cpp quantization of the GGUF `f16` into `out_dir/{model}-{QUANT}.gguf`, validated."""
+    import llama_cpp
+
+    from tasks.gguf_validate import generate_check, read_gguf, validate_gguf
+
+    q = parse_quant(quant)
+    rt_log = logging.getLogger("llama-cpp-python")  # llama.cpp's per-tensor lines: only warnings unless asked
+    if rt_log.level == logging.NOTSET:
+        rt_log.setLevel(logging.WARNING)
+    src = Path(f16.path)
+    if not src.is_file():
+        raise PermanentError(f"the F16 GGUF {src} is missing", hint="re-run the convert stage (or run without pipeline.cleanup.delete_f16)")
+    reference = read_gguf(src)
+    final = Path(out_dir) / gguf_name(model_name, q)
+    from tasks.gguf_validate import base_type, nominal_bpw
+
+    bpw = nominal_bpw(base_type(q) or "Q8_0") or 8.5
+    expected = int(reference["size"] * min(1.0, (bpw + 1.0) / (reference["bits_per_weight"] or 16.0)))
+    disk_preflight(Path(out_dir), expected, final.name)
+    n_threads = threads or settings.threads or os.cpu_count() or 1
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_names()[q]
+    params.nthread = n_threads
+    params.max_buf_size = max(0, int(max_buf_size))
+    params.pure = settings.pure
+    params.quantize_output_tensor = not settings.leave_output_tensor
+    types = tensor_type_names()
+    if settings.output_tensor_type:
+        params.output_tensor_type = types[settings.output_tensor_type]
+    if settings.token_embedding_type:
+        params.token_embedding_type = types[settings.token_embedding_type]
+    keep: list[Any] = []
+    if settings.imatrix:
+        arr, keep = _imatrix_struct(load_imatrix(Path(settings.imatrix).expanduser()))
+        params.imatrix = arr
+        keep.append(arr)
+    started = time.monotonic()
+    with atomic_path(final) as tmp:
+        with file_progress(tmp, expected, f"quantize {final.name}"):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise PermanentError(f"llama.cpp could not quantize {src.name} to {q} (llama_model_quantize returned {rc})", hint="see llama.cpp's log above; IQ types below 4 bits need quantization.imatrix")
+    seconds = time.monotonic() - started
+    del keep
+    try:
+        info = validate_gguf(final, quant=q, reference=reference, pure=settings.pure)
+        meta: dict[str, Any] = {
+            "quant": q,
+            "architecture": info["architecture"],
+            "tensor_count": info["tensor_count"],
+            "tensor_types": info["tensor_types"],
+            "bits_per_weight": info["bits_per_weight"],
+            "size_vs_source": round(info["size"] / reference["size"], 4),
+            "llama_cpp_commit": f16.meta.get("llama_cpp_commit"),
+            "threads": n_threads,
+            "seconds": round(seconds, 2),
+            "imatrix": bool(settings.imatrix),
+        }
+        if settings.generate_tokens:
+            meta["generation"] = generate_check(final, n_tokens=settings.generate_tokens, threads=min(n_threads, 4))
+    except Exception:
+        final.unlink(missing_ok=True)  # never leave an invalid file under a final name
+        raise
+    log.info("%s: %s in %.1fs with %d threads, %.2f bits/weight, types %s", final.name, f"{info['size'] / 1e6:.1f} MB", seconds, n_threads, info["bits_per_weight"] or 0, info["tensor_types"])
+    return Artifact.from_path(final, name=f"gguf:{q}", kind="gguf", stage=STAGE, inputs=[f16], settings=settings, tools=TOOLS, meta=meta)
+
+
+@stage_task(STAGE)
+def quantize_task(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Path, model_name: str, _threads: int | None = None, _max_buf: int = 0, _slots: int = 0, _plan_key: str = "") -> Artifact:
+    """Prefect task for one type; mapped over the types. At most `_slots` run at once (0: no limit).
+
+    The underscored parameters (the plan) are left out of the cache key: they change speed, not the file.
+    """
+    if _slots <= 0:
+        return quantize(f16, quant, settings, out_dir, model_name, threads=_threads, max_buf_size=_max_buf)
+    with _slot(_plan_key, _slots):
+        return quantize(f16, quant, settings, out_dir, model_name, threads=_threads, max_buf_size=_max_buf)
+
+
+def quantize_all(f16: Artifact, settings: QuantizeSettings, out_dir: Path, model_name: str, plan: QuantPlan | None = None) -> list[Artifact]:
+    """Every type of `settings.types`, planned and run in threads, without Prefect (tests, scripts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = plan or plan_jobs(Path(f16.path), len(settings.types), threads=settings.threads, parallel=settings.parallel)
+    with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:
+        futures = [pool.submit(quantize, f16, q, settings, out_dir, model_name, threads=plan.threads, max_buf_size=plan.max_buf_size) for q in settings.types]
+        return [f.result() for f in futures]
+
+
+__all__ = ["QuantizeSettings", "quantize", "quantize_task", "quantize_all", "parse_quant", "ftype_names", "plan_jobs", "QuantPlan"]

@@ -81,3 +81,23 @@ def hub_server(tmp_path):
     srv.state.add_token("hf_write_bob", "bob", "write")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_ggufs(llama_base: Path) -> dict[str, Path]:
+    """llama_base converted and quantized by the convert/quantize stages: {"F16", "Q8_0", "Q4_K_M", "Q5_K_M": path}.
+
+    Built once into ~/.cache/loraship/ggufs (keyed on the model, the stage code and llama-cpp-python's
+    version); the files are shared: copy one before changing it.
+    """
+    from tests.gguf_helpers import tiny_ggufs
+
+    return tiny_ggufs(llama_base, name="llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_ggufs(qwen2_base: Path) -> dict[str, Path]:
+    """qwen2_base (byte-level BPE, converted with vocab_pre 'qwen2') as {"F16", "Q8_0", "Q4_K_M", "Q5_K_M": path}."""
+    from tests.gguf_helpers import tiny_ggufs
+
+    return tiny_ggufs(qwen2_base, name="qwen2", vocab_pre="qwen2")

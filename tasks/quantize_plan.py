@@ -1,0 +1,126 @@
+"""How many quantize jobs run at once, with how many threads and how much buffer memory each.
+
+What llama.cpp's `llama_model_quantize` does (this runtime's llama-quant.cpp): it maps the source file
+and walks the tensors one by one; a tensor's rows go through an f32 conversion buffer and an output
+buffer in slabs of at most `max_buf_size` bytes (default 8 GiB, so a whole tensor at once), split over
+`nthread` threads per slab; the output is written by one thread, and the source pages of the current
+tensor stay mapped until the tensor is done. So one job's peak memory is about: the largest tensor's
+source bytes (mapped) + its rows' f32 + output buffers. Between slabs, at tensor starts and while writing,
+a job leaves cores idle; a second job running at the same time fills them.
+
+The plan therefore runs several jobs at once (all of them, up to one per core) with each job allowed the
+machine's cores (the OS shares them, so a core freed by one job's serial part or by a job that finished
+is used by the others: the wall time follows total CPU work / cores), and caps each job's buffers with
+`max_buf_size` so that all jobs together stay within a memory budget: by default 1.4x what one job
+alone would use (and at most half the available memory). When even small slabs would not fit, fewer jobs
+run at once. Nothing here is a library's: the numbers come from reading the file's tensor shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MIN_SLAB = 16 * 1024 * 1024  # below this a slab has too few rows to keep the threads busy
+BASE_RSS = 64 * 1024 * 1024  # the process itself (llama.cpp runtime + Python) counted once
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    parallel: int  # jobs at once
+    threads: int  # threads per job
+    max_buf_size: int  # bytes of slab buffers per job (0: llama.cpp's default, whole tensors)
+    est_peak_bytes: int  # estimated peak memory of all jobs together
+    est_single_bytes: int  # estimated peak of one job alone with whole-tensor buffers
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or the cgroup limit if lower; a large default elsewhere."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        usage = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit.isdigit():
+            room = int(limit) - usage
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail if avail is not None else 16 * 1024**3
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def largest_tensor(path: Path) -> tuple[int, int]:
+    """(elements, source bytes) of the biggest tensor in a GGUF file, read from its header."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r")
+    best = max(reader.tensors, key=lambda t: int(t.n_bytes))
+    out = int(best.n_elements), int(best.n_bytes)
+    del reader
+    return out
+
+
+def plan_jobs(
+    source: Path | None,
+    n_jobs: int,
+    *,
+    threads: int | None = None,
+    parallel: int | None = None,
+    cores: int | None = None,
+    memory: int | None = None,
+    memory_factor: float = 1.4,
+    largest: tuple[int, int] | None = None,
+) -> QuantPlan:
+    """Plan `n_jobs` quantizations of `source` (or of a tensor of `largest`=(elements, bytes))."""
+    n_jobs = max(1, n_jobs)
+    cores = cores or usable_cores()
+    memory = memory if memory is not None else available_memory()
+    elems, src_bytes = largest if largest is not None else (largest_tensor(Path(source)) if source else (0, 0))
+    # f32 conversion buffer (4 B/element, none for an F32 source) + output rows (at most ~1 B/element for <= Q8_0)
+    f32_buf = 0 if elems and src_bytes >= 4 * elems else 4 * elems
+    buf_full = f32_buf + elems + 1
+    single = BASE_RSS + src_bytes + buf_full
+    budget = min(int(memory_factor * single), max(single, memory // 2))
+    per_core_threads = threads
+    if parallel:
+        k = min(parallel, n_jobs)
+        reason = f"{k} at once as configured"
+    else:
+        k = min(n_jobs, cores)
+        reason = f"{k} at once: one per job, at most one per core"
+    # shrink each job's slab buffers so that k jobs fit in the budget; fewer jobs if slabs get too small
+    while True:
+        room = budget - BASE_RSS - k * src_bytes
+        per_job = room // k if k else room
+        if k == 1 or per_job >= min(MIN_SLAB, buf_full):
+            break
+        k -= 1
+        reason = f"{k} at once: more would not fit in {budget / 1e6:.0f} MB with slabs of at least {MIN_SLAB // 2**20} MB"
+    if k == 1:
+        max_buf = 0  # one job: llama.cpp's whole-tensor default
+        peak = single
+    else:
+        max_buf = int(max(MIN_SLAB, min(per_job, buf_full)))
+        # llama.cpp counts the source row bytes in its slab size too (they are mapped, not allocated)
+        max_buf = int(max_buf * (buf_full + src_bytes) / max(buf_full, 1))
+        peak = BASE_RSS + k * (src_bytes + min(per_job, buf_full))
+    t = per_core_threads or cores  # every job may use every core: the OS hands idle cores to whoever can run
+    return QuantPlan(parallel=k, threads=max(1, t), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single), reason=reason)

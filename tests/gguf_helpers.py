@@ -1,0 +1,61 @@
+"""Tiny real GGUF files for tests: converted and quantized with the project's own stages, cached.
+
+Built from a base model folder (tasks/tiny_models.py) with tasks.convert.convert and
+tasks.quantize.quantize_all, once per (model folder, types, stage code, llama-cpp-python version), in
+`~/.cache/loraship/ggufs/` (or `$LORASHIP_CACHE/ggufs`), under a file lock and written to a temporary
+folder renamed into place, so parallel sessions build once and never see half-written files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+from pathlib import Path
+
+from filelock import FileLock
+
+QUANTS = ("Q8_0", "Q4_K_M", "Q5_K_M")
+
+
+def _key(base: Path, outtype: str, types: tuple[str, ...], vocab_pre: str | None) -> str:
+    import tasks.convert
+    import tasks.gguf_validate
+    import tasks.quantize
+
+    src = "".join(inspect.getsource(m) for m in (tasks.convert, tasks.quantize, tasks.gguf_validate))
+    payload = [str(Path(base).resolve()), outtype, list(types), vocab_pre, importlib.metadata.version("llama-cpp-python"), hashlib.sha256(src.encode()).hexdigest()]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def tiny_ggufs(base: Path, *, name: str | None = None, outtype: str = "f16", types: tuple[str, ...] = QUANTS, vocab_pre: str | None = None) -> dict[str, Path]:
+    """{"F16": path, "Q8_0": path, ...} for the model folder `base` (built once, cached)."""
+    from tasks.core.artifacts import Artifact
+    from tasks.core.atomic import atomic_dir
+    from tasks.convert import ConvertSettings, convert
+    from tasks.quantize import QuantizeSettings, quantize_all
+    from tasks.tiny_models import cache_root
+
+    base = Path(base)
+    name = name or base.name.split("-")[0]
+    root = cache_root() / "ggufs"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{name}-{_key(base, outtype, tuple(types), vocab_pre)}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "index.json").exists():
+            with atomic_dir(out) as tmp:
+                merged = Artifact.from_path(base, name="merged", kind="merged", stage="merge")
+                f16 = convert(merged, ConvertSettings(outtype=outtype, vocab_pre=vocab_pre), tmp, name)
+                quants = quantize_all(f16, QuantizeSettings(types=list(types)), tmp, name)
+                index = {a.meta["quant"]: Path(a.path).name for a in [f16, *quants]}
+                meta = {a.meta["quant"]: a.meta for a in [f16, *quants]}
+                (tmp / "index.json").write_text(json.dumps({"files": index, "meta": meta}, indent=2, default=str))
+    index = json.loads((out / "index.json").read_text())["files"]
+    return {q: out / fname for q, fname in index.items()}
+
+
+def tiny_gguf_meta(paths: dict[str, Path]) -> dict[str, dict]:
+    """The artifact meta recorded when the files were built (tensor types, commit, generation sample)."""
+    folder = next(iter(paths.values())).parent
+    return json.loads((folder / "index.json").read_text())["meta"]
