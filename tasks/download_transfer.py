@@ -218,6 +218,7 @@ def sftp_pull(
         except (OSError, EOFError) as exc:
             raise TransientError(f"SFTP transfer of {f.rel} from {session.target.label} broke off: {exc}", hint="the partial file is kept; a retry resumes it") from None
         os.utime(part, (f.mtime, f.mtime))
+        final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
         stats.files.append(f.rel)
         stats.digests[f.rel] = h.hexdigest()

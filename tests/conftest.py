@@ -63,6 +63,16 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session")
+def ssh_server():
+    """A real OpenSSH server (Debian's sshd) on 127.0.0.1, key login for the current user (tests/sshd.py)."""
+    from tests.sshd import SshServer
+
+    server = SshServer(_SESSION_TMP / "sshd").start()
+    yield server
+    server.cleanup()
+
+
 # --- Hub (issue 6): a local Hub-compatible server; nothing in the tests may reach huggingface.co ---
 # huggingface_hub reads HF_ENDPOINT at import time: point any call that does not name an endpoint at a
 # closed local port, so a stray call fails fast instead of going to the internet.
