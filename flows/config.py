@@ -52,9 +52,17 @@ class ModelSettings(StrictModel):
 
 
 class NotificationSettings(StrictModel):
-    on_completion: list[str] = Field(default_factory=list, description="names of saved Prefect notification blocks")
-    on_failure: list[str] = Field(default_factory=list)
-    on_degraded: list[str] = Field(default_factory=list)
+    """Saved Prefect notification blocks (Slack, Discord, Teams, email, custom webhook) to tell about a run.
+
+    A name is `block-type-slug/block-name` (e.g. `slack-webhook/ml-team`) or a bare block name that is
+    looked up among the saved notification blocks. Sending is best effort: a failed notification is
+    logged and never changes the run's result.
+    """
+
+    on_completion: list[str] = Field(default_factory=list, description="notification blocks told when a run completes (degraded or not)")
+    on_failure: list[str] = Field(default_factory=list, description="notification blocks told when a run fails")
+    on_degraded: list[str] = Field(default_factory=list, description="notification blocks told when a run completes degraded (a non-critical stage failed)")
+    ui_url: str = Field("", description="base URL of the Prefect UI for links in messages (default: PREFECT_UI_URL)")
 
 
 class LoggingSettings(StrictModel):
@@ -84,6 +92,10 @@ class PipelineSettings(StrictModel):
 class PerformanceSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="threads for heavy work; None: all cores")
     parallelism: int | None = Field(None, ge=1, description="parallel quantize jobs; None: chosen from cores and memory")
+    concurrency_limit: str = Field("loraship-heavy", description="Prefect global concurrency limit held around heavy stages (merge, quantize); empty: none. A limit that does not exist is not waited for")
+    concurrency_slots: int | None = Field(None, ge=1, description="create or resize the limit to this many slots at the start of a run; None: use the limit as saved (or none)")
+    task_runner: Literal["thread", "dask"] = Field("thread", description="task runner for the quantize fan-out: thread (default) or dask (needs prefect-dask)")
+    dask_address: str = Field("", description="address of an existing Dask scheduler (tcp://host:8786); empty: a local Dask cluster")
 
 
 class PipelineConfig(StrictModel):

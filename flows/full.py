@@ -22,6 +22,8 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from flows.config import CRITICAL_STAGES, STAGES, PipelineConfig, load_config, parse_config  # noqa: E402
 from flows.context import RunContext, RunSummary, StageOutcome  # noqa: E402
+from flows.notifications import notify_run  # noqa: E402
+from flows.orchestration import cleanup_intermediates, ensure_concurrency_limit, publish_summary_markdown, stage_slot, tag_current_flow_run  # noqa: E402
 from flows.runners import RUNNERS  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
@@ -74,12 +76,16 @@ def full(
     ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
     summary = RunSummary(model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path))
     logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
+    tag_current_flow_run(cfg)
+    if any(s in stages for s in ("merge", "quantize")):
+        ensure_concurrency_limit(cfg)
     for stage in STAGES:
         if stage not in stages:
             continue
         started = time.monotonic()
         try:
-            made = RUNNERS[stage](ctx)
+            with stage_slot(cfg, stage):
+                made = RUNNERS[stage](ctx)
         except StageSkipped as skip_reason:
             outcome = StageOutcome(stage=stage, status="skipped", message=str(skip_reason))
             run.record(stage, "skipped", message=str(skip_reason))
@@ -93,6 +99,8 @@ def full(
                 run.record(stage, "failed", seconds=seconds, message=message)
                 summary.stages.append(StageOutcome(stage=stage, status="failed", seconds=seconds, message=message))
                 logger.error("%s failed: %s", stage, message)
+                summary.links.update(ctx.notes.get("links", {}))
+                notify_run(cfg.notifications, summary, failed=True, error=f"{stage}: {message}")
                 raise
             run.record(stage, "degraded", seconds=seconds, message=message)
             summary.degraded = True
@@ -107,10 +115,14 @@ def full(
         run.record(stage, status, made, seconds=seconds, message=message)
         summary.stages.append(StageOutcome(stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]))
         logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
+    removed = cleanup_intermediates(cfg, ctx.artifacts)
+    if removed:
+        ctx.notes.setdefault("links", {})["cleaned up"] = ", ".join(removed)
     manifest = run.load_manifest()
     summary.artifacts = manifest_table(manifest)
     summary.links.update(ctx.notes.get("links", {}))
     _publish_summary_artifacts(summary)
+    notify_run(cfg.notifications, summary)
     return summary
 
 
@@ -120,6 +132,7 @@ def _publish_summary_artifacts(summary: RunSummary) -> None:
         from prefect.artifacts import create_table_artifact
 
         create_table_artifact(key=f"manifest-{_artifact_key(summary.model)}", table=summary.artifacts or [{"artifact": "(none)"}], description=f"Artifacts of {summary.model} {summary.version}: {summary.manifest}")
+        publish_summary_markdown(summary, _artifact_key(summary.model))
     except Exception as exc:  # pragma: no cover - UI nicety
         logging.getLogger("loraship").debug("no table artifact: %s", exc)
 
@@ -189,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             print("config is valid", file=sys.stderr)
             return 0
         refresh = None if args.refresh is None else (args.refresh or ["all"])
-        summary = full(config=cfg.model_dump(mode="json"), only=args.only, skip=args.skip, from_stage=args.from_stage, dry_run=args.dry_run, refresh=refresh)
+        from flows.orchestration import configured_flow, run_tags
+        from prefect import tags
+
+        with tags(*run_tags(cfg)):
+            summary = configured_flow(full, cfg)(config=cfg.model_dump(mode="json"), only=args.only, skip=args.skip, from_stage=args.from_stage, dry_run=args.dry_run, refresh=refresh)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
