@@ -154,6 +154,9 @@ _METRIC_LABELS = {
     "perplexity_delta": "Δ perplexity vs F16",
     "kl_divergence": "KL divergence vs F16",
     "kld": "KL divergence vs F16",
+    "kl_div": "KL divergence vs F16",
+    "tokens_per_s": "tokens/s",
+    "accuracy": "accuracy",
     "top1_agreement": "top-1 agreement",
     "tokens_per_second": "tokens/s",
 }
@@ -196,7 +199,7 @@ def build_card(
     eval_results = []
     for q in quants:
         for k, v in metrics.get(q["quant"], {}).items():
-            if k in ("perplexity", "ppl", "kl_divergence", "kld"):
+            if k in ("perplexity", "ppl", "kl_divergence", "kld", "kl_div"):
                 eval_results.append(EvalResult(task_type="text-generation", dataset_type="loraship-eval", dataset_name="loraship eval prompts", metric_type="perplexity" if k in ("perplexity", "ppl") else "kl_divergence", metric_name=f"{_METRIC_LABELS[k]} ({q['quant']})", metric_value=v))
     data = ModelCardData(
         base_model=hub_base or None,
