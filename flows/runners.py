@@ -52,8 +52,55 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
     return [merged]
 
 
-run_convert = _not_yet("convert")
-run_quantize = _not_yet("quantize")
+def run_convert(ctx: RunContext) -> list[Artifact]:
+    import shutil
+
+    from tasks.convert import convert_task
+
+    merged = _need(ctx, "merged", "convert")[0]
+    f16 = ctx.call("convert", convert_task, merged, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
+    m = f16.meta
+    msg = f"{f16.meta['quant']} {f16.size / 1e6:.1f} MB, {m.get('tensor_count')} tensors, llama.cpp {str(m.get('llama_cpp_commit') or '?')[:9]} ({m.get('converter_origin')})"
+    if m.get("tokenizer_check"):
+        msg += "; tokenizer matches HF" if m["tokenizer_check"]["matches"] else "; TOKENIZER DIFFERS"
+    if ctx.config.pipeline.cleanup.delete_merged and f16.is_intact() and merged.is_dir and merged.local_path.is_dir():
+        shutil.rmtree(merged.local_path)
+        ctx.artifacts.pop(merged.name, None)
+        msg += "; merged/ deleted (pipeline.cleanup.delete_merged)"
+    ctx.notes.setdefault("messages", {})["convert"] = msg
+    return [f16]
+
+
+def run_quantize(ctx: RunContext) -> list[Artifact]:
+    from prefect import unmapped
+
+    from tasks.quantize import quantize_task
+    from tasks.quantize_plan import plan_jobs
+
+    ggufs = _need(ctx, "gguf", "quantize")
+    source_name = f"gguf:{ctx.config.convert.outtype.upper()}"
+    f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == "convert"), None)
+    if f16 is None:
+        raise PermanentError(f"stage quantize needs the converted {source_name} file", hint="enable the convert stage, or run with --from convert")
+    s, perf = ctx.config.quantization, ctx.config.performance
+    types = [q for q in s.types if q != f16.meta.get("quant")]
+    if not types:
+        raise StageSkipped(f"quantization.types only names {f16.meta.get('quant')}, which convert already made")
+    plan = plan_jobs(f16.local_path, len(types), threads=s.threads or perf.threads, parallel=s.parallel or perf.parallelism)
+    made = ctx.map(
+        "quantize", quantize_task, f16=unmapped(f16), quant=types, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
+        _threads=unmapped(plan.threads), _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),
+    )
+    msg = ", ".join(f"{a.meta['quant']} {a.size / 1e6:.1f} MB ({a.meta.get('bits_per_weight')} bpw)" for a in made)
+    msg += f"; {plan.parallel} at once x {plan.threads} threads"
+    if ctx.config.pipeline.cleanup.delete_f16 and all(a.is_intact() for a in made):
+        f16.local_path.unlink(missing_ok=True)
+        ctx.artifacts.pop(f16.name, None)
+        msg += f"; {f16.local_path.name} deleted (pipeline.cleanup.delete_f16)"
+    ctx.notes.setdefault("messages", {})["quantize"] = msg
+    return made
+
+
 def _hub_token(ctx: RunContext, ref, what: str):
     """A configured secret reference resolved (missing: a clear error); None when none is configured."""
     return ref.resolve(required=True) if ref is not None else None
@@ -129,10 +176,85 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     return [made]
 
 
-run_local_deploy = _not_yet("local_deploy")
-run_serve = _not_yet("serve")
-run_health = _not_yet("health")
-run_evaluate = _not_yet("evaluate")
+def run_local_deploy(ctx: RunContext) -> list[Artifact]:
+    from tasks.local_deploy import local_deploy_task
+
+    ggufs = _need(ctx, "gguf", "local_deploy")
+    s = ctx.config.deployment
+    if not (s.lmstudio_enabled or s.ollama_enabled):
+        raise StageSkipped("deployment.lmstudio_enabled and deployment.ollama_enabled are both false")
+    made = ctx.call("local_deploy", local_deploy_task, ggufs, s, ctx.config.model.name, ctx.run.publish_dir / "local_deploy", ctx.dry_run)
+    if ctx.dry_run:
+        ctx.notes.setdefault("dry_run", {})["local_deploy"] = True
+    links, parts = ctx.notes.setdefault("links", {}), []
+    for a in made:
+        if a.name == "local:lmstudio":
+            links["LM Studio"] = a.meta["repo_dir"]
+            lms = a.meta.get("lms", {})
+            parts.append(f"LM Studio: {len(a.meta['files'])} file(s) {'would go' if ctx.dry_run else 'linked'} to {a.meta['repo_dir']}" + (f" (lms: {lms['skipped'].split(':')[0]})" if "skipped" in lms else f" (lms load rc {lms.get('load_rc')})" if lms else ""))
+        elif a.name == "local:ollama":
+            links["Ollama Modelfile"] = a.meta["modelfile"]
+            created = a.meta["create"]
+            parts.append(f"Ollama: {a.meta['name']} created" if "rc" in created else f"Ollama: run `ollama create {a.meta['name']} -f {a.meta['modelfile']}`")
+    ctx.notes.setdefault("messages", {})["local_deploy"] = "; ".join(parts)
+    return made
+
+
+def run_serve(ctx: RunContext) -> list[Artifact]:
+    from tasks.serve import keep, serve_task, stop_servers
+
+    ggufs = _need(ctx, "gguf", "serve")
+    s = ctx.config.serving
+    made = ctx.call("serve", serve_task, ggufs, s, ctx.run.reports_dir)
+    ctx.notes["servers"] = made
+    if s.keep_running:
+        keep([a.meta["pid"] for a in made])
+    else:  # the flow calls ctx.notes["cleanups"] at its end
+        ctx.notes.setdefault("cleanups", []).append(lambda: stop_servers(made, s.stop_timeout_s))
+    for a in made:
+        ctx.notes.setdefault("links", {})[f"server {a.meta['quant']}"] = a.meta["base_url"]
+    ctx.notes.setdefault("messages", {})["serve"] = "; ".join(f"{a.meta['model_id']} on {a.meta['url']} (pid {a.meta['pid']})" for a in made) + ("; kept running" if s.keep_running else "; stopped at the end of the run")
+    return made
+
+
+def run_health(ctx: RunContext) -> list[Artifact]:
+    from tasks.health import health_task
+
+    s = ctx.config.health_check
+    if s.base_url:
+        targets = [(s.base_url, s.model_id, None)]
+    else:
+        servers = ctx.notes.get("servers") or ctx.of_kind("service")
+        if not servers:
+            raise StageSkipped("no server to check: enable the serve stage or set health_check.base_url (LM Studio: http://127.0.0.1:1234/v1, Ollama: http://127.0.0.1:11434/v1)")
+        targets = [(a.meta["base_url"], s.model_id or a.meta["model_id"], ctx.artifacts.get(f"gguf:{a.meta['quant']}")) for a in servers]
+    made: list[Artifact] = []
+    for i, (url, model_id, gguf) in enumerate(targets):
+        out_dir = ctx.run.reports_dir / ("health" if i == 0 else f"health-{gguf.meta.get('quant') if gguf else i}")
+        report = ctx.call("health", health_task, s, out_dir, url, model_id, gguf)
+        if i:
+            report = report.model_copy(update={"name": f"report:health:{gguf.meta.get('quant') if gguf else i}"})
+        made.append(report)
+    ctx.notes.setdefault("links", {})["health report"] = str(ctx.run.reports_dir / "health" / "health.md")
+    ctx.notes.setdefault("messages", {})["health"] = "; ".join(f"{a.meta['model_id']}: {a.meta['verdict']}" + (f" ({a.meta['reasons'][0]})" if a.meta["reasons"] else "") for a in made)
+    bad = [a for a in made if a.meta["verdict"] == "unhealthy"]
+    if bad and s.fail_on_unhealthy:
+        raise PermanentError(f"{bad[0].meta['model_id']} at {bad[0].meta['base_url']} is unhealthy: {'; '.join(bad[0].meta['reasons'])}", hint=f"see {bad[0].path}/health.md; set health_check.fail_on_unhealthy: false to only report it")
+    return made
+
+
+def run_evaluate(ctx: RunContext) -> list[Artifact]:
+    from tasks.evaluate import data_digest, evaluate_task
+
+    ggufs = _need(ctx, "gguf", "evaluate")
+    s = ctx.config.evaluation
+    report = ctx.call("evaluate", evaluate_task, ggufs, s, ctx.run.reports_dir / "eval", ctx.config.model.name, data_digest(s))
+    ctx.notes.setdefault("links", {})["eval report"] = report.meta["markdown"]
+    rows = report.meta["quants"]
+    ctx.notes.setdefault("messages", {})["evaluate"] = "; ".join(
+        f"{q}: ppl {r['ppl']:.4g}" + (f", KL {r['kl_div']:.2g}" if r.get("kl_div") is not None and q != "F16" else "") for q, r in rows.items() if r.get("ppl") is not None
+    )
+    return [report]
 
 
 RUNNERS: dict[str, Callable[[RunContext], list[Artifact]]] = {

@@ -38,7 +38,7 @@ def token_logprobs(llm: Any, text: str, max_tokens: int | None = None) -> tuple[
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
-    n_ctx = llm.n_ctx()
+    n_ctx = min(llm.n_ctx(), len(llm.input_ids))  # llama.cpp may pad the context; the Python buffers are not
     rows: list[np.ndarray] = []
     targets: list[int] = []
     for start in range(0, max(len(tokens) - 1, 0), n_ctx - 1):

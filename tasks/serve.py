@@ -11,6 +11,7 @@ the servers at its end (SIGTERM: uvicorn finishes open requests; SIGKILL after a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -59,8 +60,27 @@ class ServeSettings(StrictModel):
 
 # Child processes started by this process (pid -> Popen), so they are reaped when stopped.
 _CHILDREN: dict[int, subprocess.Popen] = {}
+_KEEP: set[int] = set()
 _claimed: set[int] = set()
 _lock = threading.Lock()
+
+
+def _stop_leftovers() -> None:
+    """At interpreter exit, stop servers nobody stopped (a failed run) unless they are to be kept."""
+    for pid in list(_CHILDREN):
+        if pid not in _KEEP:
+            try:
+                stop_pid(pid, 5.0)
+            except Exception:  # exiting anyway
+                pass
+
+
+atexit.register(_stop_leftovers)
+
+
+def keep(pids: list[int]) -> None:
+    """Leave these servers running when this process exits (serving.keep_running)."""
+    _KEEP.update(pids)
 
 
 def free_port(host: str, port_range: tuple[int, int]) -> int:
@@ -147,12 +167,16 @@ def stop_pid(pid: int, timeout: float = 15.0) -> str:
     if "tasks.serve_app" not in cmdline:
         raise PermanentError(f"pid {pid} is not a loraship server ({cmdline[:80]})", hint="pass the serve-<QUANT>.json record or the right pid")
     p.terminate()
-    try:
-        p.wait(timeout)
-        return "stopped"
-    except psutil.TimeoutExpired:
-        p.kill()
-        return "killed"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # not our child: poll (a zombie has exited, its parent reaps it)
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return "stopped"
+        except psutil.NoSuchProcess:
+            return "stopped"
+        time.sleep(0.1)
+    p.kill()
+    return "killed"
 
 
 def stop_servers(records: list[dict[str, Any]] | list[Artifact], timeout: float = 15.0) -> dict[int, str]:
