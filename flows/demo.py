@@ -35,6 +35,11 @@ def demo_config(validate_only: bool = False, runs_dir: str = "runs") -> Pipeline
             "source": {"kind": "local", "path": str(adapter)},
             "merge": {"base_model": str(base)},
             "pipeline": {"runs_dir": runs_dir},
+            # The demo links into an LM Studio home inside the run folder, not the user's ~/.lmstudio.
+            "deployment": {"lmstudio_home": str(Path(runs_dir) / "loraship-demo" / "lmstudio-home")},
+            "serving": {"n_ctx": 256},
+            "health_check": {"test_prompts": ["What color is the cat?", "Spell gguf."], "max_tokens": 12},
+            "evaluation": {"max_tokens": 12, "n_ctx": 256},
         },
         "built-in demo config",
     )

@@ -101,6 +101,7 @@ def full(
                 logger.error("%s failed: %s", stage, message)
                 summary.links.update(ctx.notes.get("links", {}))
                 notify_run(cfg.notifications, summary, failed=True, error=f"{stage}: {message}")
+                _run_cleanups(ctx)
                 raise
             run.record(stage, "degraded", seconds=seconds, message=message)
             summary.degraded = True
@@ -115,6 +116,7 @@ def full(
         run.record(stage, status, made, seconds=seconds, message=message)
         summary.stages.append(StageOutcome(stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]))
         logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
+    _run_cleanups(ctx)
     removed = cleanup_intermediates(cfg, ctx.artifacts)
     if removed:
         ctx.notes.setdefault("links", {})["cleaned up"] = ", ".join(removed)
@@ -124,6 +126,15 @@ def full(
     _publish_summary_artifacts(summary)
     notify_run(cfg.notifications, summary)
     return summary
+
+
+def _run_cleanups(ctx: RunContext) -> None:
+    """Call what stages registered in ctx.notes["cleanups"] (e.g. stop the servers of the serve stage)."""
+    for fn in ctx.notes.pop("cleanups", []):
+        try:
+            fn()
+        except Exception as exc:  # a failed cleanup must not hide the run's outcome
+            logging.getLogger("loraship").warning("cleanup failed: %s", exc)
 
 
 def _publish_summary_artifacts(summary: RunSummary) -> None:
