@@ -297,7 +297,7 @@ def hub_push(
         meta["url"] = result["url"] or meta["url"]
         log.info("pushed %s: commit %s, %d file(s) sent, %d unchanged", meta["url"], (result["commit"] or "")[:12], len(result["uploaded"]), len(result["skipped"]))
     else:
-        why = "--dry-run" if dry_run else "no hub.token configured"
+        why = "no hub.token configured" if not secret else "--dry-run"
         meta["reason"] = why
         log.info("dry run (%s): the repo folder that would be pushed to %s is %s", why, repo_id, folder)
     atomic_write_json(reports_dir / "hub_push.json", {k: v for k, v in meta.items() if k != "extra_files"})

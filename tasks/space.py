@@ -185,7 +185,9 @@ def space(
     read = read_token.get_secret_value() if read_token is not None else None
     if read and secret and read == secret:
         raise PermanentError("space.read_token resolves to the same token as hub.token", hint="give the Space a separate read-only token: the write token must never reach a Space")
-    reasons = [r for r, on in (("--dry-run", dry_run), ("no hub.token configured", not secret), ("the model repo was not pushed (dry run)", bool(pushed.meta.get("dry_run")))) if on]
+    reasons = [r for r, on in (("no hub.token configured", not secret), ("the model repo was not pushed (dry run)", bool(pushed.meta.get("dry_run")))) if on]
+    if dry_run and not reasons:
+        reasons = ["--dry-run"]
     meta: dict[str, Any] = {"space_id": space_id, "model_repo": model_repo, "model_file": model_file, "variables": variables, "secrets": ["HF_TOKEN"] if read else [], "hardware": settings.hardware, "sleep_time": settings.sleep_time, "url": f"{endpoint}/spaces/{space_id}", "staged": str(folder), "dry_run": bool(reasons)}
     if reasons:
         meta["reason"] = "; ".join(reasons)
