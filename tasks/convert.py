@@ -118,8 +118,10 @@ def _run_converter(cmd: list[str], env: dict[str, str], timeout_s: int) -> tuple
             tail.append(line)
             if "LORASHIP_UNKNOWN_BPE_PRE" in line or "BPE pre-tokenizer was not recognized" in line:
                 unknown_bpe = True
-            if line.startswith(("WARNING", "ERROR")) or "Traceback" in line:
+            if line.startswith("ERROR") or "Traceback" in line or "Error" in line.split(":", 1)[0]:
                 log.warning("converter: %s", line)
+            elif line.startswith("WARNING"):  # upstream's notes (unknown RoPE type, separators): informative
+                log.info("converter: %s", line)
             else:
                 log.debug("converter: %s", line)
         rc = proc.wait()

@@ -98,8 +98,7 @@ def plan_jobs(
     f32_buf = 0 if elems and src_bytes >= 4 * elems else 4 * elems
     buf_full = f32_buf + elems + 1
     single = BASE_RSS + src_bytes + buf_full
-    budget = min(int(memory_factor * single), max(single, memory // 2))
-    per_core_threads = threads
+    budget = min(int(memory_factor * single), memory // 2)
     if parallel:
         k = min(parallel, n_jobs)
         reason = f"{k} at once as configured"
@@ -108,19 +107,19 @@ def plan_jobs(
         reason = f"{k} at once: one per job, at most one per core"
     # shrink each job's slab buffers so that k jobs fit in the budget; fewer jobs if slabs get too small
     while True:
-        room = budget - BASE_RSS - k * src_bytes
-        per_job = room // k if k else room
-        if k == 1 or per_job >= min(MIN_SLAB, buf_full):
+        per_job = (budget - BASE_RSS - k * src_bytes) // k
+        if per_job >= min(MIN_SLAB, buf_full) or k == 1 or parallel:
             break
         k -= 1
         reason = f"{k} at once: more would not fit in {budget / 1e6:.0f} MB with slabs of at least {MIN_SLAB // 2**20} MB"
-    if k == 1:
-        max_buf = 0  # one job: llama.cpp's whole-tensor default
-        peak = single
+    per_job = max(per_job, min(MIN_SLAB, buf_full))
+    if per_job >= buf_full:
+        max_buf = 0  # llama.cpp's default: whole tensors fit
+        per_job = buf_full
     else:
-        max_buf = int(max(MIN_SLAB, min(per_job, buf_full)))
         # llama.cpp counts the source row bytes in its slab size too (they are mapped, not allocated)
-        max_buf = int(max_buf * (buf_full + src_bytes) / max(buf_full, 1))
-        peak = BASE_RSS + k * (src_bytes + min(per_job, buf_full))
-    t = per_core_threads or cores  # every job may use every core: the OS hands idle cores to whoever can run
+        max_buf = int(per_job * (buf_full + src_bytes) / max(buf_full, 1))
+        reason += f"; buffers capped at {per_job / 1e6:.0f} MB per job to stay within {budget / 1e6:.0f} MB"
+    peak = BASE_RSS + k * (src_bytes + per_job)
+    t = threads or cores  # every job may use every core: the OS hands idle cores to whoever can run
     return QuantPlan(parallel=k, threads=max(1, t), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single), reason=reason)

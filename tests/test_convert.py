@@ -1,0 +1,126 @@
+"""Convert stage: llama.cpp's real converter (same commit as the runtime) on the tiny real models.
+
+The converter tree comes from the user cache (filled once from the llama-cpp-python sdist through pip;
+the sdist download itself is not repeated in the tests: it takes minutes and is network).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.convert import TOKENIZER_TEXT, ConvertSettings, convert, hf_tokenize
+from tasks.core.artifacts import Artifact
+from tasks.core.errors import PermanentError
+from tasks.gguf_validate import generate_check, llama_tokenize, read_gguf, validate_gguf
+from tasks.llama_cpp_toolchain import KNOWN_COMMITS, resolve_converter
+from tests.gguf_helpers import tiny_gguf_meta
+
+SENTENCES = [TOKENIZER_TEXT, "Once upon a time, 42 owls said: 'hello'!", "system You are a helpful assistant."]
+
+
+def _merged(folder: Path) -> Artifact:
+    return Artifact.from_path(folder, name="merged", kind="merged", stage="merge")
+
+
+def test_converter_is_the_runtime_commit():
+    conv = resolve_converter()
+    assert conv.script.is_file() and (conv.root / "gguf-py" / "gguf").is_dir()
+    assert conv.commit == KNOWN_COMMITS["0.3.36"]
+    # the converter's own gguf-py comes first on its PYTHONPATH (PyPI gguf is too old to run it)
+    assert conv.env({})["PYTHONPATH"].split(":")[0] == str(conv.root / "gguf-py")
+
+
+def test_checkout_setting_is_used_and_checked(tmp_path):
+    conv = resolve_converter()
+    fake = tmp_path / "llama.cpp"
+    for name in ("convert_hf_to_gguf.py", "gguf-py", "conversion"):
+        src = conv.root / name
+        shutil.copytree(src, fake / name) if src.is_dir() else (fake.mkdir(exist_ok=True), shutil.copy2(src, fake / name))
+    got = resolve_converter(str(fake))
+    assert got.origin == "checkout" and got.root == fake.resolve()
+    got_env = resolve_converter(environ={"LLAMA_CPP_DIR": str(fake)})
+    assert got_env.origin == "checkout"
+    with pytest.raises(PermanentError, match="convert.llama_cpp_dir=.* is not a llama.cpp checkout"):
+        resolve_converter(str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_llama_sentencepiece_converts_with_chat_template_and_same_tokens(llama_ggufs, llama_base):
+    f16 = llama_ggufs["F16"]
+    info = read_gguf(f16)
+    assert info["architecture"] == "llama"
+    assert info["tokenizer_model"] == "llama"  # SentencePiece vocabulary
+    assert info["has_chat_template"]
+    assert set(info["tensor_types"]) == {"F16", "F32"}
+    meta = tiny_gguf_meta(llama_ggufs)["F16"]
+    assert meta["llama_cpp_commit"] == KNOWN_COMMITS["0.3.36"]
+    assert meta["tokenizer_check"]["matches"] is True
+    for text in SENTENCES:
+        assert llama_tokenize(f16, text) == hf_tokenize(llama_base, text), text
+
+
+@pytest.mark.slow
+def test_qwen2_bpe_needs_vocab_pre_and_then_tokenizes_like_hf(qwen2_ggufs, qwen2_base, tmp_path):
+    info = read_gguf(qwen2_ggufs["F16"])
+    assert info["architecture"] == "qwen2" and info["tokenizer_model"] == "gpt2"
+    assert info["tokenizer_pre"] == "qwen2"
+    for text in SENTENCES:
+        assert llama_tokenize(qwen2_ggufs["F16"], text) == hf_tokenize(qwen2_base, text), text
+    # without vocab_pre the converter refuses the unknown hash; our error names the setting
+    with pytest.raises(PermanentError) as err:
+        convert(_merged(qwen2_base), ConvertSettings(check_tokenizer=False), tmp_path, "q")
+    assert "BPE pre-tokenizer was not recognized" in str(err.value) and "convert.vocab_pre" in str(err.value)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".partial-*"))
+
+
+@pytest.mark.slow
+def test_wrong_vocab_pre_is_caught_by_the_tokenizer_check(qwen2_base, tmp_path):
+    # gpt-2's pre-tokenizer keeps ' 12' together; the Qwen2 tokenizer splits digits: the check sees it
+    with pytest.raises(PermanentError, match="tokenizes differently") as err:
+        convert(_merged(qwen2_base), ConvertSettings(vocab_pre="gpt-2"), tmp_path, "q")
+    assert "convert.vocab_pre" in str(err.value)
+    assert not (tmp_path / "q-F16.gguf").exists()
+
+
+@pytest.mark.slow
+def test_unsupported_architecture_is_named(llama_base, tmp_path):
+    model = tmp_path / "weird"
+    shutil.copytree(llama_base, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["FrobnicatorForCausalLM"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PermanentError, match="FrobnicatorForCausalLM"):
+        convert(_merged(model), ConvertSettings(), tmp_path / "out", "w")
+
+
+def test_not_a_model_folder_fails_before_work(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.txt").write_text("x")
+    with pytest.raises(PermanentError, match="config.json"):
+        convert(_merged(tmp_path / "m"), ConvertSettings(), tmp_path / "out", "x")
+
+
+def test_truncated_gguf_is_refused(llama_ggufs, tmp_path):
+    src = llama_ggufs["Q8_0"]
+    data = src.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 4096])
+    validate_gguf(src)  # the intact file passes
+    with pytest.raises(PermanentError, match="truncated|not a readable GGUF"):
+        validate_gguf(cut)
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:100])
+    with pytest.raises(PermanentError, match="not a readable GGUF|truncated"):
+        validate_gguf(head)
+
+
+def test_every_file_generates_text(llama_ggufs, qwen2_ggufs):
+    for files in (llama_ggufs, qwen2_ggufs):
+        assert set(files) == {"F16", "Q8_0", "Q4_K_M", "Q5_K_M"}
+        for quant, path in files.items():
+            out = generate_check(path, prompt="Hello", n_tokens=4)
+            assert len(out["tokens"]) == 4, quant

@@ -1,0 +1,142 @@
+"""Quantize stage: real llama_model_quantize on the tiny real models, validation, plan, Prefect caching."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.config import parse_config
+from tasks.core.artifacts import Artifact
+from tasks.core.errors import ConfigError, PermanentError
+from tasks.gguf_validate import read_gguf, validate_gguf
+from tasks.quantize import QuantizeSettings, parse_quant, quantize, quantize_all
+from tasks.quantize_plan import plan_jobs
+
+
+def _f16(path: Path, tmp: Path | None = None) -> Artifact:
+    if tmp is not None:
+        dst = tmp / path.name
+        shutil.copy2(path, dst)
+        path = dst
+    return Artifact.from_path(path, name="gguf:F16", kind="gguf", stage="convert", meta={"quant": "F16", "llama_cpp_commit": "test"})
+
+
+@pytest.mark.parametrize("files", ["llama_ggufs", "qwen2_ggufs"])
+def test_fixture_types_have_their_tensor_types(files, request):
+    ggufs = request.getfixturevalue(files)
+    f16 = read_gguf(ggufs["F16"])
+    for quant, want in (("Q4_K_M", "Q4_K"), ("Q5_K_M", "Q5_K"), ("Q8_0", "Q8_0")):
+        info = validate_gguf(ggufs[quant], quant=quant, reference=f16)
+        assert want in info["tensor_types"], (quant, info["tensor_types"])
+        assert info["tensor_count"] == f16["tensor_count"]
+        assert info["size"] < f16["size"]
+    assert read_gguf(ggufs["Q4_K_M"])["bits_per_weight"] < read_gguf(ggufs["Q5_K_M"])["bits_per_weight"] < read_gguf(ggufs["Q8_0"])["bits_per_weight"]
+
+
+def test_unknown_type_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="Q4_K_Z.*did you mean 'Q4_K_[SM]'.*valid types: .*Q8_0"):
+        parse_quant("Q4_K_Z")
+    # in the config file: the field path and the valid names, at load time
+    with pytest.raises(ConfigError, match=r"quantization.types.*unknown quantization type 'q9_k'.*valid types"):
+        parse_config({"model": {"name": "m"}, "source": {"kind": "local", "path": str(tmp_path)}, "quantization": {"types": ["Q4_K_M", "q9_k"]}})
+    # the plain function refuses before touching its input (which does not even exist here)
+    ghost = Artifact(name="gguf:F16", kind="gguf", path=str(tmp_path / "none.gguf"), sha256="0", size=0, stage="convert")
+    with pytest.raises(ConfigError):
+        quantize(ghost, "Q4_Z", QuantizeSettings(), tmp_path, "m")
+    assert not list(tmp_path.iterdir())
+
+
+def test_type_names_are_case_insensitive_and_deduplicated():
+    s = QuantizeSettings(types=["q4_k_m", "Q4_K_M", "q8_0"], output_tensor_type="q8_0")
+    assert s.types == ["Q4_K_M", "Q8_0"] and s.output_tensor_type == "Q8_0"
+    with pytest.raises(Exception, match="unknown tensor type"):
+        QuantizeSettings(token_embedding_type="Q4_K_M")
+
+
+def test_options_reach_llama_cpp(llama_ggufs, tmp_path):
+    f16 = _f16(llama_ggufs["F16"])
+    s = QuantizeSettings(types=["Q4_K_M"], output_tensor_type="Q8_0", token_embedding_type="Q5_0", generate_tokens=0)
+    a = quantize(f16, "Q4_K_M", s, tmp_path, "opt", threads=2)
+    types = read_gguf(a.path)["tensor_type_of"]
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"
+    pure = quantize(f16, "q4_k_m", QuantizeSettings(pure=True, generate_tokens=0), tmp_path, "pure", threads=2)
+    assert set(pure.meta["tensor_types"]) == {"Q4_K", "F32"}
+    leave = quantize(f16, "Q8_0", QuantizeSettings(leave_output_tensor=True, generate_tokens=0), tmp_path, "leave", threads=2)
+    assert read_gguf(leave.path)["tensor_type_of"]["output.weight"] == "F16"
+
+
+@pytest.mark.slow
+def test_k_quant_fallback_is_caught(tmp_path):
+    """hidden_size 64: rows are not a multiple of 256, llama.cpp silently writes no Q4_K: validation refuses."""
+    from tasks.convert import ConvertSettings, convert
+    from tasks.tiny_models import tiny_model
+
+    small = tiny_model("llama", hidden=64, intermediate=128)
+    f16 = convert(Artifact.from_path(small, name="merged", kind="merged", stage="merge"), ConvertSettings(check_tokenizer=False), tmp_path, "small")
+    with pytest.raises(PermanentError, match="asked for Q4_K_M but no tensor has type Q4_K"):
+        quantize(f16, "Q4_K_M", QuantizeSettings(generate_tokens=0), tmp_path, "small", threads=2)
+    assert not (tmp_path / "small-Q4_K_M.gguf").exists()  # an invalid file never stays under its final name
+
+
+def test_plan_splits_cores_and_bounds_memory():
+    big = (32_000 * 1024, 2 * 32_000 * 1024)  # a 0.4B model's embedding, F16
+    many = plan_jobs(None, 3, cores=16, memory=64 * 2**30, largest=big)
+    assert many.parallel == 3 and many.threads == 16
+    assert many.est_peak_bytes <= 1.5 * many.est_single_bytes  # the memory goal: slabs are capped
+    assert 0 < many.max_buf_size < 8 * 2**30
+    two = plan_jobs(None, 3, cores=2, memory=64 * 2**30, largest=big)
+    assert two.parallel == 2 and two.threads == 2 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
+    tight = plan_jobs(None, 3, cores=16, memory=300 * 2**20, largest=big)
+    assert tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size  # little memory: one at a time, small slabs
+    roomy = plan_jobs(None, 1, cores=16, memory=64 * 2**30, largest=big)
+    assert roomy.parallel == 1 and roomy.max_buf_size == 0  # one job alone: llama.cpp's whole-tensor default
+    forced = plan_jobs(None, 3, cores=4, memory=64 * 2**30, largest=big, parallel=1, threads=3)
+    assert (forced.parallel, forced.threads) == (1, 3)
+
+
+def test_quantize_all_in_threads_with_progress_bounded_memory(llama_ggufs, tmp_path):
+    f16 = _f16(llama_ggufs["F16"])
+    s = QuantizeSettings(types=["Q4_K_M", "Q8_0"], generate_tokens=2)
+    plan = plan_jobs(Path(f16.path), 2, cores=2, memory=2**34)
+    arts = quantize_all(f16, s, tmp_path, "par", plan=plan)
+    assert [a.name for a in arts] == ["gguf:Q4_K_M", "gguf:Q8_0"]
+    for a in arts:
+        assert a.kind == "gguf" and Path(a.path).name == f"par-{a.meta['quant']}.gguf"
+        assert a.inputs == {"gguf:F16": f16.sha256} and a.meta["llama_cpp_commit"] == "test"
+        assert a.meta["bits_per_weight"] > 4 and len(a.meta["generation"]["tokens"]) == 2
+        assert a.is_intact(full=True)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".partial-")]
+
+
+@pytest.mark.slow
+def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, tmp_path):
+    """Through Prefect: mapped quantize tasks, artifacts in the manifest, and a second run is all cache hits."""
+    from flows.full import full
+
+    cfg = {
+        "model": {"name": "tiny", "version": "t1"},
+        "source": {"kind": "local", "path": str(tmp_path / "unused")},
+        "quantization": {"types": ["Q4_K_M", "Q8_0"], "generate_tokens": 1},
+        "pipeline": {"runs_dir": str(tmp_path / "runs"), "stages": ["convert", "quantize"]},
+    }
+    run_dir = tmp_path / "runs" / "tiny" / "t1"
+    # a merged artifact from an earlier stage, as the flow finds it in the run folder's manifest
+    from tasks.core.run import RunFolder
+
+    run = RunFolder(run_dir, "tiny", "t1").ensure()
+    merged_dir = run.merged_dir
+    shutil.copytree(llama_base, merged_dir)
+    run.record("merge", "done", [Artifact.from_path(merged_dir, name="merged", kind="merged", stage="merge")])
+    first = full(config=cfg)
+    by_stage = {s.stage: s for s in first.stages}
+    assert by_stage["convert"].status == "done" and by_stage["quantize"].status == "done", by_stage
+    assert set(by_stage["quantize"].artifacts) == {"gguf:Q4_K_M", "gguf:Q8_0"}
+    manifest = run.load_manifest()
+    assert manifest.artifacts["gguf:F16"].meta["llama_cpp_commit"]
+    assert manifest.artifacts["gguf:Q4_K_M"].meta["tensor_types"].get("Q4_K")
+    assert (run.gguf_dir / "tiny-Q4_K_M.gguf").is_file()
+    second = full(config=cfg)
+    assert {s.stage: s.status for s in second.stages} == {"convert": "cached", "quantize": "cached"}
