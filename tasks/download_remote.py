@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,16 +68,38 @@ def resolve_target(settings: DownloadSettings) -> tuple[SshTarget, str, dict[str
     return target, path, facts
 
 
-def _local_matches(dest: Path, files: list[RemoteFile], expected: dict[str, str]) -> tuple[list[RemoteFile], dict[str, str]]:
-    """(files still to fetch, digests of the local files that already match)."""
-    todo, ok = [], {}
+class _RemoteHashes:
+    """Remote sha256 in a background thread (its own SSH channel), so it overlaps the local hashing and,
+    on a fresh pull, the transfer itself; `result()` waits and re-raises its error."""
+
+    def __init__(self, session: RemoteSession, run_dir: str, rels: list[str]):
+        self._out: dict[str, str] = {}
+        self._err: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self._out = session.sha256(run_dir, rels)
+            except BaseException as exc:  # handed to the caller in result()
+                self._err = exc
+
+        self._thread = threading.Thread(target=work, name="remote-sha256", daemon=True)
+        self._thread.start()
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+
+def _local_digests(dest: Path, files: list[RemoteFile]) -> dict[str, str]:
+    """sha256 of the local copies that exist with the remote's size (candidates for no transfer)."""
+    out = {}
     for f in files:
         p = local_target(dest, f.rel)
-        if p.is_file() and p.stat().st_size == f.size and sha256_file(p) == expected[f.rel]:
-            ok[f.rel] = expected[f.rel]
-        else:
-            todo.append(f)
-    return todo, ok
+        if p.is_file() and p.stat().st_size == f.size:
+            out[f.rel] = sha256_file(p)
+    return out
 
 
 def _parent_metadata(session: RemoteSession, root: str, run_dir: str) -> dict[str, Any]:
@@ -112,8 +135,14 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         if not any(f.rel == ADAPTER_MARKER for f in files):
             raise PermanentError(f"{run_dir} on {target.host} has no {ADAPTER_MARKER} among the selected files", hint="check source.include / source.exclude")
         log.info("run folder %s (%s): %d file(s), %.1f MB", run_dir, how, len(files), sum(f.size for f in files) / 1e6)
-        expected = session.sha256(run_dir, [f.rel for f in files])
-        todo, verified = _local_matches(dest, files, expected)
+        hashing = _RemoteHashes(session, run_dir, [f.rel for f in files])
+        local = _local_digests(dest, files)
+        verified: dict[str, str] = {}
+        expected: dict[str, str] = {}
+        if local:  # something is here already: compare before deciding what to send
+            expected = hashing.result()
+            verified = {rel: d for rel, d in local.items() if expected[rel] == d}
+        todo = [f for f in files if f.rel not in verified]
         removed = remove_extraneous(dest, {f.rel for f in files})
         stats_list: list[TransferStats] = []
         refetched: list[str] = []
@@ -132,6 +161,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
                     else:
                         st = sftp_pull(session, run_dir, todo, dest, progress=progress, on_bytes=on_bytes)
                 stats_list.append(st)
+                expected = expected or hashing.result()
                 bad = []
                 for f in todo:
                     got = st.digests.get(f.rel) or sha256_file(local_target(dest, f.rel))
@@ -153,6 +183,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
                 todo, total = bad, sum(f.size for f in bad)
         else:
             log.info("all %d file(s) already here with matching sha256: nothing to transfer", len(files))
+        expected = expected or hashing.result()
         clean_partials(dest)
         parent_meta = _parent_metadata(session, root, run_dir)
         host_fp = fingerprint(session.host_key)

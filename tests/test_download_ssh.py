@@ -162,6 +162,8 @@ def test_mismatch_is_fetched_again_once_then_fails_naming_the_file(ssh_server, r
     size = 8 * 1024 * 1024
     run = make_run(remote / "out", big=size)
     dest = tmp_path / "run" / "adapter"
+    dest.mkdir(parents=True)
+    (dest / "adapter_model.safetensors").write_bytes(b"\0" * size)  # a stale local copy: the remote digests are taken before sending
     changed: list[int] = []
 
     def training_still_writing(done: int) -> None:  # the file's tail changes after it was hashed, before rsync reads it
@@ -337,3 +339,21 @@ def test_settings_are_strict_and_the_task_is_not_cached():
     from prefect.cache_policies import NO_CACHE
 
     assert download_task.cache_policy is NO_CACHE  # the remote can change: digests decide
+
+
+@pytest.mark.prefect
+def test_a_saved_training_host_block_supplies_host_key_and_known_host(ssh_server, remote, tmp_path, prefect_api):
+    from blocks.training_host import TrainingHost
+
+    run = make_run(remote / "out", big=1000)
+    TrainingHost(
+        host="127.0.0.1", port=ssh_server.port, user=ssh_server.user, private_key=ssh_server.user_key.read_text(),
+        known_hosts_entry=ssh_server.host_pub_line, remote_path=str(run),
+    ).save("loraship-test-box", overwrite=True)  # fmt: skip
+    settings = DownloadSettings(kind="ssh", host_block="loraship-test-box", known_hosts=str(tmp_path / "no_known_hosts"))
+    art = download(settings, tmp_path / "run" / "adapter")
+    assert art.meta["method"] == "rsync" and art.meta["source"].endswith(str(run.resolve()))
+    assert json.loads((tmp_path / "run" / "download.json").read_text())["host_block"] == "loraship-test-box"
+    assert ssh_server.user_key.read_text().split("\n")[1] not in art.model_dump_json()
+    with pytest.raises(PermanentError, match="no saved TrainingHost block"):
+        download(DownloadSettings(kind="ssh", host_block="no-such-box"), tmp_path / "x" / "adapter")
