@@ -74,11 +74,27 @@ def stage_slot(cfg: "PipelineConfig", stage: str) -> Iterator[None]:
     if stage not in HEAVY_STAGES or not name:
         yield
         return
+    if not _limit_exists(name):
+        log.info("%s: no global concurrency limit %r, not limited (create it: prefect gcl create %s --limit 1)", stage, name, name)
+        yield
+        return
     from prefect.concurrency.sync import concurrency
 
     # The lease outlives a long merge: renewed in the background; a failed renewal must not kill it.
     with concurrency(name, occupy=1, strict=False, lease_duration=600, raise_on_lease_renewal_failure=False):
         yield
+
+
+def _limit_exists(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+        return True
+    except ObjectNotFound:
+        return False
 
 
 def task_runner_for(cfg: "PipelineConfig") -> Any | None:

@@ -247,3 +247,68 @@ def test_heavy_stage_holds_global_concurrency_slot(server: PrefectServer, demo: 
     # A limit that does not exist is not waited for.
     cfg = _demo_config(demo, "gcl-missing", performance={"concurrency_limit": "no-such-limit"})
     assert full(config=cfg, only=["merge"], return_state=True).is_completed()
+
+
+def test_served_deployment_runs_on_event(server: PrefectServer, demo: dict[str, Path], tmp_path: Path) -> None:
+    """deployments/serve.py (no worker): the same trigger, served from one process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from deployments import notify
+
+    # The alternative to the worker setup: start from a server without the worker-run deployment of
+    # the same name (serving onto an existing deployment keeps its work pool).
+    with get_client(sync_client=True) as client:
+        for d in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"]))):
+            client.delete_deployment(d.id)
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve", "--deployment", "loraship-on-training"],
+        cwd=ROOT, env=server.client_env(PREFECT_RUNNER_POLL_FREQUENCY="1", LORASHIP_RUNS_DIR=str(demo["runs"])),
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "being served" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        notify.post_event(server.api_url, notify.build_event("served-demo", str(demo["adapter"]), source_kind="local", only="download"), auth=server.auth)
+        with get_client(sync_client=True) as client:
+            (dep,) = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"])))
+            assert dep.work_pool_name is None  # served, not worker-run
+            deadline = time.monotonic() + 60
+            runs = []
+            while not runs and time.monotonic() < deadline:
+                runs = [r for r in client.read_flow_runs() if r.deployment_id == dep.id and r.parameters.get("model_name") == "served-demo"]
+                time.sleep(0.5)
+            assert len(runs) == 1, "no run of the served deployment for the event"
+            final = _wait_final(client, runs[0].id)
+            assert final.state.is_completed(), f"{final.state.name}: {final.state.message}\n{log.read_text()[-4000:]}"
+    finally:
+        stop(proc)
+    assert (demo["runs"] / "served-demo" / "v1" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_several_models_run_as_parallel_flow_runs(server: PrefectServer, demo: dict[str, Path], tmp_path: Path) -> None:
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.multi import multi
+
+    paths = []
+    for name in ("multi-a", "multi-b"):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(_demo_config(demo, name, pipeline={"stages": ["download"]})))
+        paths.append(str(p))
+    state = multi(config_paths=paths, parallel=2, return_state=True)
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert [(r["model"], r["state"]) for r in results] == [("multi-a", "Completed"), ("multi-b", "Completed")]
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+    assert sorted(t for c in children for t in c.tags if t.startswith("model:")) == ["model:multi-a", "model:multi-b"]
+    for name in ("multi-a", "multi-b"):
+        assert (demo["runs"] / name / "v1" / "adapter" / "adapter_config.json").is_file()
