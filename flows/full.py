@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.demo import demo_config
 
             print("No --config given: running the built-in demo (a tiny model and a LoRA adapter built on this machine).", flush=True)
-            cfg = demo_config(validate_only=args.validate)
+            cfg = demo_config(validate_only=args.validate, runs_dir=args.runs_dir or "runs")
         if args.runs_dir:
             cfg.pipeline.runs_dir = args.runs_dir
         select_stages(cfg.pipeline.stages, args.only, args.skip, args.from_stage)
