@@ -185,6 +185,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
             log.info("all %d file(s) already here with matching sha256: nothing to transfer", len(files))
         expected = expected or hashing.result()
         clean_partials(dest)
+        removed += remove_extraneous(dest, set(verified))  # only verified files may end up in the artifact
         parent_meta = _parent_metadata(session, root, run_dir)
         host_fp = fingerprint(session.host_key)
     seconds = time.monotonic() - t0
