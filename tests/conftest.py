@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HOME", str(_SESSION_TMP / "hf-home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraship")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # plain stage functions log outside flows
 
 
 @pytest.fixture(scope="session")
