@@ -84,7 +84,7 @@ def main() -> None:
     try:
         rows = run_model("0.77B bf16", MODEL["layers"], work)
         if not args.no_double:
-            rows += run_model("1.5B bf16 (doubled)", 2 * MODEL["layers"], work)
+            rows += run_model("1.5B bf16 doubled", 2 * MODEL["layers"], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     by = {(r["model"].split(" (")[0], r["contender"]): r for r in rows}
@@ -94,11 +94,11 @@ def main() -> None:
         "peak_rss_streaming_over_peft": round(s["peak_rss_mb"] / p["peak_rss_mb"], 3),
         "peak_anon_streaming_over_peft": round(s["peak_anon_mb"] / p["peak_anon_mb"], 3),
     }
-    if ("1.5B bf16 (doubled)", "merge: streaming") in by:
-        d = by[("1.5B bf16 (doubled)", "merge: streaming")]
+    if ("1.5B bf16 doubled", "merge: streaming") in by:
+        d = by[("1.5B bf16 doubled", "merge: streaming")]
         ratios["streaming_peak_rss_growth_when_doubled"] = round(d["peak_rss_mb"] / s["peak_rss_mb"] - 1, 3)
         ratios["streaming_peak_anon_growth_when_doubled"] = round(d["peak_anon_mb"] / s["peak_anon_mb"] - 1, 3)
-        dp = by[("1.5B bf16 (doubled)", "merge: peft")]
+        dp = by[("1.5B bf16 doubled", "merge: peft")]
         ratios["wall_streaming_over_peft_doubled"] = round(d["wall_s"] / dp["wall_s"], 3)
     result["rows"] = rows
     result["ratios"] = ratios

@@ -55,6 +55,24 @@ def apply_ops(w: Any, ops: list[LoraOp]) -> Any:
     return w
 
 
+def _large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
+    """Make glibc serve allocations of 1 MiB and more with mmap, and give them back when freed.
+
+    By default glibc raises its mmap threshold after large frees (up to 32 MiB), after which tensor
+    buffers come from the heap, where freed ones linger and fragment: measured here, that made the
+    streaming merge's peak grow by ~25% when the model doubled; with a fixed threshold it grew by 7%.
+    Set once per process (a no-op where the C library is not glibc).
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora_roundtrip: bool) -> bool:
     return (
         info.name in plan.ops
@@ -74,6 +92,7 @@ def stream_merge(plan: MergePlan, out_dir: Path, target_dtype: str | None, qlora
     """
     import torch
 
+    _large_buffers_to_the_os()
     torch_dtypes = {k: getattr(torch, v[0]) for k, v in DTYPES.items() if k in FLOAT_DTYPES}
     weight_map: dict[str, str] = {}
     total = 0
