@@ -18,7 +18,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -86,26 +85,25 @@ def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) 
 
         plan = plan_jobs(Path(src), len(jobs), cores=cores)
         k, threads, max_buf = plan.parallel, plan.threads, plan.max_buf_size
-        print(json.dumps({"plan": plan.as_dict()}), flush=True)
     with ThreadPoolExecutor(max_workers=k) as pool:
         for f in [pool.submit(_quantize_raw, s, d, q, threads, max_buf) for s, d, q in jobs]:
             f.result()
+    if contender == "loraship":
+        print(json.dumps({"parallel": k, "threads": threads, "max_buf_size": max_buf}), flush=True)
 
 
 def measure(args: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.quantize_bench", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child {args} failed")
+    """One contender in a fresh child process (benchmarks/harness.py samples the tree's VmRSS/RssAnon)."""
+    from benchmarks.harness import measure as run_measured
+
+    r = run_measured([sys.executable, "-m", "benchmarks.quantize_bench", *args], env={"LLAMA_LOG_DISABLE": "1"})
+    if r["returncode"] != 0:
+        raise SystemExit(f"child {args} failed: {r['tail']}")
     extra = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
+    for line in r["tail"].splitlines():
+        if line.startswith("{") and line.endswith("}"):
             extra.update(json.loads(line))
-    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), **extra}
+    return {k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb")} | extra
 
 
 def main() -> None:
@@ -141,11 +139,17 @@ def main() -> None:
     gguf_dir = work / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     f16 = gguf_dir / "bench-F16.gguf"
-    result: dict = {"machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "note": "CPU shared with other engineers' work while measured (2-core box)" if cores <= 2 else ""}, "types": a.types}
+    from benchmarks.harness import machine
+
+    result: dict = {"machine": machine() | {"cores_used": cores, "note": "CPU shared with other engineers' work while measured" if cores <= 2 else ""}, "types": a.types}
     if not a.skip_convert or not f16.exists():
         result["convert"] = measure(["--child", "convert", "--src", str(model), "--out", str(gguf_dir)])
         result["convert"]["mb_per_s"] = round(result["convert"]["f16_bytes"] / 1e6 / result["convert"]["converter_s"], 1)
         print("convert:", result["convert"], flush=True)
+    else:  # keep the convert numbers of the last full run
+        previous = RESULTS / f"quantize_bench-{cores}cores.json"
+        if previous.exists():
+            result["convert"] = json.loads(previous.read_text()).get("convert")
     runs: dict[str, list[dict]] = {}
     for _ in range(a.repeat):
         for contender in ("sequential", "all_at_once", "loraship"):
@@ -153,12 +157,14 @@ def main() -> None:
             runs.setdefault(contender, []).append(r)
             print(contender, r, flush=True)
     best = {c: min(rs, key=lambda r: r["wall_s"]) for c, rs in runs.items()}
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     floor = best["sequential"]["cpu_s"] / cores
     seq = best["sequential"]
     for c, r in best.items():
         r["wall_vs_floor"] = round(r["wall_s"] / floor, 3)
         r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
         r["rss_vs_sequential"] = round(r["peak_rss_mb"] / seq["peak_rss_mb"], 3)
+        r["anon_vs_sequential"] = round(r["peak_anon_mb"] / seq["peak_anon_mb"], 3)
     result.update({"floor_s": round(floor, 2), "best": best, "runs": runs})
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"quantize_bench-{cores}cores.json"

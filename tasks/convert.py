@@ -189,7 +189,12 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         if ours != theirs:
             final.unlink(missing_ok=True)
             hint = "set convert.vocab_pre to the pre-tokenizer your tokenizer was built like (gpt-2, llama-bpe, qwen2, ...)" if info["tokenizer_model"] == "gpt2" else "check the tokenizer files in the merged folder"
-            raise PermanentError(f"llama.cpp tokenizes differently from the HF tokenizer (pre-tokenizer {info['tokenizer_pre']!r}): {ours[:12]} vs {theirs[:12]}", hint=hint)
+            at = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+            raise PermanentError(
+                f"llama.cpp tokenizes {TOKENIZER_TEXT!r} differently from the HF tokenizer (pre-tokenizer {info['tokenizer_pre']!r}): "
+                f"from token {at}: {ours[at:at + 6]} vs {theirs[at:at + 6]}",
+                hint=hint,
+            )
     meta["generation"] = generate_check(final)
     return Artifact.from_path(final, name=f"gguf:{quant}", kind="gguf", stage=STAGE, inputs=[merged], settings=settings, tools=TOOLS, meta=meta)
 

@@ -103,8 +103,8 @@ def plan_jobs(
         k = min(parallel, n_jobs)
         reason = f"{k} at once as configured"
     else:
-        k = min(n_jobs, cores)
-        reason = f"{k} at once: one per job, at most one per core"
+        k = min(n_jobs, 2 * cores)
+        reason = f"{k} at once: one per job, at most two per core"
     # shrink each job's slab buffers so that k jobs fit in the budget; fewer jobs if slabs get too small
     while True:
         per_job = (budget - BASE_RSS - k * src_bytes) // k

@@ -88,7 +88,7 @@ def test_plan_splits_cores_and_bounds_memory():
     assert many.est_peak_bytes <= 1.5 * many.est_single_bytes  # the memory goal: slabs are capped
     assert 0 < many.max_buf_size < 8 * 2**30
     two = plan_jobs(None, 3, cores=2, memory=64 * 2**30, largest=big)
-    assert two.parallel == 2 and two.threads == 2 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
+    assert two.parallel == 3 and two.threads == 2 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
     tight = plan_jobs(None, 3, cores=16, memory=300 * 2**20, largest=big)
     assert tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size  # little memory: one at a time, small slabs
     roomy = plan_jobs(None, 1, cores=16, memory=64 * 2**30, largest=big)
@@ -140,3 +140,32 @@ def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, tmp_p
     assert (run.gguf_dir / "tiny-Q4_K_M.gguf").is_file()
     second = full(config=cfg)
     assert {s.stage: s.status for s in second.stages} == {"convert": "cached", "quantize": "cached"}
+
+
+def _write_imatrix(f16: Path, out: Path) -> Path:
+    """An imatrix GGUF in llama-imatrix's layout (<tensor>.in_sum2 [n_per_row], <tensor>.counts [1]) for every matrix."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(f16), "r")
+    w = gguf.GGUFWriter(str(out), "imatrix")
+    rng = np.random.default_rng(0)
+    for t in reader.tensors:
+        if len(t.shape) >= 2 and t.name != "token_embd.weight":
+            n_per_row = int(t.shape[0])
+            w.add_tensor(f"{t.name}.in_sum2", (rng.random(n_per_row, dtype=np.float32) + 0.5) * 10)
+            w.add_tensor(f"{t.name}.counts", np.array([10.0], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_imatrix_file_enables_low_bit_iq_types(llama_ggufs, tmp_path):
+    f16 = _f16(llama_ggufs["F16"])
+    imatrix = _write_imatrix(Path(f16.path), tmp_path / "imatrix.gguf")
+    a = quantize(f16, "IQ2_XXS", QuantizeSettings(imatrix=str(imatrix), generate_tokens=1), tmp_path, "im", threads=2)
+    assert "IQ2_XXS" in a.meta["tensor_types"] and a.meta["imatrix"] is True
+    with pytest.raises(PermanentError, match="quantization.imatrix"):
+        quantize(f16, "IQ2_XXS", QuantizeSettings(imatrix=str(tmp_path / "missing.gguf")), tmp_path, "im2", threads=2)
