@@ -266,3 +266,10 @@ def test_hub_id_resolves_from_the_local_cache(llama_base, tmp_path):
     (repo / "refs" / "main").write_text("a" * 40)
     assert resolve_base("loraship-test/tiny-llama") == snap
     assert resolve_base("loraship-test/not-cached", download=False) is None
+
+
+def test_rank_and_alpha_patterns(llama_base, tmp_path):
+    adapter = peft_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 32})
+    art = _merge(adapter, llama_base, tmp_path)
+    assert art.meta["scalings"] == [2.0, 16.0]  # v_proj 8/4, q_proj 32/2
+    assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
