@@ -261,6 +261,17 @@ def merge(adapter: Artifact, settings: MergeSettings, out_dir: Path, default_bas
     return Artifact.from_path(out_dir, name="merged", kind="merged", stage=STAGE, inputs=inputs, settings=settings, tools=["torch", "safetensors", "transformers", "peft"], meta=meta)
 
 
+def helpers_version() -> str:
+    """Digest of the merge_* helper modules' source: the cache key covers this module's source only,
+    so the runner passes this too and a change in a helper invalidates cached merges."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("merge_plan.py", "merge_streaming.py", "merge_safetensors.py", "merge_torch.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 @stage_task(STAGE)
-def merge_task(adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = "") -> Artifact:
+def merge_task(adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = "", code: str = "") -> Artifact:
+    """`code` (helpers_version()) is only there to be part of the cache key."""
     return merge(adapter, settings, out_dir, default_base, base_key)
