@@ -99,3 +99,12 @@ def test_error_classification():
     assert is_transient(requests.HTTPError(response=resp))
     resp.status_code = 401
     assert not is_transient(requests.HTTPError(response=resp))
+
+
+def test_code_version_covers_helper_modules():
+    from tasks.core.caching import _project_imports
+
+    merge = _project_imports("tasks.merge")
+    assert {"tasks.merge_plan", "tasks.merge_streaming", "tasks.merge_safetensors"} <= merge
+    assert not any(m.startswith("tasks.core") for m in merge)
+    assert "tasks.convert_entry" in _project_imports("tasks.convert")

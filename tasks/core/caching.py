@@ -51,14 +51,67 @@ def fingerprint(value: Any) -> Any:
     return repr(value)
 
 
+def _project_imports(module_name: str) -> set[str]:
+    """Modules of the `tasks` package that `module_name` imports (at any depth in its code), by AST.
+
+    Stage code is split over helper modules (merge_plan, quantize_plan, gguf_validate, ...); a change
+    in any of them must change the stage's code version. tasks.core and the test-model builders are
+    shared plumbing, not stage logic, and are left out.
+    """
+    import ast
+    import importlib.util
+
+    found: set[str] = set()
+    todo = [module_name]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        found.add(name)
+        origin = Path(spec.origin)
+        if name == module_name and "." in name:  # helpers named <stage>_*.py (e.g. convert_entry, run as a script)
+            pkg = name.rsplit(".", 1)[0]
+            todo += [f"{pkg}.{f.stem}" for f in origin.parent.glob(f"{origin.stem}_*.py")]
+        tree = ast.parse(origin.read_text())
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"tasks.{a.name}" for a in node.names] if node.module == "tasks" else [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t.startswith("tasks.") and not t.startswith(("tasks.core", "tasks.tiny_models")):
+                    todo.append(t)
+    return found
+
+
 @functools.lru_cache(maxsize=None)
 def module_code_version(module_name: str) -> str:
-    module = sys.modules.get(module_name)
-    try:
-        src = inspect.getsource(module) if module is not None else module_name
-    except (OSError, TypeError):
-        src = module_name
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
+    """Digest of the stage module's source and of the project modules it imports."""
+    h = hashlib.sha256()
+    for name in sorted(_project_imports(module_name)) or [module_name]:
+        module = sys.modules.get(name)
+        try:
+            src = inspect.getsource(module) if module is not None else Path(importlib_origin(name)).read_text()
+        except (OSError, TypeError):
+            src = name
+        h.update(name.encode() + b"\0" + src.encode())
+    return h.hexdigest()[:16]
+
+
+def importlib_origin(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        raise OSError(name)
+    return spec.origin
 
 
 def artifacts_in(value: Any) -> list[Artifact]:
