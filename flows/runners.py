@@ -7,6 +7,7 @@ reason). It reads like the pipeline diagram: pick the inputs, call the stage's t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from flows.context import RunContext
@@ -63,12 +64,20 @@ def run_convert(ctx: RunContext) -> list[Artifact]:
     msg = f"{f16.meta['quant']} {f16.size / 1e6:.1f} MB, {m.get('tensor_count')} tensors, llama.cpp {str(m.get('llama_cpp_commit') or '?')[:9]} ({m.get('converter_origin')})"
     if m.get("tokenizer_check"):
         msg += "; tokenizer matches HF" if m["tokenizer_check"]["matches"] else "; TOKENIZER DIFFERS"
+    made = [f16]
+    if ctx.config.convert.lora_adapter:
+        from tasks.convert import convert_lora_task
+
+        adapter = _need(ctx, "adapter", "convert")[0]
+        lora = ctx.call("convert", convert_lora_task, adapter, merged.local_path, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
+        made.append(lora)
+        msg += f"; LoRA {Path(lora.path).name} ({lora.meta['tensor_count']} tensors)"
     if ctx.config.pipeline.cleanup.delete_merged and f16.is_intact() and merged.is_dir and merged.local_path.is_dir():
         shutil.rmtree(merged.local_path)
         ctx.artifacts.pop(merged.name, None)
         msg += "; merged/ deleted (pipeline.cleanup.delete_merged)"
     ctx.notes.setdefault("messages", {})["convert"] = msg
-    return [f16]
+    return made
 
 
 def run_quantize(ctx: RunContext) -> list[Artifact]:

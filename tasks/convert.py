@@ -47,6 +47,7 @@ class ConvertSettings(StrictModel):
     llama_cpp_dir: str | None = Field(None, description="a llama.cpp checkout to take convert_hf_to_gguf.py from (else LLAMA_CPP_DIR, else the sdist of the installed llama-cpp-python)")
     check_tokenizer: bool = Field(True, description="compare llama.cpp's tokenization of a test sentence with the HF tokenizer's (a mismatch fails the stage)")
     timeout_s: int = Field(7200, ge=60, description="give up on the converter after this many seconds")
+    lora_adapter: bool = Field(False, description="also convert the adapter alone to a GGUF LoRA ({model}-LoRA-F16.gguf) for runtimes that apply adapters")
 
 
 _BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 1.0625}
@@ -213,6 +214,41 @@ def _converter_error(rc: int, tail: list[str], unknown_bpe: bool, src: Path, set
     if rc in (-9, 137):
         return PermanentError(f"the converter was killed (exit {rc}): out of memory or past convert.timeout_s ({settings.timeout_s}s)\n    {last}", hint="free memory, or raise convert.timeout_s")
     return PermanentError(f"llama.cpp's converter failed (exit {rc}); its last lines:\n    {last}", hint="see the converter's log above")
+
+
+def convert_lora(adapter: Artifact, base_dir: Path, settings: ConvertSettings, out_dir: Path, model_name: str) -> Artifact:
+    """The peft adapter alone -> `{model}-LoRA-F16.gguf` with llama.cpp's convert_lora_to_gguf.py.
+
+    `base_dir` only lends the model's config (the merged folder has the base's config).
+    """
+    from tasks.gguf_validate import read_gguf
+    from tasks.llama_cpp_toolchain import resolve_converter
+
+    src = Path(adapter.path)
+    if not (src / "adapter_config.json").is_file():
+        raise PermanentError(f"{src} has no adapter_config.json: not a peft LoRA adapter", hint="convert.lora_adapter needs the downloaded adapter folder")
+    outtype = "f16" if settings.outtype == "q8_0" else settings.outtype
+    final = Path(out_dir) / f"{model_name}-LoRA-{outtype.upper()}.gguf"
+    disk_preflight(Path(out_dir), sum(f.size for f in adapter.files) + 16 * 2**20, final.name)
+    conv = resolve_converter(settings.llama_cpp_dir)
+    started = time.monotonic()
+    with atomic_path(final) as tmp:
+        cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root), "--script", "convert_lora_to_gguf.py", "--", str(src), "--base", str(base_dir), "--outfile", str(tmp), "--outtype", outtype]
+        rc, tail, _ = _run_converter(cmd, conv.env(), settings.timeout_s)
+        if rc != 0:
+            raise PermanentError("llama.cpp's convert_lora_to_gguf failed (exit %d); its last lines:\n    %s" % (rc, "\n    ".join(tail[-12:])), hint="see the converter's log above")
+    info = read_gguf(final)
+    if not info["tensor_count"]:
+        final.unlink(missing_ok=True)
+        raise PermanentError(f"{final.name} holds no LoRA tensors")
+    meta = {"quant": outtype.upper(), "llama_cpp_commit": conv.commit, "architecture": info["architecture"], "tensor_count": info["tensor_count"], "tensor_types": info["tensor_types"], "seconds": round(time.monotonic() - started, 2)}
+    return Artifact.from_path(final, name=f"gguf-lora:{outtype.upper()}", kind="gguf-lora", stage=STAGE, inputs=[adapter], settings=settings, tools=TOOLS, meta=meta)
+
+
+@stage_task(STAGE)
+def convert_lora_task(adapter: Artifact, base_dir: Path, settings: ConvertSettings, out_dir: Path, model_name: str) -> Artifact:
+    """Prefect task: the adapter alone to a GGUF LoRA (cached by the adapter's digest and the settings)."""
+    return convert_lora(adapter, base_dir, settings, out_dir, model_name)
 
 
 @stage_task(STAGE)

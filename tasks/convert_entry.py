@@ -1,7 +1,7 @@
 """Subprocess entry point that runs llama.cpp's convert_hf_to_gguf.py, with a chosen BPE pre-tokenizer.
 
 Run as a script (not imported by the pipeline): `python convert_entry.py --llama-cpp DIR [--vocab-pre
-NAME] -- <converter arguments>`. It only uses the standard library and the converter's own modules.
+NAME] [--script convert_lora_to_gguf.py] -- <converter arguments>`. It only uses the standard library and the converter's own modules.
 
 Why a wrapper: upstream's converter identifies a BPE tokenizer's pre-tokenizer by hashing how it
 tokenizes a fixed text, and refuses any hash it does not know ("BPE pre-tokenizer was not recognized")
@@ -57,12 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="convert_entry")
     p.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp tree holding convert_hf_to_gguf.py")
     p.add_argument("--vocab-pre", default=None, help="pre-tokenizer name for an unknown BPE hash")
+    p.add_argument("--script", default="convert_hf_to_gguf.py", choices=["convert_hf_to_gguf.py", "convert_lora_to_gguf.py"], help="which converter to run")
     args = p.parse_args(ours)
     root = args.llama_cpp.resolve()
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
     _install_vocab_pre(args.vocab_pre)
-    script = root / "convert_hf_to_gguf.py"
+    script = root / args.script
     sys.argv = [str(script), *theirs]
     runpy.run_path(str(script), run_name="__main__")
 

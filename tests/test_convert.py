@@ -124,3 +124,27 @@ def test_every_file_generates_text(llama_ggufs, qwen2_ggufs):
         for quant, path in files.items():
             out = generate_check(path, prompt="Hello", n_tokens=4)
             assert len(out["tokens"]) == 4, quant
+
+
+@pytest.mark.slow
+def test_lora_adapter_alone_converts_and_changes_llama_cpp_logits(llama_ggufs, llama_base, llama_adapter, tmp_path):
+    import numpy as np
+    from llama_cpp import Llama
+
+    from tasks.convert import convert_lora
+
+    adapter = Artifact.from_path(llama_adapter, name="adapter", kind="adapter", stage="download")
+    lora = convert_lora(adapter, llama_base, ConvertSettings(), tmp_path, "tiny")
+    assert lora.name == "gguf-lora:F16" and lora.kind == "gguf-lora" and lora.meta["tensor_count"] == 28  # 7 targets x 2 layers x (A, B)
+    assert lora.meta["llama_cpp_commit"] == KNOWN_COMMITS["0.3.36"]
+
+    def last_logits(**kw) -> np.ndarray:
+        llm = Llama(model_path=str(llama_ggufs["F16"]), n_ctx=64, verbose=False, logits_all=True, **kw)
+        toks = llm.tokenize(b"Hello world", add_bos=True)
+        llm.eval(toks)
+        out = np.array(llm.scores[len(toks) - 1])
+        llm.close()
+        return out
+
+    plain, adapted = last_logits(), last_logits(lora_path=lora.path)
+    assert np.abs(plain - adapted).max() > 1e-3  # llama.cpp loaded and applied the converted adapter

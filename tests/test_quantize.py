@@ -112,13 +112,14 @@ def test_quantize_all_in_threads_with_progress_bounded_memory(llama_ggufs, tmp_p
 
 
 @pytest.mark.slow
-def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, tmp_path):
+def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, llama_adapter, tmp_path):
     """Through Prefect: mapped quantize tasks, artifacts in the manifest, and a second run is all cache hits."""
     from flows.full import full
 
     cfg = {
         "model": {"name": "tiny", "version": "t1"},
         "source": {"kind": "local", "path": str(tmp_path / "unused")},
+        "convert": {"lora_adapter": True},
         "quantization": {"types": ["Q4_K_M", "Q8_0"], "generate_tokens": 1},
         "pipeline": {"runs_dir": str(tmp_path / "runs"), "stages": ["convert", "quantize"]},
     }
@@ -129,11 +130,13 @@ def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, tmp_p
     run = RunFolder(run_dir, "tiny", "t1").ensure()
     merged_dir = run.merged_dir
     shutil.copytree(llama_base, merged_dir)
+    run.record("download", "done", [Artifact.from_path(llama_adapter, name="adapter", kind="adapter", stage="download")])
     run.record("merge", "done", [Artifact.from_path(merged_dir, name="merged", kind="merged", stage="merge")])
     first = full(config=cfg)
     by_stage = {s.stage: s for s in first.stages}
     assert by_stage["convert"].status == "done" and by_stage["quantize"].status == "done", by_stage
-    assert set(by_stage["quantize"].artifacts) == {"gguf:Q4_K_M", "gguf:Q8_0"}
+    assert set(by_stage["quantize"].artifacts) == {"gguf:Q4_K_M", "gguf:Q8_0"}  # not the LoRA: it has its own kind
+    assert set(by_stage["convert"].artifacts) == {"gguf:F16", "gguf-lora:F16"}
     manifest = run.load_manifest()
     assert manifest.artifacts["gguf:F16"].meta["llama_cpp_commit"]
     assert manifest.artifacts["gguf:Q4_K_M"].meta["tensor_types"].get("Q4_K")
