@@ -51,10 +51,21 @@ def run_flow(config: Path, cwd: Path) -> dict[str, Any]:
     return measure([python(), "-m", "flows.full", "--config", str(config), "--json"], cwd=cwd)
 
 
+def quantize_contenders(f16: Path, work: Path) -> list[tuple[str, list[str], dict[str, str]]]:
+    """Three types one after another (all threads each, like running llama-quantize three times) vs ours."""
+    out = []
+    for name in ("sequential", "loraship"):
+        d = work / f"quant-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [python(), "-m", "benchmarks.quantize_bench", "--child", name, "--src", str(f16), "--out", str(d), "--types", "Q4_K_M", "Q5_K_M", "Q8_0"]
+        out.append((f"quantize x3: {'one after another' if name == 'sequential' else 'loraship plan (parallel)'}", cmd, {"LLAMA_LOG_DISABLE": "1"}))
+    return out
+
+
 def stage_contenders(base: Path, adapter: Path, work: Path) -> list[dict[str, Any]]:
-    """Per-stage contenders; each stage's own benchmark module provides `contenders(base, adapter, work)`."""
+    """Per-stage contenders; each stage's benchmark module provides `contenders(base, adapter, work)`."""
     rows: list[dict[str, Any]] = []
-    for module in ("benchmarks.merge_bench", "benchmarks.convert_bench", "benchmarks.quantize_bench"):
+    for module in ("benchmarks.merge_bench", "benchmarks.convert_bench"):
         try:
             mod = __import__(module, fromlist=["contenders"])
         except ImportError:
@@ -66,7 +77,13 @@ def stage_contenders(base: Path, adapter: Path, work: Path) -> list[dict[str, An
             continue
         for name, cmd, env in fn(base, adapter, work):
             r = measure(cmd, env=env)
-            rows.append({"bench": module.split(".")[-1], "contender": name, **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")}})
+            rows.append({"bench": module.split(".")[-1], "contender": name, **_pick(r)})
+    f16 = work / "direct-F16.gguf"  # written by the direct-converter contender
+    if f16.exists():
+        for name, cmd, env in quantize_contenders(f16, work):
+            rows.append({"bench": "quantize", "contender": name, **_pick(measure(cmd, env=env))})
+    for d in work.glob("merged-*"):
+        shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
