@@ -40,6 +40,7 @@ def bench_config(base: Path, adapter: Path, runs_dir: Path, stages: list[str]) -
         "source": {"kind": "local", "path": str(adapter)},
         "merge": {"base_model": str(base)},
         "pipeline": {"runs_dir": str(runs_dir), "stages": stages},
+        "deployment": {"lmstudio_home": str(runs_dir / "lmstudio-home")},
     }
     path = runs_dir / "bench_config.yaml"
     runs_dir.mkdir(parents=True, exist_ok=True)
