@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -103,6 +104,39 @@ def file_progress(path: Path, total: int, description: str, interval: float = 0.
     progress.close()
 
 
+@contextlib.contextmanager
+def converter_view(src: Path) -> Iterator[Path]:
+    """The model folder as llama.cpp's converter should see it (usually `src` itself).
+
+    transformers 5 keeps added tokens (chat markup such as <|im_start|>) only in tokenizer.json, while
+    this converter's SentencePiece path learns which tokens are special from tokenizer_config.json's
+    `added_tokens_decoder` (or added_tokens.json): without it they are written as normal text tokens and
+    llama.cpp tokenizes the chat markup as text. Then the converter gets a temporary folder of links to
+    `src` with a tokenizer_config.json that carries `added_tokens_decoder` from tokenizer.json; `src`
+    (an artifact with a digest) is never changed.
+    """
+    cfg, tj = src / "tokenizer_config.json", src / "tokenizer.json"
+    if not ((src / "tokenizer.model").is_file() and cfg.is_file() and tj.is_file()):
+        yield src
+        return
+    data = json.loads(cfg.read_text())
+    added = json.loads(tj.read_text()).get("added_tokens") or []
+    if data.get("added_tokens_decoder") or (src / "added_tokens.json").is_file() or not added:
+        yield src
+        return
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    data["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
+    with tempfile.TemporaryDirectory(prefix="loraship-convert-view-") as tmpd:
+        view = Path(tmpd) / src.name
+        view.mkdir()
+        for p in src.iterdir():
+            if p.name != cfg.name:
+                (view / p.name).symlink_to(p.resolve())
+        (view / cfg.name).write_text(json.dumps(data, indent=2))
+        log.info("added tokens of %s passed to the converter from tokenizer.json (%d tokens)", src.name, len(added))
+        yield view
+
+
 def _run_converter(cmd: list[str], env: dict[str, str], timeout_s: int) -> tuple[int, list[str], bool]:
     """Run the converter, streaming its log to ours; return (exit code, last lines, unknown-BPE flag)."""
     tail: collections.deque[str] = collections.deque(maxlen=25)
@@ -159,8 +193,8 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
         if settings.vocab_pre:
             cmd += ["--vocab-pre", settings.vocab_pre]
-        cmd += ["--", str(src), "--outfile", str(tmp), "--outtype", settings.outtype, "--model-name", model_name]
-        with file_progress(tmp, expected, f"convert {final.name}"):
+        with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
+            cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype, "--model-name", model_name]
             rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
         if rc != 0:
             raise _converter_error(rc, tail, unknown_bpe, src, settings)

@@ -148,3 +148,27 @@ def test_lora_adapter_alone_converts_and_changes_llama_cpp_logits(llama_ggufs, l
 
     plain, adapted = last_logits(), last_logits(lora_path=lora.path)
     assert np.abs(plain - adapted).max() > 1e-3  # llama.cpp loaded and applied the converted adapter
+
+
+def test_special_tokens_survive_conversion(llama_ggufs, qwen2_ggufs, llama_base, qwen2_base):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    for files, base in ((llama_ggufs, llama_base), (qwen2_ggufs, qwen2_base)):
+        hf = AutoTokenizer.from_pretrained(str(base))
+        llm = Llama(model_path=str(files["Q8_0"]), vocab_only=True, verbose=False)
+        for special in ("<|im_start|>", "<|im_end|>"):
+            ids = llm.tokenize(special.encode(), add_bos=False, special=True)
+            assert ids == [hf.convert_tokens_to_ids(special)], (base.name, special, ids)
+        llm.close()
+
+
+def test_disk_preflight_refuses_before_work(tmp_path):
+    import shutil as _shutil
+
+    from tasks.convert import disk_preflight
+
+    disk_preflight(tmp_path, 1024, "small.gguf")  # fits
+    free = _shutil.disk_usage(tmp_path).free
+    with pytest.raises(PermanentError, match="not enough disk space .* for huge.gguf"):
+        disk_preflight(tmp_path, free * 2, "huge.gguf")
