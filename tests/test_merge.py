@@ -273,3 +273,20 @@ def test_rank_and_alpha_patterns(llama_base, tmp_path):
     art = _merge(adapter, llama_base, tmp_path)
     assert art.meta["scalings"] == [2.0, 16.0]  # v_proj 8/4, q_proj 32/2
     assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
+
+
+def test_verification_catches_a_missing_adapter_but_tolerates_rounding(llama_base, llama_adapter, tmp_path):
+    """A merged folder that is really the base (adapter lost) fails the logit check; the real merge passes;
+    a difference above the tolerance but small against the adapter's effect (16-bit rounding) passes."""
+    from tasks.merge import verification_problem
+    from tasks.merge_torch import verify_logits
+
+    good = _merge(llama_adapter, llama_base, tmp_path / "good", verify="always")
+    assert good.meta["verify_passed"] and good.meta["max_abs_logit_diff"] < 1e-3
+    result = verify_logits(llama_base, llama_adapter, llama_base)  # "merged" == base: the adapter is missing
+    assert result["adapter_effect_max_abs_logit"] > 0
+    assert verification_problem(result, 0.02) is not None
+    rounding = {"max_abs_logit_diff": 0.47, "reference_max_abs_logit": 7.3, "adapter_effect_max_abs_logit": 9.0}
+    assert verification_problem(rounding, 0.02) is None
+    wrong_scale = {**rounding, "max_abs_logit_diff": 6.0}
+    assert "differ" in verification_problem(wrong_scale, 0.02)
