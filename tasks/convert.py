@@ -11,6 +11,7 @@ tokenization of a test sentence is compared with the HF tokenizer's.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -188,6 +189,9 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
     disk_preflight(Path(out_dir), expected, final.name)
     conv = resolve_converter(settings.llama_cpp_dir)
     log.info("converting %s with %s", src, conv.describe())
+    # The HF side of the tokenizer check needs transformers (~5 s to import and load): do it while the
+    # converter subprocess runs, on the core it leaves idle.
+    hf_ids = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokenize").submit(hf_tokenize, src, TOKENIZER_TEXT) if settings.check_tokenizer else None
     started = time.monotonic()
     with atomic_path(final) as tmp:
         cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
@@ -219,7 +223,7 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         "notes": list(conv.notes),
     }
     if settings.check_tokenizer:
-        ours, theirs = llama_tokenize(final, TOKENIZER_TEXT), hf_tokenize(src, TOKENIZER_TEXT)
+        ours, theirs = llama_tokenize(final, TOKENIZER_TEXT), hf_ids.result()
         meta["tokenizer_check"] = {"text": TOKENIZER_TEXT, "matches": ours == theirs}
         if ours != theirs:
             final.unlink(missing_ok=True)
