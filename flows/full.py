@@ -120,6 +120,7 @@ def full(
     removed = cleanup_intermediates(cfg, ctx.artifacts)
     if removed:
         ctx.notes.setdefault("links", {})["cleaned up"] = ", ".join(removed)
+    run.prune_missing()  # intermediates deleted by pipeline.cleanup leave the artifact list
     manifest = run.load_manifest()
     summary.artifacts = manifest_table(manifest)
     summary.links.update(ctx.notes.get("links", {}))

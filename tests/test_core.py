@@ -108,3 +108,16 @@ def test_code_version_covers_helper_modules():
     assert {"tasks.merge_plan", "tasks.merge_streaming", "tasks.merge_safetensors"} <= merge
     assert not any(m.startswith("tasks.core") for m in merge)
     assert "tasks.convert_entry" in _project_imports("tasks.convert")
+
+
+def test_prune_missing_moves_deleted_artifacts(tmp_path):
+    run = RunFolder.for_model(tmp_path, "m", "v1").ensure()
+    keep, drop = tmp_path / "keep.gguf", tmp_path / "drop.gguf"
+    keep.write_text("k")
+    drop.write_text("d")
+    arts = [Artifact.from_path(f, name=f.stem, kind="gguf", stage="quantize") for f in (keep, drop)]
+    run.record("quantize", "done", arts)
+    drop.unlink()
+    assert run.prune_missing() == ["drop"]
+    m = run.load_manifest()
+    assert list(m.artifacts) == ["keep"] and m.removed == {"drop": arts[1].sha256}

@@ -40,6 +40,7 @@ class Manifest(BaseModel):
     tools: dict[str, str] = Field(default_factory=dict)
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
+    removed: dict[str, str] = Field(default_factory=dict, description="artifacts deleted on purpose (cleanup) -> their sha256")
 
     def of_kind(self, kind: str) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]
@@ -121,6 +122,21 @@ class RunFolder:
             m.stages[stage] = StageRecord(status=status, seconds=round(seconds, 3), message=message, artifacts=[a.name for a in artifacts])
 
         return self.update_manifest(apply)
+
+    def prune_missing(self) -> list[str]:
+        """Move artifacts whose files were deleted on purpose (pipeline.cleanup) out of `artifacts`, into
+        `removed`, so the manifest never lists a path that is not there."""
+        gone: list[str] = []
+
+        def apply(m: Manifest) -> None:
+            for name, a in list(m.artifacts.items()):
+                if not Path(a.path).exists():
+                    m.removed[name] = a.sha256
+                    del m.artifacts[name]
+                    gone.append(name)
+
+        self.update_manifest(apply)
+        return gone
 
     def set_config_digest(self, digest: str) -> None:
         def apply(m: Manifest) -> None:
