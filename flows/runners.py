@@ -102,12 +102,24 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     )
     msg = ", ".join(f"{a.meta['quant']} {a.size / 1e6:.1f} MB ({a.meta.get('bits_per_weight')} bpw)" for a in made)
     msg += f"; {plan.parallel} at once x {plan.threads} threads"
+    splits: list[Artifact] = []
+    if s.split_max_size:  # shards for publishing (kind gguf-split); the unsplit files stay the gguf artifacts
+        from tasks.quantize_split import parse_size, split_task
+
+        limit = parse_size(s.split_max_size)
+        big = [a for a in ([] if ctx.config.pipeline.cleanup.delete_f16 else [f16]) + made if a.size > limit]
+        if big:
+            splits = [a for a in ctx.map(
+                "quantize", split_task, gguf=big, max_size=unmapped(s.split_max_size), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
+                generate_tokens=unmapped(s.generate_tokens), _threads=unmapped(plan.threads),
+            ) if a is not None]
+        msg += "; split: " + (", ".join(f"{a.meta['quant']} into {a.meta['split_count']}" for a in splits) or f"none above {s.split_max_size}")
     if ctx.config.pipeline.cleanup.delete_f16 and all(a.is_intact() for a in made):
         f16.local_path.unlink(missing_ok=True)
         ctx.artifacts.pop(f16.name, None)
         msg += f"; {f16.local_path.name} deleted (pipeline.cleanup.delete_f16)"
     ctx.notes.setdefault("messages", {})["quantize"] = msg
-    return made
+    return made + splits
 
 
 def _hub_token(ctx: RunContext, ref, what: str):

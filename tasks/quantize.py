@@ -90,6 +90,10 @@ class QuantizeSettings(StrictModel):
     pure: bool = Field(False, description="every matrix gets the requested type (no K-quant mixtures)")
     imatrix: str | None = Field(None, description="an importance matrix file (GGUF imatrix from llama-imatrix) for better low-bit quants")
     generate_tokens: int = Field(4, ge=0, description="tokens each file must generate through llama_cpp.Llama in validation (0: skip)")
+    split_max_size: str | None = Field(
+        None,
+        description="also write each GGUF bigger than this (e.g. 45GB; the Hub refuses files over 50 GB) as llama.cpp split shards in gguf/<model>-<QUANT>/ (tasks/quantize_split.py); null: no split",
+    )
 
     @field_validator("types")
     @classmethod
@@ -105,6 +109,19 @@ class QuantizeSettings(StrictModel):
             if q not in out:
                 out.append(q)
         return out
+
+    @field_validator("split_max_size", mode="before")
+    @classmethod
+    def _split_size(cls, v: Any) -> str | None:
+        if v is None:
+            return v
+        from tasks.quantize_split import parse_size
+
+        try:
+            parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return str(v).strip()
 
     @field_validator("output_tensor_type", "token_embedding_type")
     @classmethod
