@@ -96,6 +96,11 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     if not types:
         raise StageSkipped(f"quantization.types only names {f16.meta.get('quant')}, which convert already made")
     plan = plan_jobs(f16.local_path, len(types), threads=s.threads or perf.threads, parallel=s.parallel or perf.parallelism)
+    from tasks.core.caching import module_code_version
+
+    # computed once here: mapped tasks computing their cache keys at the same time race inside ast.parse
+    # (CPython 3.11: "AST constructor recursion depth mismatch"), and the failed key means no cache record
+    module_code_version(quantize_task.fn.__module__)
     made = ctx.map(
         "quantize", quantize_task, f16=unmapped(f16), quant=types, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
         _threads=unmapped(plan.threads), _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),
@@ -109,6 +114,7 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
         limit = parse_size(s.split_max_size)
         big = [a for a in ([] if ctx.config.pipeline.cleanup.delete_f16 else [f16]) + made if a.size > limit]
         if big:
+            module_code_version(split_task.fn.__module__)
             splits = [a for a in ctx.map(
                 "quantize", split_task, gguf=big, max_size=unmapped(s.split_max_size), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
                 generate_tokens=unmapped(s.generate_tokens), _threads=unmapped(plan.threads),

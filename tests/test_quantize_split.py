@@ -118,6 +118,7 @@ def test_flow_quantize_stage_splits_big_files(prefect_api, llama_ggufs, tmp_path
 
     run_dir = tmp_path / "runs" / "tiny" / "t1"
     run = RunFolder(run_dir, "tiny", "t1").ensure()
+    run.gguf_dir.mkdir(parents=True, exist_ok=True)
     f16_path = run.gguf_dir / "tiny-F16.gguf"
     shutil.copy2(llama_ggufs["F16"], f16_path)
     meta = tiny_gguf_meta(llama_ggufs)["F16"]
