@@ -121,3 +121,15 @@ def test_prune_missing_moves_deleted_artifacts(tmp_path):
     assert run.prune_missing() == ["drop"]
     m = run.load_manifest()
     assert list(m.artifacts) == ["keep"] and m.removed == {"drop": arts[1].sha256}
+
+
+def test_code_version_is_thread_safe():
+    """Mapped tasks compute cache keys concurrently; every thread must get the same digest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.core import caching
+
+    caching._module_code_version.cache_clear()
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda _: caching.module_code_version("tasks.quantize"), range(16)))
+    assert len(set(versions)) == 1

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,21 @@ def _project_imports(module_name: str) -> set[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+_CODE_VERSION_LOCK = threading.Lock()
+
+
 def module_code_version(module_name: str) -> str:
-    """Digest of the stage module's source and of the project modules it imports."""
+    """Digest of the stage module's source and of the project modules it imports.
+
+    Mapped tasks compute their keys in several threads at once, and CPython 3.11's ast.parse is not
+    safe to run concurrently ("AST constructor recursion depth mismatch"): one lock, one computation.
+    """
+    with _CODE_VERSION_LOCK:
+        return _module_code_version(module_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_code_version(module_name: str) -> str:
     h = hashlib.sha256()
     for name in sorted(_project_imports(module_name)) or [module_name]:
         module = sys.modules.get(name)
