@@ -143,7 +143,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         "hub_push", hub_push_task, ggufs, ctx.config.hub, ctx.config.card, ctx.run.publish_dir, ctx.run.reports_dir,
         model_name=ctx.config.model.name, version=ctx.config.model.version, base_model=ctx.config.model.base_model,
         description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), merged=ctx.artifacts.get("merged"),
-        eval_report=ctx.artifacts.get("report:eval"), dry_run=dry, _token=token,
+        eval_report=ctx.artifacts.get("report:eval"), dry_run=dry, _token=token, splits=ctx.of_kind("gguf-split") or None,
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["hub_push"] = True

@@ -117,11 +117,25 @@ def stage_repo_folder(
     adapter: Artifact | None,
     merged: Artifact | None,
     settings: HubSettings,
+    splits: list[Artifact] | None = None,
 ) -> dict[str, str]:
-    """Write the exact repo folder to `dest` (atomically). Returns {repo path: sha256 already known}."""
+    """Write the exact repo folder to `dest` (atomically). Returns {repo path: sha256 already known}.
+
+    A GGUF that the quantize stage split into shards (quantization.split_max_size) is published as its
+    shard folder `<model>-<QUANT>/` instead of the single file: that is what the split is for (the Hub
+    refuses files over 50 GB), and llama.cpp loads the set from its first shard.
+    """
     known: dict[str, str] = {}
+    split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
     with atomic_dir(dest) as tmp:
         for g in ggufs:
+            split = split_of.get(Path(g.path).name)
+            if split is not None:
+                folder = Path(split.path)
+                for f in split.files:
+                    _link(folder / f.path, tmp / folder.name / f.path)
+                    known[f"{folder.name}/{f.path}"] = f.sha256
+                continue
             _link(Path(g.path), tmp / Path(g.path).name)
             known[Path(g.path).name] = g.sha256
         if adapter is not None:
@@ -265,6 +279,7 @@ def hub_push(
     eval_report: Artifact | None = None,
     token: Any = None,
     dry_run: bool = False,
+    splits: list[Artifact] | None = None,
 ) -> Artifact:
     """Stage the repo folder and (with a token, not dry_run) push it in one commit. Returns the 'publish:hub' record."""
     from tasks.card import build_card
@@ -286,7 +301,7 @@ def hub_push(
     extra_preview = repo_notes(adapter, merged, settings)
     card_text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=card_settings, base_model=base_model, description=description or card_settings.description, adapter=adapter, eval_report=eval_report, extra_files=extra_preview, endpoint=endpoint)
     folder = publish_dir / "hub" / repo_id.replace("/", "__")
-    known = stage_repo_folder(folder, ggufs=ggufs, card_text=card_text, manifest=manifest, adapter=adapter, merged=merged, settings=settings)
+    known = stage_repo_folder(folder, ggufs=ggufs, card_text=card_text, manifest=manifest, adapter=adapter, merged=merged, settings=settings, splits=splits)
     notes = extra_preview
     card_sha = hashlib.sha256(card_text.encode()).hexdigest()
     meta: dict[str, Any] = {"repo_id": repo_id, "endpoint": endpoint, "private": settings.private, "dry_run": not will_push, "card_sha256": card_sha, "extra_files": notes, "url": f"{endpoint}/{repo_id}", "staged": str(folder)}
@@ -305,8 +320,8 @@ def hub_push(
     return Artifact.from_path(folder, name="publish:hub", kind="publish", stage=STAGE, inputs=inputs, settings=settings, tools=["huggingface_hub"], meta=meta, known=known)
 
 
-def _hub_push_task_fn(ggufs: list[Artifact], settings: HubSettings, card_settings: Any, publish_dir: Path, reports_dir: Path, model_name: str, version: str, base_model: str = "", description: str = "", adapter: Artifact | None = None, merged: Artifact | None = None, eval_report: Artifact | None = None, dry_run: bool = False, _token: Any = None) -> Artifact:
-    return hub_push(ggufs, settings, card_settings, publish_dir, reports_dir, model_name=model_name, version=version, base_model=base_model, description=description, adapter=adapter, merged=merged, eval_report=eval_report, token=_token, dry_run=dry_run or _token is None)
+def _hub_push_task_fn(ggufs: list[Artifact], settings: HubSettings, card_settings: Any, publish_dir: Path, reports_dir: Path, model_name: str, version: str, base_model: str = "", description: str = "", adapter: Artifact | None = None, merged: Artifact | None = None, eval_report: Artifact | None = None, dry_run: bool = False, _token: Any = None, splits: list[Artifact] | None = None) -> Artifact:
+    return hub_push(ggufs, settings, card_settings, publish_dir, reports_dir, model_name=model_name, version=version, base_model=base_model, description=description, adapter=adapter, merged=merged, eval_report=eval_report, token=_token, dry_run=dry_run or _token is None, splits=splits)
 
 
 def _make_task() -> Any:
