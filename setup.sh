@@ -43,7 +43,11 @@ if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" "$VPY" -m pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 EXTRA=""
-(( WANT_TEST )) && EXTRA="[test]"
+(( WANT_TEST )) && EXTRA="[test,dask]"
 echo "== installing loraship${EXTRA}"
 "$VPY" -m pip install -q -e ".${EXTRA}" 2>&1 | grep -v "^WARNING: Location" || true
+if (( WANT_TEST )); then
+  # The Dask task runner (performance.task_runner: dask). --no-deps: its own pins would replace this prefect.
+  "$VPY" -m pip install -q --no-deps "prefect-dask==0.3.7" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 "$VPY" -c "import flows.full, llama_cpp, torch, prefect; print('loraship ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__, '| prefect', prefect.__version__)"

@@ -96,6 +96,7 @@ class PerformanceSettings(StrictModel):
     concurrency_slots: int | None = Field(None, ge=1, description="create or resize the limit to this many slots at the start of a run; None: use the limit as saved (or none)")
     task_runner: Literal["thread", "dask"] = Field("thread", description="task runner for the quantize fan-out: thread (default) or dask (needs prefect-dask)")
     dask_address: str = Field("", description="address of an existing Dask scheduler (tcp://host:8786); empty: a local Dask cluster")
+    dask_processes: bool = Field(False, description="local Dask cluster: worker processes instead of threads of this process (needs a real Prefect server: PREFECT_API_URL)")
 
 
 class PipelineConfig(StrictModel):

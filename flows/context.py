@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,10 @@ class RunContext:
 
     def map(self, stage: str, task: Any, *args: Any, **kwargs: Any) -> list[Any]:
         """`task.map(...)` bound to this run (runs on the flow's task runner, in parallel); waits for all."""
+        self._prepare_runner()
         futures = self.bound(stage, task).map(*args, **kwargs)
         futures.wait()
+        self._note_runner(stage, futures)
         results = []
         errors = []
         for f in futures:
@@ -48,6 +51,42 @@ class RunContext:
         if errors:
             raise errors[0]
         return results
+
+    def _prepare_runner(self) -> None:
+        from prefect.context import FlowRunContext
+
+        from flows.orchestration import prepare_task_runner
+
+        runner = getattr(FlowRunContext.get(), "task_runner", None)
+        if runner is not None:
+            prepare_task_runner(runner, self.config.logging.level)
+
+    def _note_runner(self, stage: str, futures: Any) -> None:
+        """Record which task runner ran the fan-out and, on Dask, which workers ran the items (best effort)."""
+        try:
+            from prefect.context import FlowRunContext
+
+            from flows.orchestration import describe_task_runner
+
+            flow_ctx = FlowRunContext.get()
+            runner = getattr(flow_ctx, "task_runner", None)
+            if runner is None:
+                return
+            info = describe_task_runner(runner)
+            wrapped = [getattr(f, "wrapped_future", None) for f in futures]
+            if info["runner"] == "DaskTaskRunner" and wrapped and all(w is not None for w in wrapped):
+                client = runner.client
+                holders = client.who_has(wrapped)  # the worker that ran an item holds its result
+                info["items"] = [{"task_run_id": str(f.task_run_id), "workers": list(holders.get(w.key, ()))} for f, w in zip(futures, wrapped)]
+                used = sorted({a for item in info["items"] for a in item["workers"]})
+                known = client.scheduler_info(n_workers=-1).get("workers", {})
+                pids = client.run(os.getpid, workers=used) if used else {}
+                info["workers"] = [{"address": a, "name": str(known.get(a, {}).get("name", "")), "pid": pids.get(a)} for a in used]
+            self.notes.setdefault("task_runner", {})[stage] = info
+        except Exception as exc:  # a record of where things ran must never fail the stage
+            import logging
+
+            logging.getLogger("loraship.orchestration").debug("task runner not recorded: %s", exc)
 
     def _note_state(self, stage: str, state: Any) -> None:
         hits = self.notes.setdefault("cache", {}).setdefault(stage, [])
@@ -78,3 +117,4 @@ class RunSummary(BaseModel):
     stages: list[StageOutcome] = Field(default_factory=list)
     artifacts: list[dict[str, Any]] = Field(default_factory=list)
     links: dict[str, str] = Field(default_factory=dict)
+    task_runners: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per fanned-out stage: the task runner, and on Dask the workers that ran its items")

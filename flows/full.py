@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from flows.config import CRITICAL_STAGES, STAGES, PipelineConfig, load_config, parse_config  # noqa: E402
 from flows.context import RunContext, RunSummary, StageOutcome  # noqa: E402
 from flows.notifications import notify_run  # noqa: E402
-from flows.orchestration import cleanup_intermediates, ensure_concurrency_limit, publish_summary_markdown, stage_slot, tag_current_flow_run  # noqa: E402
+from flows.orchestration import apply_log_level, cleanup_intermediates, ensure_concurrency_limit, publish_summary_markdown, stage_slot, tag_current_flow_run  # noqa: E402
 from flows.runners import RUNNERS  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
@@ -71,6 +71,7 @@ def full(
     else:
         raise ConfigError("the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml")
     stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
+    apply_log_level(cfg.logging.level)
     run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
     run.set_config_digest(digest_of(cfg))
     ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
@@ -113,6 +114,11 @@ def full(
             ctx.artifacts[a.name] = a
         status = "dry-run" if ctx.notes.get("dry_run", {}).get(stage) else ("cached" if ctx.all_cached(stage) else "done")
         message = ctx.notes.get("messages", {}).get(stage, "")
+        ran_on = ctx.notes.get("task_runner", {}).get(stage)
+        if ran_on:
+            summary.task_runners[stage] = ran_on
+            if ran_on["runner"] != "ThreadPoolTaskRunner":
+                message += f"{'; ' if message else ''}{_runner_phrase(ran_on)}"
         run.record(stage, status, made, seconds=seconds, message=message)
         summary.stages.append(StageOutcome(stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]))
         logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
@@ -147,6 +153,17 @@ def _publish_summary_artifacts(summary: RunSummary) -> None:
         publish_summary_markdown(summary, _artifact_key(summary.model))
     except Exception as exc:  # pragma: no cover - UI nicety
         logging.getLogger("loraship").debug("no table artifact: %s", exc)
+
+
+def _runner_phrase(info: dict[str, Any]) -> str:
+    """E.g. 'on DaskTaskRunner (LocalCluster, processes, 2 workers)' for the stage message."""
+    parts = [info.get("cluster") or info.get("scheduler") or ""]
+    if "processes" in info:
+        parts.append("processes" if info["processes"] else "threads")
+    if info.get("workers"):
+        parts.append(f"{len(info['workers'])} worker(s)")
+    detail = ", ".join(p for p in parts if p)
+    return f"on {info['runner']}" + (f" ({detail})" if detail else "")
 
 
 def _artifact_key(name: str) -> str:
