@@ -203,9 +203,11 @@ def quantize(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Pat
     from tasks.gguf_validate import generate_check, read_gguf, validate_gguf
 
     q = parse_quant(quant)
-    rt_log = logging.getLogger("llama-cpp-python")  # llama.cpp's per-tensor lines: only warnings unless asked
+    # llama.cpp's per-tensor lines: llama-cpp-python 0.3.36 forwards llama.cpp's INFO lines at WARNING,
+    # so only ERROR keeps them out of the run log (unless the user set a level).
+    rt_log = logging.getLogger("llama-cpp-python")
     if rt_log.level == logging.NOTSET:
-        rt_log.setLevel(logging.WARNING)
+        rt_log.setLevel(logging.ERROR)
     src = Path(f16.path)
     if not src.is_file():
         raise PermanentError(f"the F16 GGUF {src} is missing", hint="re-run the convert stage (or run without pipeline.cleanup.delete_f16)")
