@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.harness import ROOT, machine, measure, python, save, table
+from benchmarks.harness import machine, measure, python, save, table
 
 BENCH_MODEL = dict(arch="llama", hidden=1280, layers=24, heads=10, kv_heads=2, intermediate=3456, dtype="bfloat16", shard_size="400MB")
 

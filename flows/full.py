@@ -7,11 +7,9 @@ download -> merge -> convert -> quantize (parallel) -> hub push -> card -> Space
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from flows.env import prepare_environment
@@ -20,7 +18,7 @@ prepare_environment()
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from flows.config import CRITICAL_STAGES, STAGES, PipelineConfig, load_config, parse_config  # noqa: E402
+from flows.config import CRITICAL_STAGES, STAGES, load_config, parse_config  # noqa: E402
 from flows.context import RunContext, RunSummary, StageOutcome  # noqa: E402
 from flows.notifications import notify_run  # noqa: E402
 from flows.orchestration import apply_log_level, cleanup_intermediates, ensure_concurrency_limit, publish_summary_markdown, stage_slot, tag_current_flow_run  # noqa: E402

@@ -34,7 +34,7 @@ from pydantic import Field
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_text
 from tasks.core.errors import PermanentError
-from tasks.core.settings import SecretRef, StrictModel
+from tasks.core.settings import StrictModel
 
 STAGE = "card"
 log = logging.getLogger("loraship.card")

@@ -14,7 +14,6 @@ import argparse
 import atexit
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
