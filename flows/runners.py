@@ -41,12 +41,12 @@ def _not_yet(stage: str) -> Callable[[RunContext], list[Artifact]]:
 
 
 def run_merge(ctx: RunContext) -> list[Artifact]:
-    from tasks.merge import base_fingerprint, helpers_version, merge_task
+    from tasks.merge import base_fingerprint, merge_task
 
     adapter = _need(ctx, "adapter", "merge")[0]
     settings, default_base = ctx.config.merge, ctx.config.model.base_model
     base_key = base_fingerprint(settings, default_base, adapter)
-    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key, helpers_version())
+    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key)
     diff = merged.meta.get("max_abs_logit_diff")
     check = f"max |logit diff| vs peft {diff:.2g}" if diff is not None else "not verified (" + str(merged.meta.get("verify_skipped")) + ")"
     ctx.notes.setdefault("messages", {})["merge"] = f"{merged.meta.get('backend')} merge, {merged.meta.get('dtype')}, {merged.size / 1e6:.1f} MB; {check}"

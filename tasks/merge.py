@@ -281,17 +281,7 @@ def verification_problem(result: dict[str, Any], tolerance: float) -> str | None
     return f"the merged model's logits differ from PeftModel(base, adapter) by {diff:.4g} (limit {limit:.4g}; the adapter itself changes them by {effect:.4g})"
 
 
-def helpers_version() -> str:
-    """Digest of the merge_* helper modules' source: the cache key covers this module's source only,
-    so the runner passes this too and a change in a helper invalidates cached merges."""
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("merge_plan.py", "merge_streaming.py", "merge_safetensors.py", "merge_torch.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
 @stage_task(STAGE)
-def merge_task(adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = "", code: str = "") -> Artifact:
-    """`code` (helpers_version()) is only there to be part of the cache key."""
+def merge_task(adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = "") -> Artifact:
+    """The cache key covers merge_* helper modules too (tasks/core/caching.py); `base_key` stands for the base's content."""
     return merge(adapter, settings, out_dir, default_base, base_key)
