@@ -137,6 +137,10 @@ _PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffered writes: the response's last bytes leave only when the handler returns, i.e. after the
+    # request was recorded in `state.requests`, so a test that asserts on the log right after a call
+    # cannot race the server thread.
+    wbufsize = 64 * 1024
     server: "HubServer"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
