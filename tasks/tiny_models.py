@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from filelock import FileLock
 
@@ -62,17 +62,23 @@ def _key(kind: str, **kwargs: Any) -> str:
     return hashlib.sha256(json.dumps([kind, kwargs, BUILDERS_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cached(kind: str, builder, **kwargs: Any) -> Path:
-    """Build once into the cache folder (atomically, under a lock) and return the folder."""
-    root = cache_root() / "models"
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / f"{kind}-{_key(kind, **kwargs)}"
+def build_once(out: Path, builder: Callable[[Path], None], marker: str = ".complete") -> Path:
+    """Build the folder `out` once: under a file lock, into a temporary folder renamed into place, so
+    parallel sessions build it once and never see a half-written one. `builder(tmp)` fills the folder;
+    `marker` (written here unless the builder wrote it) says the build finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        if not (out / ".complete").exists():
+        if not (out / marker).exists():
             with atomic_dir(out) as tmp:
-                builder(tmp, **kwargs)
-                (tmp / ".complete").write_text("ok\n")
+                builder(tmp)
+                if not (tmp / marker).exists():
+                    (tmp / marker).write_text("ok\n")
     return out
+
+
+def _cached(kind: str, builder, **kwargs: Any) -> Path:
+    """Build once into the cache folder and return the folder."""
+    return build_once(cache_root() / "models" / f"{kind}-{_key(kind, **kwargs)}", lambda tmp: builder(tmp, **kwargs))
 
 
 # --- tokenizers -------------------------------------------------------------------------------------

@@ -10,47 +10,40 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import inspect
 import json
 from pathlib import Path
 
-from filelock import FileLock
 
 QUANTS = ("Q8_0", "Q4_K_M", "Q5_K_M")
 
 
 def _key(base: Path, outtype: str, types: tuple[str, ...], vocab_pre: str | None) -> str:
-    import tasks.convert
-    import tasks.gguf_validate
-    import tasks.quantize
+    from tasks.core.caching import module_code_version
 
-    src = "".join(inspect.getsource(m) for m in (tasks.convert, tasks.quantize, tasks.gguf_validate))
-    payload = [str(Path(base).resolve()), outtype, list(types), vocab_pre, importlib.metadata.version("llama-cpp-python"), hashlib.sha256(src.encode()).hexdigest()]
+    # The quantize stage's code version covers convert, gguf_validate, the toolchain and the plan too.
+    payload = [str(Path(base).resolve()), outtype, list(types), vocab_pre, importlib.metadata.version("llama-cpp-python"), module_code_version("tasks.quantize")]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def tiny_ggufs(base: Path, *, name: str | None = None, outtype: str = "f16", types: tuple[str, ...] = QUANTS, vocab_pre: str | None = None) -> dict[str, Path]:
     """{"F16": path, "Q8_0": path, ...} for the model folder `base` (built once, cached)."""
-    from tasks.core.artifacts import Artifact
-    from tasks.core.atomic import atomic_dir
     from tasks.convert import ConvertSettings, convert
+    from tasks.core.artifacts import Artifact
     from tasks.quantize import QuantizeSettings, quantize_all
-    from tasks.tiny_models import cache_root
+    from tasks.tiny_models import build_once, cache_root
 
     base = Path(base)
     name = name or base.name.split("-")[0]
-    root = cache_root() / "ggufs"
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / f"{name}-{_key(base, outtype, tuple(types), vocab_pre)}"
-    with FileLock(str(out) + ".lock"):
-        if not (out / "index.json").exists():
-            with atomic_dir(out) as tmp:
-                merged = Artifact.from_path(base, name="merged", kind="merged", stage="merge")
-                f16 = convert(merged, ConvertSettings(outtype=outtype, vocab_pre=vocab_pre), tmp, name)
-                quants = quantize_all(f16, QuantizeSettings(types=list(types)), tmp, name)
-                index = {a.meta["quant"]: Path(a.path).name for a in [f16, *quants]}
-                meta = {a.meta["quant"]: a.meta for a in [f16, *quants]}
-                (tmp / "index.json").write_text(json.dumps({"files": index, "meta": meta}, indent=2, default=str))
+
+    def build(tmp: Path) -> None:
+        merged = Artifact.from_path(base, name="merged", kind="merged", stage="merge")
+        f16 = convert(merged, ConvertSettings(outtype=outtype, vocab_pre=vocab_pre), tmp, name)
+        quants = quantize_all(f16, QuantizeSettings(types=list(types)), tmp, name)
+        index = {a.meta["quant"]: Path(a.path).name for a in [f16, *quants]}
+        meta = {a.meta["quant"]: a.meta for a in [f16, *quants]}
+        (tmp / "index.json").write_text(json.dumps({"files": index, "meta": meta}, indent=2, default=str))
+
+    out = build_once(cache_root() / "ggufs" / f"{name}-{_key(base, outtype, tuple(types), vocab_pre)}", build, marker="index.json")
     index = json.loads((out / "index.json").read_text())["files"]
     return {q: out / fname for q, fname in index.items()}
 
