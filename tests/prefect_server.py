@@ -163,3 +163,20 @@ def receiver() -> Iterator[Receiver]:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@contextlib.contextmanager
+def serving(home: Path) -> Iterator[PrefectServer]:
+    """A `prefect server start` used by this process for the block, stopped after buffered logs and
+    events were sent (else they fail noisily at exit). For module-scoped fixtures."""
+    srv = start_server(home)
+    try:
+        with srv.use():
+            yield srv
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
+    finally:
+        stop(srv.proc)

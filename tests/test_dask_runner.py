@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import PrefectServer, start_server, stop
+from tests.prefect_server import PrefectServer, serving
 
 pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (./setup.sh --test installs it)")
 
@@ -33,17 +33,8 @@ STAGES = ["download", "merge", "convert", "quantize"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
-    srv = start_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        with srv.use():
-            yield srv
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=10)
-            EventsWorker.drain_all(timeout=10)
-    finally:
-        stop(srv.proc)
+    with serving(tmp_path_factory.mktemp("prefect-server")) as srv:
+        yield srv
 
 
 def _dask_config(runs: Path):

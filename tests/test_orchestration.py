@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import PrefectServer, receiver, start_server, stop
+from tests.prefect_server import PrefectServer, receiver, serving, stop
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -34,22 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
-    srv = start_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        with srv.use():
-            yield srv
-            _drain_prefect_workers()
-    finally:
-        stop(srv.proc)
-
-
-def _drain_prefect_workers() -> None:
-    """Send buffered logs/events to the server before it stops (else they fail noisily at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=10)
-    EventsWorker.drain_all(timeout=10)
+    with serving(tmp_path_factory.mktemp("prefect-server")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
