@@ -1,15 +1,21 @@
 """Convert and parallel-quantize benchmark on a ~0.4B-parameter random Llama (F16 GGUF about 0.75 GB).
 
-    python -m benchmarks.quantize_bench [--types Q4_K_M Q5_K_M Q8_0] [--repeat 1] [--cores N]
+    python -m benchmarks.quantize_bench [--types Q4_K_M Q5_K_M Q8_0] [--repeat 3] [--cores N]
 
-Contenders, each in its own child process (wall seconds, CPU seconds and peak RSS of that process, from
-os.wait4), all calling the same llama.cpp `llama_model_quantize` of the pinned runtime:
+Contenders, each in its own child process, all calling the same llama.cpp `llama_model_quantize` of
+the pinned runtime:
 - `sequential`: the types one after another, each with all threads (what `llama-quantize` run three
   times does);
 - `all_at_once`: every type at once in threads, each with llama.cpp's default thread count and buffers;
-- `loraship`: the plan of tasks/quantize_plan.py (jobs at once, threads each, slab buffer cap).
-The floor is the sequential contender's CPU seconds / cores. Convert is timed once (llama.cpp's
-converter through tasks/convert.py). Results go to benchmarks/results/quantize_bench.json.
+- `loraship`: the plan of tasks/quantize_plan.py (jobs at once, costliest first, threads in proportion
+  to each type's CPU work, slab buffer cap).
+Wall and CPU seconds are taken inside the child around the quantize calls only (the interpreter start
+and imports are the same for every contender and are not quantize work); peak RSS and peak anonymous
+memory are of the whole child (benchmarks/harness.py). The floor of a round is the least CPU seconds of
+any contender in that round / cores: this machine's speed drifts between runs, so each round compares
+contenders measured back to back, and the table reports the median round. `--cores N` pins the children
+to N cores (sched_setaffinity), so that a smaller machine can be measured here. Convert is timed once
+(llama.cpp's converter through tasks/convert.py). Results: benchmarks/results/quantize_bench-<N>cores.json.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def build_model(out: Path) -> Path:
-    """A Llama with hidden 1024, 24 layers, vocab 32000 (0.37B params), random F16 weights, cached."""
+def build_model(out: Path, hidden: int = 1024, layers: int = 24, intermediate: int = 2816, vocab: int = 32000) -> Path:
+    """A Llama with random F16 weights, cached; by default hidden 1024, 24 layers, vocab 32000 (0.37B params)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +42,7 @@ def build_model(out: Path) -> Path:
     if (out / ".complete").exists():
         return out
     tok_src = tiny_model("llama", hidden=256)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg).to(torch.float16)
@@ -65,50 +71,75 @@ def _quantize_raw(src: str, dst: str, quant: str, nthread: int, max_buf: int) ->
 
 
 def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) -> None:
-    """Runs inside the child process: one contender's schedule."""
+    """Runs inside the child process: one contender's schedule; prints the inner wall and CPU seconds."""
     import logging
+    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     import llama_cpp._logger  # noqa: F401  (installs the callback that honours that level)
 
-    jobs = [(src, os.path.join(out_dir, f"bench-{q}.gguf"), q) for q in types]
-    if contender == "sequential":
-        for s, d, q in jobs:
-            _quantize_raw(s, d, q, cores, 0)
-        return
-    if contender == "all_at_once":
-        k, threads, max_buf = len(jobs), 0, 0
-    else:
+    from tasks.quantize import ftype_names
+
+    ftype_names()
+    if cores < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+    jobs = {q: (src, os.path.join(out_dir, f"bench-{q}.gguf"), q) for q in types}
+    extra: dict = {}
+    if contender == "loraship":
         from tasks.quantize_plan import plan_jobs
 
-        plan = plan_jobs(Path(src), len(jobs), cores=cores)
-        k, threads, max_buf = plan.parallel, plan.threads, plan.max_buf_size
-    with ThreadPoolExecutor(max_workers=k) as pool:
-        for f in [pool.submit(_quantize_raw, s, d, q, threads, max_buf) for s, d, q in jobs]:
+        plan = plan_jobs(Path(src), types, cores=cores)
+        k, max_buf, order = plan.parallel, plan.max_buf_size, list(plan.order)
+        threads = {q: plan.threads_for(q) for q in types}
+        extra = {"parallel": k, "threads": threads, "max_buf_size": max_buf, "order": order}
+    elif contender == "all_at_once":
+        k, max_buf, order, threads = len(jobs), 0, types, {q: 0 for q in types}  # 0: llama.cpp's default threads
+    else:
+        k, max_buf, order, threads = 1, 0, types, {q: cores for q in types}
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    t0, c0 = time.monotonic(), cpu()
+    ends: dict[str, float] = {}
+
+    def run(q: str) -> None:
+        s, d, _ = jobs[q]
+        _quantize_raw(s, d, q, threads[q], max_buf)
+        ends[q] = round(time.monotonic() - t0, 2)
+
+    with ThreadPoolExecutor(max_workers=k) as pool:  # FIFO: jobs start in `order`
+        for f in [pool.submit(run, q) for q in order]:
             f.result()
-    if contender == "loraship":
-        print(json.dumps({"parallel": k, "threads": threads, "max_buf_size": max_buf}), flush=True)
+    wall, used = time.monotonic() - t0, cpu() - c0
+    print(json.dumps(extra | {"wall_s": round(wall, 2), "cpu_s": round(used, 2), "ends_s": ends}), flush=True)
 
 
 def measure(args: list[str]) -> dict:
-    """One contender in a fresh child process (benchmarks/harness.py samples the tree's VmRSS/RssAnon)."""
+    """One contender in a fresh child process: its inner timing, and the tree's peak VmRSS/RssAnon."""
     from benchmarks.harness import measure as run_measured
 
     r = run_measured([sys.executable, "-m", "benchmarks.quantize_bench", *args], env={"LLAMA_LOG_DISABLE": "1"})
     if r["returncode"] != 0:
         raise SystemExit(f"child {args} failed: {r['tail']}")
-    extra = {}
+    inner: dict = {}
     for line in r["tail"].splitlines():
         if line.startswith("{") and line.endswith("}"):
-            extra.update(json.loads(line))
-    return {k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb")} | extra
+            inner.update(json.loads(line))
+    return {"process_wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"]} | inner
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q5_K_M", "Q8_0"])
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cores", type=int, default=None)
     ap.add_argument("--work", default=None, help="folder for the model and the files (default: ~/.cache/loraship/bench)")
     ap.add_argument("--skip-convert", action="store_true")
@@ -141,7 +172,7 @@ def main() -> None:
     f16 = gguf_dir / "bench-F16.gguf"
     from benchmarks.harness import machine
 
-    result: dict = {"machine": machine() | {"cores_used": cores, "note": "CPU shared with other engineers' work while measured" if cores <= 2 else ""}, "types": a.types}
+    result: dict = {"machine": machine() | {"cores_used": cores}, "types": a.types}
     if not a.skip_convert or not f16.exists():
         result["convert"] = measure(["--child", "convert", "--src", str(model), "--out", str(gguf_dir)])
         result["convert"]["mb_per_s"] = round(result["convert"]["f16_bytes"] / 1e6 / result["convert"]["converter_s"], 1)
@@ -150,27 +181,37 @@ def main() -> None:
         previous = RESULTS / f"quantize_bench-{cores}cores.json"
         if previous.exists():
             result["convert"] = json.loads(previous.read_text()).get("convert")
-    runs: dict[str, list[dict]] = {}
-    for _ in range(a.repeat):
-        for contender in a.contenders:
+    rounds: list[dict[str, dict]] = []
+    for i in range(a.repeat):
+        contenders = a.contenders if i % 2 == 0 else list(reversed(a.contenders))  # no contender always runs first
+        rnd: dict[str, dict] = {}
+        for contender in contenders:
             r = measure(["--child", contender, "--src", str(f16), "--out", str(gguf_dir), "--types", *a.types, "--cores", str(cores)])
-            runs.setdefault(contender, []).append(r)
+            rnd[contender] = r
             print(contender, r, flush=True)
-    best = {c: min(rs, key=lambda r: r["wall_s"]) for c, rs in runs.items()}
+        floor = min(r["cpu_s"] for r in rnd.values()) / cores  # least CPU work of any contender in this round
+        seq = rnd.get("sequential") or next(iter(rnd.values()))
+        for r in rnd.values():
+            r["floor_s"] = round(floor, 2)
+            r["wall_vs_floor"] = round(r["wall_s"] / floor, 3)
+            r["wall_vs_own_cpu"] = round(r["wall_s"] * cores / r["cpu_s"], 3)  # 1.0: every core busy with this work
+            r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
+            r["rss_vs_sequential"] = round(r["peak_rss_mb"] / seq["peak_rss_mb"], 3)
+            r["anon_vs_sequential"] = round(r["peak_anon_mb"] / seq["peak_anon_mb"], 3)
+        rounds.append(rnd)
     result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    floor = min(r["cpu_s"] for rs in runs.values() for r in rs) / cores  # least CPU work of any contender
-    seq = best.get("sequential") or next(iter(best.values()))
-    for c, r in best.items():
-        r["wall_vs_floor"] = round(r["wall_s"] / floor, 3)
-        r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
-        r["rss_vs_sequential"] = round(r["peak_rss_mb"] / seq["peak_rss_mb"], 3)
-        r["anon_vs_sequential"] = round(r["peak_anon_mb"] / seq["peak_anon_mb"], 3)
-    result.update({"floor_s": round(floor, 2), "best": best, "runs": runs})
+    keys = ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "wall_vs_floor", "wall_vs_own_cpu", "wall_vs_sequential", "rss_vs_sequential", "anon_vs_sequential")
+    median = {c: {k: round(_median([rnd[c][k] for rnd in rounds]), 3) for k in keys} for c in a.contenders}
+    for c in median:
+        for k in ("parallel", "threads", "max_buf_size", "order"):
+            if k in rounds[0][c]:
+                median[c][k] = rounds[0][c][k]
+    result.update({"rounds": len(rounds), "median": median, "runs": rounds})
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"quantize_bench-{cores}cores.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: best[k] for k in best}, indent=2))
-    print(f"floor (least CPU s of a contender / {cores} cores) = {floor:.1f}s; results in benchmarks/results/{name}")
+    print(json.dumps(median, indent=2))
+    print(f"median of {len(rounds)} rounds; floor = least CPU s of a contender in the round / {cores} cores; results in benchmarks/results/{name}")
 
 
 if __name__ == "__main__":

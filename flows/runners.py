@@ -95,18 +95,22 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     types = [q for q in s.types if q != f16.meta.get("quant")]
     if not types:
         raise StageSkipped(f"quantization.types only names {f16.meta.get('quant')}, which convert already made")
-    plan = plan_jobs(f16.local_path, len(types), threads=s.threads or perf.threads, parallel=s.parallel or perf.parallelism)
+    plan = plan_jobs(f16.local_path, types, threads=s.threads or perf.threads, parallel=s.parallel or perf.parallelism)
     from tasks.core.caching import module_code_version
 
     # computed once here: mapped tasks computing their cache keys at the same time race inside ast.parse
     # (CPython 3.11: "AST constructor recursion depth mismatch"), and the failed key means no cache record
     module_code_version(quantize_task.fn.__module__)
-    made = ctx.map(
-        "quantize", quantize_task, f16=unmapped(f16), quant=types, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
-        _threads=unmapped(plan.threads), _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),
+    order = [q for q in plan.order if q in types] + [q for q in types if q not in plan.order]  # costliest first
+    mapped = ctx.map(
+        "quantize", quantize_task, f16=unmapped(f16), quant=order, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
+        _threads=[plan.threads_for(q) for q in order], _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),
+        _rank=list(range(len(order))),
     )
+    by_quant = {a.meta["quant"]: a for a in mapped}
+    made = [by_quant[q] for q in types if q in by_quant]
     msg = ", ".join(f"{a.meta['quant']} {a.size / 1e6:.1f} MB ({a.meta.get('bits_per_weight')} bpw)" for a in made)
-    msg += f"; {plan.parallel} at once x {plan.threads} threads"
+    msg += f"; {plan.parallel} at once, threads " + ", ".join(f"{q} {plan.threads_for(q)}" for q in order)
     splits: list[Artifact] = []
     if s.split_max_size:  # shards for publishing (kind gguf-split); the unsplit files stay the gguf artifacts
         from tasks.quantize_split import parse_size, split_task

@@ -82,7 +82,7 @@ class QuantizeSettings(StrictModel):
     """The `quantization:` section: which llama.cpp types to make from the F16, and how."""
 
     types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], description="llama.cpp file types (any case), e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS")
-    threads: int | None = Field(None, ge=1, description="threads per job; None: split the machine's cores among the jobs running at once")
+    threads: int | None = Field(None, ge=1, description="threads per job; None: each job gets threads in proportion to its type's CPU work (tasks/data/quantize_costs.json), about twice the cores in all")
     parallel: int | None = Field(None, ge=1, description="jobs at once; None: chosen from cores, memory and the model (performance.parallelism also sets it)")
     output_tensor_type: str | None = Field(None, description="tensor type for output.weight (e.g. Q8_0, F16)")
     token_embedding_type: str | None = Field(None, description="tensor type for token_embd.weight")
@@ -184,16 +184,44 @@ def _imatrix_struct(values: dict[str, Any]) -> tuple[Any, list[Any]]:
 
 # --- the work ---------------------------------------------------------------------------------------
 
-_LIMITS: dict[str, threading.BoundedSemaphore] = {}
-_LIMITS_LOCK = threading.Lock()
+class OrderedSlots:
+    """At most `size` jobs at once, started in the plan's order (rank 0 first) among those waiting.
+
+    A semaphore would let whichever thread wakes first start; the plan wants the costliest types to start
+    first, so that the jobs left for the end are the cheap ones. Only waiting jobs count: a job that never
+    arrives (a cache hit) blocks nobody.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.running = 0
+        self.waiting: set[int] = set()
+        self.cond = threading.Condition()
+
+    def acquire(self, rank: int) -> None:
+        with self.cond:
+            self.waiting.add(rank)
+            self.cond.wait_for(lambda: self.running < self.size and rank == min(self.waiting))
+            self.waiting.discard(rank)
+            self.running += 1
+            self.cond.notify_all()
+
+    def release(self) -> None:
+        with self.cond:
+            self.running -= 1
+            self.cond.notify_all()
 
 
-def _slot(key: str, size: int) -> threading.BoundedSemaphore:
-    with _LIMITS_LOCK:
-        sem = _LIMITS.get(f"{key}/{size}")
-        if sem is None:
-            sem = _LIMITS[f"{key}/{size}"] = threading.BoundedSemaphore(size)
-        return sem
+_SLOTS: dict[str, OrderedSlots] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots_for(key: str, size: int) -> OrderedSlots:
+    with _SLOTS_LOCK:
+        gate = _SLOTS.get(f"{key}/{size}")
+        if gate is None:
+            gate = _SLOTS[f"{key}/{size}"] = OrderedSlots(size)
+        return gate
 
 
 def quantize(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Path, model_name: str, *, threads: int | None = None, max_buf_size: int = 0) -> Artifact:
@@ -267,25 +295,32 @@ def quantize(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Pat
 
 
 @stage_task(STAGE)
-def quantize_task(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Path, model_name: str, _threads: int | None = None, _max_buf: int = 0, _slots: int = 0, _plan_key: str = "") -> Artifact:
-    """Prefect task for one type; mapped over the types. At most `_slots` run at once (0: no limit).
+def quantize_task(f16: Artifact, quant: str, settings: QuantizeSettings, out_dir: Path, model_name: str, _threads: int | None = None, _max_buf: int = 0, _slots: int = 0, _plan_key: str = "", _rank: int = 0) -> Artifact:
+    """Prefect task for one type; mapped over the types. At most `_slots` run at once (0: no limit), in
+    the order of `_rank`.
 
     The underscored parameters (the plan) are left out of the cache key: they change speed, not the file.
     """
     if _slots <= 0:
         return quantize(f16, quant, settings, out_dir, model_name, threads=_threads, max_buf_size=_max_buf)
-    with _slot(_plan_key, _slots):
+    gate = _slots_for(_plan_key, _slots)
+    gate.acquire(_rank)
+    try:
         return quantize(f16, quant, settings, out_dir, model_name, threads=_threads, max_buf_size=_max_buf)
+    finally:
+        gate.release()
 
 
 def quantize_all(f16: Artifact, settings: QuantizeSettings, out_dir: Path, model_name: str, plan: QuantPlan | None = None) -> list[Artifact]:
     """Every type of `settings.types`, planned and run in threads, without Prefect (tests, scripts)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    plan = plan or plan_jobs(Path(f16.path), len(settings.types), threads=settings.threads, parallel=settings.parallel)
-    with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:
-        futures = [pool.submit(quantize, f16, q, settings, out_dir, model_name, threads=plan.threads, max_buf_size=plan.max_buf_size) for q in settings.types]
-        return [f.result() for f in futures]
+    plan = plan or plan_jobs(Path(f16.path), settings.types, threads=settings.threads, parallel=settings.parallel)
+    order = [q for q in plan.order if q in settings.types] or list(settings.types)
+    order += [q for q in settings.types if q not in order]
+    with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:  # FIFO: costliest first
+        futures = {q: pool.submit(quantize, f16, q, settings, out_dir, model_name, threads=plan.threads_for(q), max_buf_size=plan.max_buf_size) for q in order}
+        return [futures[q].result() for q in settings.types]
 
 
 __all__ = ["QuantizeSettings", "quantize", "quantize_task", "quantize_all", "parse_quant", "ftype_names", "plan_jobs", "QuantPlan"]

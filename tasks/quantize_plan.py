@@ -1,4 +1,4 @@
-"""How many quantize jobs run at once, with how many threads and how much buffer memory each.
+"""How many quantize jobs run at once, in which order, with how many threads and how much buffer memory each.
 
 What llama.cpp's `llama_model_quantize` does (this runtime's llama-quant.cpp): it maps the source file
 and walks the tensors one by one; a tensor's rows go through an f32 conversion buffer and an output
@@ -8,33 +8,64 @@ tensor stay mapped until the tensor is done. So one job's peak memory is about: 
 source bytes (mapped) + its rows' f32 + output buffers. Between slabs, at tensor starts and while writing,
 a job leaves cores idle; a second job running at the same time fills them.
 
-The plan therefore runs several jobs at once (all of them, up to one per core) with each job allowed the
-machine's cores (the OS shares them, so a core freed by one job's serial part or by a job that finished
-is used by the others: the wall time follows total CPU work / cores), and caps each job's buffers with
-`max_buf_size` so that all jobs together stay within a memory budget: by default 1.4x what one job
-alone would use (and at most half the available memory). When even small slabs would not fit, fewer jobs
-run at once. Nothing here is a library's: the numbers come from reading the file's tensor shapes.
+The plan therefore runs several jobs at once (all of them, memory allowing), and caps each job's buffers
+with `max_buf_size` so that all jobs together stay within a memory budget: by default 1.4x what one job
+alone would use (and at most half the available memory); when even small slabs would not fit, fewer jobs
+run at once, costliest first. Threads: the types differ a lot in CPU work (Q4_K_M about 6x Q8_0, the
+IQ types far more; measured per type by benchmarks/quant_costs.py into tasks/data/quantize_costs.json), and
+the OS shares the cores among runnable threads. Equal thread counts would let the cheap jobs finish early
+and leave the costliest one alone at the end, where its serial parts idle the cores; so each job gets
+threads in proportion to its CPU work, out of about twice the cores (the surplus fills the serial gaps),
+and the jobs finish at about the same time. Nothing here is a library's: the numbers come from the
+file's tensor shapes and the measured cost table.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 MIN_SLAB = 16 * 1024 * 1024  # below this a slab has too few rows to keep the threads busy
 BASE_RSS = 64 * 1024 * 1024  # the process itself (llama.cpp runtime + Python) counted once
+OVERSUBSCRIBE = 2  # threads of all jobs at once per core: the surplus runs while other jobs are in serial parts
+COSTS_FILE = Path(__file__).with_name("data") / "quantize_costs.json"
+
+
+@lru_cache(maxsize=1)
+def relative_costs() -> dict[str, float]:
+    """CPU work of each llama.cpp type relative to Q8_0 (tasks/data/quantize_costs.json, measured here)."""
+    try:
+        return {k.upper(): float(v) for k, v in json.loads(COSTS_FILE.read_text())["relative_cpu"].items()}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def type_cost(quant: str) -> float:
+    """A type's relative CPU cost; a type missing from the table costs what a K-quant mixture does."""
+    costs = relative_costs()
+    q = quant.upper()
+    if q in costs:
+        return costs[q]
+    return costs.get("Q4_K_M", 6.0)
 
 
 @dataclass(frozen=True)
 class QuantPlan:
     parallel: int  # jobs at once
-    threads: int  # threads per job
+    threads: int  # threads of the costliest job (the most any job gets)
     max_buf_size: int  # bytes of slab buffers per job (0: llama.cpp's default, whole tensors)
     est_peak_bytes: int  # estimated peak memory of all jobs together
     est_single_bytes: int  # estimated peak of one job alone with whole-tensor buffers
     reason: str
+    order: tuple[str, ...] = ()  # the types in start order, costliest first
+    threads_by_type: dict[str, int] = field(default_factory=dict)  # threads of each job, proportional to its CPU work
+
+    def threads_for(self, quant: str) -> int:
+        return self.threads_by_type.get(quant.upper(), self.threads)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +111,7 @@ def largest_tensor(path: Path) -> tuple[int, int]:
 
 def plan_jobs(
     source: Path | None,
-    n_jobs: int,
+    jobs: int | Sequence[str],
     *,
     threads: int | None = None,
     parallel: int | None = None,
@@ -89,8 +120,10 @@ def plan_jobs(
     memory_factor: float = 1.4,
     largest: tuple[int, int] | None = None,
 ) -> QuantPlan:
-    """Plan `n_jobs` quantizations of `source` (or of a tensor of `largest`=(elements, bytes))."""
-    n_jobs = max(1, n_jobs)
+    """Plan the quantizations `jobs` (type names, or a count of equally costly jobs) of `source` (or of a
+    model whose largest tensor is `largest`=(elements, bytes)). `threads`/`parallel` override the plan."""
+    names = [str(q).upper() for q in jobs] if not isinstance(jobs, int) else [f"job{i}" for i in range(jobs)]
+    n_jobs = max(1, len(names))
     cores = cores or usable_cores()
     memory = memory if memory is not None else available_memory()
     elems, src_bytes = largest if largest is not None else (largest_tensor(Path(source)) if source else (0, 0))
@@ -121,5 +154,20 @@ def plan_jobs(
         max_buf = int(per_job * (buf_full + src_bytes) / max(buf_full, 1))
         reason += f"; buffers capped at {per_job / 1e6:.0f} MB per job to stay within {budget / 1e6:.0f} MB"
     peak = BASE_RSS + k * (src_bytes + per_job)
-    t = threads or cores  # every job may use every core: the OS hands idle cores to whoever can run
-    return QuantPlan(parallel=k, threads=max(1, t), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single), reason=reason)
+    cost = {q: type_cost(q) if not isinstance(jobs, int) else 1.0 for q in names}
+    order = tuple(sorted(names, key=lambda q: -cost[q]))  # costliest first: a queue then ends with cheap jobs
+    if threads:
+        by_type = {q: threads for q in names}
+    elif n_jobs == 1 or k == 1:
+        by_type = {q: cores for q in names}  # alone on the machine: one thread per core
+    else:
+        # the OS shares the cores by runnable threads: give each job a share of its CPU work, so that the
+        # jobs running at once finish together (the k costliest set the scale; later ones are cheaper)
+        budget_threads = OVERSUBSCRIBE * cores
+        scale = sum(cost[q] for q in order[:k]) or 1.0
+        by_type = {q: min(cores, max(1, round(budget_threads * cost[q] / scale))) for q in names}
+        reason += f"; threads in proportion to each type's CPU work ({', '.join(f'{q} {by_type[q]}' for q in order)})"
+    return QuantPlan(
+        parallel=k, threads=max(by_type.values()), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single),
+        reason=reason, order=order, threads_by_type=by_type,
+    )

@@ -83,24 +83,69 @@ def test_k_quant_fallback_is_caught(tmp_path):
 
 def test_plan_splits_cores_and_bounds_memory():
     big = (32_000 * 1024, 2 * 32_000 * 1024)  # a 0.4B model's embedding, F16
-    many = plan_jobs(None, 3, cores=16, memory=64 * 2**30, largest=big)
-    assert many.parallel == 3 and many.threads == 16
+    types = ["Q8_0", "Q4_K_M", "Q5_K_M"]
+    many = plan_jobs(None, types, cores=16, memory=64 * 2**30, largest=big)
+    assert many.parallel == 3 and many.order[-1] == "Q8_0"  # costliest first, the cheap Q8_0 last
+    # threads follow each type's CPU work (Q4_K_M costs several times Q8_0), at most one per core each
+    assert many.threads_for("Q4_K_M") > 2 * many.threads_for("Q8_0") and many.threads == many.threads_for("Q4_K_M") <= 16
+    assert sum(many.threads_by_type.values()) <= 2 * 16
     assert many.est_peak_bytes <= 1.5 * many.est_single_bytes  # the memory goal: slabs are capped
     assert 0 < many.max_buf_size < 8 * 2**30
-    two = plan_jobs(None, 3, cores=2, memory=64 * 2**30, largest=big)
-    assert two.parallel == 3 and two.threads == 2 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
-    tight = plan_jobs(None, 3, cores=16, memory=300 * 2**20, largest=big)
+    two = plan_jobs(None, types, cores=2, memory=64 * 2**30, largest=big)
+    assert two.parallel == 3 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
+    assert all(1 <= two.threads_for(q) <= 2 for q in types)
+    tight = plan_jobs(None, types, cores=16, memory=300 * 2**20, largest=big)
     assert tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size  # little memory: one at a time, small slabs
-    roomy = plan_jobs(None, 1, cores=16, memory=64 * 2**30, largest=big)
-    assert roomy.parallel == 1 and roomy.max_buf_size == 0  # one job alone: llama.cpp's whole-tensor default
-    forced = plan_jobs(None, 3, cores=4, memory=64 * 2**30, largest=big, parallel=1, threads=3)
-    assert (forced.parallel, forced.threads) == (1, 3)
+    assert tight.threads_for("Q8_0") == 16  # alone on the machine: every core
+    roomy = plan_jobs(None, ["Q4_K_M"], cores=16, memory=64 * 2**30, largest=big)
+    assert roomy.parallel == 1 and roomy.max_buf_size == 0 and roomy.threads == 16  # one job alone: whole tensors
+    forced = plan_jobs(None, types, cores=4, memory=64 * 2**30, largest=big, parallel=1, threads=3)
+    assert (forced.parallel, forced.threads) == (1, 3) and set(forced.threads_by_type.values()) == {3}
+    unknown = plan_jobs(None, 2, cores=4, memory=64 * 2**30, largest=big)  # a count: equal jobs, equal threads
+    assert unknown.threads_by_type == {"job0": 4, "job1": 4}
+
+
+def test_ordered_slots_start_the_costliest_first():
+    """The gate lets waiting jobs start by rank, at most `size` at once, whatever order threads arrive in."""
+    import threading
+    import time
+
+    from tasks.quantize import OrderedSlots
+
+    gate = OrderedSlots(1)
+    gate.acquire(99)  # hold the only slot while the others queue up in a shuffled order
+    started: list[int] = []
+    running = [0]
+    peak = [0]
+    lock = threading.Lock()
+
+    def job(rank: int) -> None:
+        gate.acquire(rank)
+        with lock:
+            started.append(rank)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        gate.release()
+
+    threads = [threading.Thread(target=job, args=(r,)) for r in (2, 0, 3, 1)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(gate.waiting) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.release()
+    for t in threads:
+        t.join(5)
+    assert started == [0, 1, 2, 3] and peak[0] == 1
 
 
 def test_quantize_all_in_threads_with_progress_bounded_memory(llama_ggufs, tmp_path):
     f16 = _f16(llama_ggufs["F16"])
     s = QuantizeSettings(types=["Q4_K_M", "Q8_0"], generate_tokens=2)
-    plan = plan_jobs(Path(f16.path), 2, cores=2, memory=2**34)
+    plan = plan_jobs(Path(f16.path), s.types, cores=2, memory=2**34)
     arts = quantize_all(f16, s, tmp_path, "par", plan=plan)
     assert [a.name for a in arts] == ["gguf:Q4_K_M", "gguf:Q8_0"]
     for a in arts:
