@@ -2,7 +2,9 @@
 
 Resident memory counts memory-mapped file pages (a model read through mmap shows up in RSS without
 being "held"), so we also sample RssAnon from /proc/<pid>/status for the whole process tree: that is
-memory the process really owns. psutil has no tree-wide RssAnon, hence this small sampler.
+memory the process really owns. psutil has no tree-wide RssAnon, hence this small sampler. It finds the
+tree through /proc/<pid>/task/<tid>/children rather than psutil's children(), which scans every process
+on the machine: at 20 samples a second that scan cost 4% of a core, taken from the command it measured.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from the kernel's per-thread children lists."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return out
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 3600, interval: float = 0.05) -> dict[str, Any]:
     """Run `cmd`, sampling the process tree's memory every `interval` seconds."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -43,16 +60,11 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
     done = threading.Event()
 
     def sample() -> None:
-        root = psutil.Process(proc.pid)
         while not done.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
             rss = anon = 0
-            for p in procs:
-                rss += _status_kb(p.pid, "VmRSS")
-                anon += _status_kb(p.pid, "RssAnon")
+            for pid in _tree(proc.pid):
+                rss += _status_kb(pid, "VmRSS")
+                anon += _status_kb(pid, "RssAnon")
             peak["rss"] = max(peak["rss"], rss)
             peak["anon"] = max(peak["anon"], anon)
             time.sleep(interval)
@@ -75,7 +87,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
         "cpu_s": round(cpu, 3),
         "peak_rss_mb": round(peak["rss"] / 1024, 1),
         "peak_anon_mb": round(peak["anon"] / 1024, 1),
-        "tail": out[-2000:] if proc.returncode else out[-300:],
+        "tail": out[-2000:],
     }
 
 

@@ -11,9 +11,11 @@ a job leaves cores idle; a second job running at the same time fills them.
 The plan therefore runs several jobs at once (all of them, memory allowing), and caps each job's buffers
 with `max_buf_size` so that all jobs together stay within a memory budget: by default 1.4x what one job
 alone would use (and at most half the available memory); when even small slabs would not fit, fewer jobs
-run at once, costliest first. Threads: the types differ a lot in CPU work (Q4_K_M about 6x Q8_0, the
-IQ types far more; measured per type by benchmarks/quant_costs.py into tasks/data/quantize_costs.json), and
-the OS shares the cores among runnable threads. Equal thread counts would let the cheap jobs finish early
+run at once, costliest first; on a single core, one at a time (there is no idle time to fill).
+
+Threads: the types differ a lot in CPU work (Q4_K_M 8-12x Q8_0, the IQ types far more; measured per
+type by benchmarks/quant_costs.py into tasks/data/quantize_costs.json), and the OS shares the cores
+among runnable threads. Equal thread counts would let the cheap jobs finish early
 and leave the costliest one alone at the end, where its serial parts idle the cores; so each job gets
 threads in proportion to its CPU work, out of about twice the cores (the surplus fills the serial gaps),
 and the jobs finish at about the same time. Nothing here is a library's: the numbers come from the
@@ -135,6 +137,11 @@ def plan_jobs(
     if parallel:
         k = min(parallel, n_jobs)
         reason = f"{k} at once as configured"
+    elif cores == 1:
+        # one core has no idle time to fill: a second job would only time-slice the first (measured: 15%
+        # more CPU seconds for the same files, and the memory of two jobs)
+        k = 1
+        reason = "one at a time: a single core has no idle time for a second job to use"
     else:
         k = min(n_jobs, 2 * cores)
         reason = f"{k} at once: one per job, at most two per core"

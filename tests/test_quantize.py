@@ -94,6 +94,8 @@ def test_plan_splits_cores_and_bounds_memory():
     two = plan_jobs(None, types, cores=2, memory=64 * 2**30, largest=big)
     assert two.parallel == 3 and two.est_peak_bytes <= 1.5 * two.est_single_bytes
     assert all(1 <= two.threads_for(q) <= 2 for q in types)
+    one = plan_jobs(None, types, cores=1, memory=64 * 2**30, largest=big)
+    assert (one.parallel, one.threads, one.max_buf_size) == (1, 1, 0)  # one core: nothing to overlap
     tight = plan_jobs(None, types, cores=16, memory=300 * 2**20, largest=big)
     assert tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size  # little memory: one at a time, small slabs
     assert tight.threads_for("Q8_0") == 16  # alone on the machine: every core
