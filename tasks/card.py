@@ -175,11 +175,17 @@ def build_card(
     eval_report: Artifact | None = None,
     extra_files: list[dict[str, str]] | None = None,
     endpoint: str = "https://huggingface.co",
+    splits: list[Artifact] | None = None,
 ) -> str:
-    """The README.md text for the model repo (rendered and validated)."""
+    """The README.md text for the model repo (rendered and validated).
+
+    A GGUF published as llama.cpp shards (`splits`, the quantize stage's `gguf-split` artifacts) is listed
+    by its first shard inside its folder, which is what the repo holds and what llama.cpp loads."""
     from huggingface_hub import EvalResult, ModelCardData
 
     metrics = eval_by_quant(eval_report)
+    split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
+    base_url = f"{endpoint.rstrip('/')}/{repo_id}"
     quants = []
     for a in sorted(ggufs, key=lambda a: _quant_key(str(a.meta.get("quant", "")))):
         path = Path(a.path)
@@ -187,7 +193,14 @@ def build_card(
         n_params = a.meta.get("n_params") or gguf_param_count(path)
         bpw = round(a.size * 8 / n_params, 2) if n_params else None
         m = {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in metrics.get(quant, {}).items()}
-        quants.append({"file": path.name, "quant": quant, "size": a.size, "size_h": human_size(a.size), "bpw": bpw, "sha256": a.sha256, "url": f"{endpoint.rstrip('/')}/{repo_id}/blob/main/{path.name}", "metrics": m})
+        row = {"file": path.name, "quant": quant, "size": a.size, "size_h": human_size(a.size), "bpw": bpw, "sha256": a.sha256, "url": f"{base_url}/blob/main/{path.name}", "metrics": m, "shards": 0}
+        split = split_of.get(path.name)
+        if split is not None:
+            folder = Path(split.path).name
+            first = str(split.meta.get("first_shard"))
+            digest = next((f.sha256 for f in split.files if f.path == first), split.sha256)
+            row |= {"file": f"{folder}/{first}", "url": f"{base_url}/tree/main/{folder}", "sha256": digest, "shards": int(split.meta.get("split_count") or len(split.files)), "size": split.size, "size_h": human_size(split.size)}
+        quants.append(row)
     metric_keys = sorted({k for q in quants for k in q["metrics"]}, key=lambda k: (list(_METRIC_LABELS).index(k) if k in _METRIC_LABELS else 99, k))
     metric_columns = [{"key": k, "label": _METRIC_LABELS.get(k, k.replace("_", " "))} for k in metric_keys]
 
@@ -309,11 +322,12 @@ def card(
     pushed: Artifact | None = None,
     endpoint: str | None = None,
     token: Any = None,
+    splits: list[Artifact] | None = None,
 ) -> Artifact:
     """Render README.md to `out_path`; when `pushed` (a real push record) is given and the card changed, commit it."""
     if not ggufs:
         raise PermanentError("the card stage needs GGUF artifacts and none were made", hint="enable the convert/quantize stages or run with --from card after a run that made them")
-    text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=settings, base_model=base_model, description=description or settings.description, adapter=adapter, eval_report=eval_report, extra_files=(pushed.meta.get("extra_files") if pushed else None), endpoint=(endpoint or "https://huggingface.co"))
+    text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=settings, base_model=base_model, description=description or settings.description, adapter=adapter, eval_report=eval_report, extra_files=(pushed.meta.get("extra_files") if pushed else None), endpoint=(endpoint or "https://huggingface.co"), splits=splits)
     atomic_write_text(out_path, text)
     meta: dict[str, Any] = {"repo_id": repo_id, "has_eval": eval_report is not None, "quants": sorted(str(a.meta.get("quant")) for a in ggufs)}
     inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed) if x is not None)]
@@ -325,8 +339,8 @@ def card(
     return Artifact.from_path(out_path, name="card", kind="report", stage=STAGE, inputs=inputs, settings=settings, tools=["huggingface_hub", "jinja2"], meta=meta)
 
 
-def _card_task_fn(ggufs: list[Artifact], settings: CardSettings, out_path: Path, model_name: str, version: str, repo_id: str, base_model: str = "", description: str = "", adapter: Artifact | None = None, eval_report: Artifact | None = None, pushed: Artifact | None = None, endpoint: str | None = None, _token: Any = None) -> Artifact:
-    return card(ggufs, settings, out_path, model_name=model_name, version=version, repo_id=repo_id, base_model=base_model, description=description, adapter=adapter, eval_report=eval_report, pushed=pushed, endpoint=endpoint, token=_token)
+def _card_task_fn(ggufs: list[Artifact], settings: CardSettings, out_path: Path, model_name: str, version: str, repo_id: str, base_model: str = "", description: str = "", adapter: Artifact | None = None, eval_report: Artifact | None = None, pushed: Artifact | None = None, endpoint: str | None = None, _token: Any = None, splits: list[Artifact] | None = None) -> Artifact:
+    return card(ggufs, settings, out_path, model_name=model_name, version=version, repo_id=repo_id, base_model=base_model, description=description, adapter=adapter, eval_report=eval_report, pushed=pushed, endpoint=endpoint, token=_token, splits=splits)
 
 
 def _make_task() -> Any:

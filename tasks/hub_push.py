@@ -299,7 +299,7 @@ def hub_push(
     publishable = [*ggufs, *([adapter] if adapter is not None and settings.include_adapter else []), *([merged] if merged is not None and settings.include_merged else [])]
     manifest = publish_manifest(publishable, model_name, version, repo_id)
     extra_preview = repo_notes(adapter, merged, settings)
-    card_text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=card_settings, base_model=base_model, description=description or card_settings.description, adapter=adapter, eval_report=eval_report, extra_files=extra_preview, endpoint=endpoint)
+    card_text = build_card(ggufs, model_name=model_name, version=version, repo_id=repo_id, settings=card_settings, base_model=base_model, description=description or card_settings.description, adapter=adapter, eval_report=eval_report, extra_files=extra_preview, endpoint=endpoint, splits=splits)
     folder = publish_dir / "hub" / repo_id.replace("/", "__")
     known = stage_repo_folder(folder, ggufs=ggufs, card_text=card_text, manifest=manifest, adapter=adapter, merged=merged, settings=settings, splits=splits)
     notes = extra_preview

@@ -29,3 +29,10 @@ def test_dry_run_stages_shards_instead_of_the_single_file(llama_ggufs, tmp_path)
     published = {f.path: f.sha256 for f in art.files}
     for f in split.files:
         assert published[f"{shard_dir.name}/{f.path}"] == f.sha256
+    # the card's file table names what the repo holds: the first shard in its folder, not the unsplit file
+    card = (staged / "README.md").read_text()
+    first = f"{shard_dir.name}/{split.meta['first_shard']}"
+    assert f"[{first}](" in card and f"/tree/main/{shard_dir.name})" in card
+    assert f"first of {len(split.files)} shards" in card
+    assert f"[{Path(q8.path).name}](" not in card
+    assert f"[{Path(q4.path).name}](" in card
