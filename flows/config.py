@@ -206,8 +206,8 @@ def _expand_env(text: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?)\}", sub, text)
 
 
-def load_config(path: Path | str) -> PipelineConfig:
-    """Read and validate a deployment_config.yaml; relative paths inside stay relative to the CWD."""
+def read_config_data(path: Path | str) -> dict[str, Any]:
+    """The raw mapping of a deployment_config.yaml (environment variables expanded), not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="pass --config with the path of your deployment_config.yaml (see deployments/deployment_config.example.yaml)")
@@ -215,7 +215,14 @@ def load_config(path: Path | str) -> PipelineConfig:
         data = yaml.safe_load(_expand_env(path.read_text())) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, source:, ...), not {type(data).__name__}")
+    return data
 
 
-__all__ = ["PipelineConfig", "load_config", "parse_config", "STAGES", "CRITICAL_STAGES", "SecretRef"]
+def load_config(path: Path | str) -> PipelineConfig:
+    """Read and validate a deployment_config.yaml; relative paths inside stay relative to the CWD."""
+    return parse_config(read_config_data(path), str(path))
+
+
+__all__ = ["PipelineConfig", "load_config", "read_config_data", "parse_config", "STAGES", "CRITICAL_STAGES", "SecretRef"]

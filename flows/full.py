@@ -50,6 +50,24 @@ def _load_previous_artifacts(run: RunFolder) -> dict[str, Any]:
     return {name: a for name, a in m.artifacts.items() if a.is_intact()}
 
 
+def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None, exc: BaseException) -> dict[str, str]:
+    """Send the failure of a run that never reached its first stage (bad config, unwritable run folder).
+
+    The config may be what is broken, so its `notifications` and `model` sections are read on their own:
+    a typo in another section must not silence the message about it. Best effort, like every notification.
+    """
+    from flows.config import NotificationSettings, read_config_data
+
+    try:
+        data = config if config is not None else read_config_data(config_path) if config_path else {}
+        settings = NotificationSettings.model_validate((data or {}).get("notifications") or {})
+    except Exception:  # pragma: no cover - the notifications section itself is unreadable: nobody to tell
+        return {}
+    model = (data or {}).get("model") or {}
+    summary = RunSummary(model=str(model.get("name") or "?"), version=str(model.get("version") or "?"), run_dir="", manifest=str(config_path or "(inline config)"))
+    return notify_run(settings, summary, failed=True, error=f"before the first stage: {type(exc).__name__}: {exc}")
+
+
 @flow(name="loraship-full", log_prints=True)
 def full(
     config: dict[str, Any] | None = None,
@@ -62,22 +80,26 @@ def full(
 ) -> RunSummary:
     """Run the pipeline for one model. Pass `config_path` (a deployment_config.yaml) or `config` (its contents)."""
     logger = get_run_logger()
-    if config_path:
-        cfg = load_config(config_path)
-    elif config is not None:
-        cfg = parse_config(config)
-    else:
-        raise ConfigError("the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml")
-    stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
-    apply_log_level(cfg.logging.level)
-    run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
-    run.set_config_digest(digest_of(cfg))
-    ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
-    summary = RunSummary(model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path))
-    logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
-    tag_current_flow_run(cfg)
-    if any(s in stages for s in ("merge", "quantize")):
-        ensure_concurrency_limit(cfg)
+    try:
+        if config_path:
+            cfg = load_config(config_path)
+        elif config is not None:
+            cfg = parse_config(config)
+        else:
+            raise ConfigError("the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml")
+        stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
+        apply_log_level(cfg.logging.level)
+        run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
+        run.set_config_digest(digest_of(cfg))
+        ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
+        summary = RunSummary(model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path))
+        logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
+        tag_current_flow_run(cfg)
+        if any(s in stages for s in ("merge", "quantize")):
+            ensure_concurrency_limit(cfg)
+    except Exception as exc:  # nothing ran yet: still tell whoever waits for this run that it failed
+        notify_setup_failure(config, config_path, exc)
+        raise
     for stage in STAGES:
         if stage not in stages:
             continue

@@ -209,6 +209,22 @@ def test_failing_stages_fail_the_run(server: PrefectServer, demo: dict[str, Path
     assert state.is_failed()
 
 
+def test_a_bad_config_is_notified_before_any_stage(server: PrefectServer, demo: dict[str, Path], hooks) -> None:
+    """A run that fails before its first stage (here a typo in the config) still sends its failure."""
+    from flows.full import full
+
+    cfg = _demo_config(demo, "typo-demo", notifications={"on_failure": ["ci-hook"]})
+    cfg["quantization"] = {"typez": ["Q4_K_M"]}
+    state = full(config=cfg, return_state=True)
+    assert state.is_failed()
+    got = hooks.wait_for(1)
+    assert [r["json"]["via"] for r in got] == ["ci-hook"]
+    assert got[0]["json"]["subject"] == "loraship: typo-demo v1 FAILED"
+    text = got[0]["json"]["text"]
+    assert "error: before the first stage: ConfigError" in text and "quantization.typez" in text
+    assert not (demo["runs"] / "typo-demo").exists()  # nothing was created for the broken run
+
+
 def test_heavy_stage_holds_global_concurrency_slot(server: PrefectServer, demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
 
