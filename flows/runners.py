@@ -176,7 +176,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         "card", card_task, ggufs, ctx.config.card, ctx.run.reports_dir / "README.md",
         model_name=ctx.config.model.name, version=ctx.config.model.version, repo_id=repo_id, base_model=ctx.config.model.base_model,
         description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), eval_report=ctx.artifacts.get("report:eval"),
-        pushed=pushed if real else None, endpoint=endpoint, _token=token,
+        pushed=pushed if real else None, endpoint=endpoint, _token=token, splits=ctx.of_kind("gguf-split") or None,
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
     ctx.notes.setdefault("messages", {})["card"] = f"{made.path} ({'with' if made.meta.get('has_eval') else 'no'} eval numbers)" + (f"; updated on the Hub ({made.meta['commit'][:12]})" if made.meta.get("commit") else "")
