@@ -11,9 +11,10 @@ the pinned runtime:
   to each type's CPU work, slab buffer cap).
 Wall and CPU seconds are taken inside the child around the quantize calls only (the interpreter start
 and imports are the same for every contender and are not quantize work); peak RSS and peak anonymous
-memory are of the whole child (benchmarks/harness.py). The floor of a round is the least CPU seconds of
-any contender in that round / cores: this machine's speed drifts between runs, so each round compares
-contenders measured back to back, and the table reports the median round. `--cores N` pins the children
+memory are of the whole child (benchmarks/harness.py). Every contender does the same work, so the floor
+(the types' CPU work / cores) is the median CPU seconds of all runs / cores (this machine's CPU seconds
+for the same work scatter by +-8% between runs); rounds run the contenders back to back in alternating
+order, and the table reports the median per contender (see `summarize`). `--cores N` pins the children
 to N cores (sched_setaffinity), so that a smaller machine can be measured here. Convert is timed once
 (llama.cpp's converter through tasks/convert.py). Results: benchmarks/results/quantize_bench-<N>cores.json.
 """
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the model and the files (default: ~/.cache/loraship/bench)")
     ap.add_argument("--skip-convert", action="store_true")
     ap.add_argument("--contenders", nargs="+", default=["sequential", "all_at_once", "loraship"], choices=["sequential", "all_at_once", "loraship"])
+    ap.add_argument("--summarize", action="store_true", help="recompute the ratios of the stored results (benchmarks/results/quantize_bench-<N>cores.json) without running anything")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -161,6 +163,13 @@ def main() -> None:
         return
     if a.child:
         child(a.child, a.src, a.out, a.types, cores)
+        return
+    if a.summarize:
+        path = RESULTS / f"quantize_bench-{cores}cores.json"
+        stored = json.loads(path.read_text())
+        stored.update(summarize(stored["runs"], cores))
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+        print(json.dumps(stored["median"], indent=2))
         return
 
     from tasks.tiny_models import cache_root
@@ -189,29 +198,46 @@ def main() -> None:
             r = measure(["--child", contender, "--src", str(f16), "--out", str(gguf_dir), "--types", *a.types, "--cores", str(cores)])
             rnd[contender] = r
             print(contender, r, flush=True)
-        floor = min(r["cpu_s"] for r in rnd.values()) / cores  # least CPU work of any contender in this round
+        rounds.append(rnd)
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    result.update(summarize(rounds, cores))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"quantize_bench-{cores}cores.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median"], indent=2))
+    print(f"median of {len(rounds)} rounds; floor = median CPU s of all runs / {cores} cores = {result['floor_s']} s; results in benchmarks/results/{name}")
+
+
+def summarize(rounds: list[dict[str, dict]], cores: int) -> dict:
+    """Ratios per run and the median per contender.
+
+    Every contender does the same work (the same three files), so every run's CPU seconds measure that
+    work; on this machine they scatter by +-8% from run to run. The floor ("the types' CPU work / cores")
+    is therefore the median CPU seconds of all runs / cores. Also kept: the round floor (least CPU of the
+    round's contenders / cores: biased low, since it takes the luckiest of noisy values) and each run's
+    wall against its own CPU seconds / cores (1.0: every core busy with this work the whole time).
+    """
+    floor = _median([r["cpu_s"] for rnd in rounds for r in rnd.values()]) / cores
+    for rnd in rounds:
+        round_floor = min(r["cpu_s"] for r in rnd.values()) / cores
         seq = rnd.get("sequential") or next(iter(rnd.values()))
         for r in rnd.values():
-            r["floor_s"] = round(floor, 2)
+            r["round_floor_s"] = round(round_floor, 2)
             r["wall_vs_floor"] = round(r["wall_s"] / floor, 3)
-            r["wall_vs_own_cpu"] = round(r["wall_s"] * cores / r["cpu_s"], 3)  # 1.0: every core busy with this work
+            r["wall_vs_round_floor"] = round(r["wall_s"] / round_floor, 3)
+            r["wall_vs_own_cpu"] = round(r["wall_s"] * cores / r["cpu_s"], 3)
             r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
             r["rss_vs_sequential"] = round(r["peak_rss_mb"] / seq["peak_rss_mb"], 3)
             r["anon_vs_sequential"] = round(r["peak_anon_mb"] / seq["peak_anon_mb"], 3)
-        rounds.append(rnd)
-    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    keys = ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "wall_vs_floor", "wall_vs_own_cpu", "wall_vs_sequential", "rss_vs_sequential", "anon_vs_sequential")
-    median = {c: {k: round(_median([rnd[c][k] for rnd in rounds]), 3) for k in keys} for c in a.contenders}
+            r.pop("floor_s", None)
+    keys = ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "wall_vs_floor", "wall_vs_round_floor", "wall_vs_own_cpu", "wall_vs_sequential", "rss_vs_sequential", "anon_vs_sequential")
+    contenders = list(rounds[0])
+    median = {c: {k: round(_median([rnd[c][k] for rnd in rounds if c in rnd]), 3) for k in keys} for c in contenders}
     for c in median:
         for k in ("parallel", "threads", "max_buf_size", "order"):
             if k in rounds[0][c]:
                 median[c][k] = rounds[0][c][k]
-    result.update({"rounds": len(rounds), "median": median, "runs": rounds})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"quantize_bench-{cores}cores.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(median, indent=2))
-    print(f"median of {len(rounds)} rounds; floor = least CPU s of a contender in the round / {cores} cores; results in benchmarks/results/{name}")
+    return {"floor_s": round(floor, 2), "rounds": len(rounds), "median": median, "runs": rounds}
 
 
 if __name__ == "__main__":
