@@ -17,14 +17,16 @@ Threads: the types differ a lot in CPU work (Q4_K_M 8-12x Q8_0, the IQ types far
 type by benchmarks/quant_costs.py into tasks/data/quantize_costs.json), and the OS shares the cores
 among runnable threads. Equal thread counts would let the cheap jobs finish early
 and leave the costliest one alone at the end, where its serial parts idle the cores; so each job gets
-threads in proportion to its CPU work, out of about twice the cores (the surplus fills the serial gaps),
-and the jobs finish at about the same time. Nothing here is a library's: the numbers come from the
+threads in proportion to its CPU work (rounded up), out of about twice the cores (the surplus fills the
+serial gaps), and the jobs finish at about the same time; the costliest job gets every core, since it
+is the one left running at the end. Nothing here is a library's: the numbers come from the
 file's tensor shapes and the measured cost table.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -169,10 +171,13 @@ def plan_jobs(
         by_type = {q: cores for q in names}  # alone on the machine: one thread per core
     else:
         # the OS shares the cores by runnable threads: give each job a share of its CPU work, so that the
-        # jobs running at once finish together (the k costliest set the scale; later ones are cheaper)
+        # jobs running at once finish together (the k costliest set the scale; later ones are cheaper).
+        # Rounded up: a cheap job that ends early hands its cores to the others, one that ends late runs
+        # alone on its few threads. The costliest job, the one left at the end, may use every core.
         budget_threads = OVERSUBSCRIBE * cores
         scale = sum(cost[q] for q in order[:k]) or 1.0
-        by_type = {q: min(cores, max(1, round(budget_threads * cost[q] / scale))) for q in names}
+        by_type = {q: min(cores, max(1, math.ceil(budget_threads * cost[q] / scale - 1e-9))) for q in names}
+        by_type[order[0]] = cores
         reason += f"; threads in proportion to each type's CPU work ({', '.join(f'{q} {by_type[q]}' for q in order)})"
     return QuantPlan(
         parallel=k, threads=max(by_type.values()), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single),
