@@ -167,7 +167,7 @@ def main() -> None:
     t = time.monotonic()
     plan = plan_jobs(f16.local_path, args.types)
     with ThreadPoolExecutor(max_workers=plan.parallel) as pool:
-        quants = list(pool.map(lambda q: quantize(f16, q, QuantizeSettings(types=args.types), run / "gguf", "bench", threads=plan.threads_for(q), max_buf_size=plan.max_buf_size), plan.order))
+        quants = list(pool.map(lambda q: quantize(f16, q, QuantizeSettings(types=args.types), run / "gguf", "bench", threads=plan.threads_for(q), max_buf_size=plan.max_buf_size), plan.start_order(args.types)))
     rows.append({"step": f"quantize {'+'.join(args.types)} ({plan.parallel} at once x {plan.threads} threads)", "seconds": round(time.monotonic() - t, 1), "size_gb": round(sum(q.size for q in quants) / 1e9, 2)})
     total = sum(r["seconds"] for r in rows[1:])
     rows.append({"step": "merge + convert + quantize", "seconds": round(total, 1)})

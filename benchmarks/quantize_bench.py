@@ -85,17 +85,17 @@ def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) 
     ftype_names()
     if cores < len(os.sched_getaffinity(0)):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
-    jobs = {q: (src, os.path.join(out_dir, f"bench-{q}.gguf"), q) for q in types}
+    outputs = {q: os.path.join(out_dir, f"bench-{q}.gguf") for q in types}
     extra: dict = {}
     if contender == "loraship":
         from tasks.quantize_plan import plan_jobs
 
         plan = plan_jobs(Path(src), types, cores=cores)
-        k, max_buf, order = plan.parallel, plan.max_buf_size, list(plan.order)
+        k, max_buf, order = plan.parallel, plan.max_buf_size, plan.start_order(types)
         threads = {q: plan.threads_for(q) for q in types}
         extra = {"parallel": k, "threads": threads, "max_buf_size": max_buf, "order": order}
     elif contender == "all_at_once":
-        k, max_buf, order, threads = len(jobs), 0, types, {q: 0 for q in types}  # 0: llama.cpp's default threads
+        k, max_buf, order, threads = len(types), 0, types, {q: 0 for q in types}  # 0: llama.cpp's default threads
     else:
         k, max_buf, order, threads = 1, 0, types, {q: cores for q in types}
 
@@ -107,8 +107,7 @@ def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) 
     ends: dict[str, float] = {}
 
     def run(q: str) -> None:
-        s, d, _ = jobs[q]
-        _quantize_raw(s, d, q, threads[q], max_buf)
+        _quantize_raw(src, outputs[q], q, threads[q], max_buf)
         ends[q] = round(time.monotonic() - t0, 2)
 
     with ThreadPoolExecutor(max_workers=k) as pool:  # FIFO: jobs start in `order`

@@ -60,10 +60,10 @@ def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None,
 
     try:
         data = config if config is not None else read_config_data(config_path) if config_path else {}
-        settings = NotificationSettings.model_validate((data or {}).get("notifications") or {})
+        settings = NotificationSettings.model_validate(data.get("notifications") or {})
+        model = data.get("model") or {}
     except Exception:  # pragma: no cover - the notifications section itself is unreadable: nobody to tell
         return {}
-    model = (data or {}).get("model") or {}
     summary = RunSummary(model=str(model.get("name") or "?"), version=str(model.get("version") or "?"), run_dir="", manifest=str(config_path or "(inline config)"))
     return notify_run(settings, summary, failed=True, error=f"before the first stage: {type(exc).__name__}: {exc}")
 

@@ -101,7 +101,7 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     # computed once here: mapped tasks computing their cache keys at the same time race inside ast.parse
     # (CPython 3.11: "AST constructor recursion depth mismatch"), and the failed key means no cache record
     module_code_version(quantize_task.fn.__module__)
-    order = [q for q in plan.order if q in types] + [q for q in types if q not in plan.order]  # costliest first
+    order = plan.start_order(types)  # costliest first
     mapped = ctx.map(
         "quantize", quantize_task, f16=unmapped(f16), quant=order, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
         _threads=[plan.threads_for(q) for q in order], _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),

@@ -33,7 +33,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
-from tasks.core.settings import SecretRef, StrictModel
+from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 
 STAGE = "hub_push"
 log = logging.getLogger("loraship.hub_push")
@@ -54,9 +54,7 @@ class HubSettings(StrictModel):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, v: str) -> str:
-        if v and (v.count("/") != 1 or not all(v.split("/"))):
-            raise ValueError("repo_id is 'owner/name' (or empty to derive it from the model name)")
-        return v
+        return check_hub_id(v, "repo_id", "the model name")
 
 
 # --- what goes in the repo ------------------------------------------------------------------------

@@ -316,8 +316,7 @@ def quantize_all(f16: Artifact, settings: QuantizeSettings, out_dir: Path, model
     from concurrent.futures import ThreadPoolExecutor
 
     plan = plan or plan_jobs(Path(f16.path), settings.types, threads=settings.threads, parallel=settings.parallel)
-    order = [q for q in plan.order if q in settings.types] or list(settings.types)
-    order += [q for q in settings.types if q not in order]
+    order = plan.start_order(settings.types)
     with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:  # FIFO: costliest first
         futures = {q: pool.submit(quantize, f16, q, settings, out_dir, model_name, threads=plan.threads_for(q), max_buf_size=plan.max_buf_size) for q in order}
         return [futures[q].result() for q in settings.types]

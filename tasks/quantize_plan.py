@@ -71,6 +71,11 @@ class QuantPlan:
     def threads_for(self, quant: str) -> int:
         return self.threads_by_type.get(quant.upper(), self.threads)
 
+    def start_order(self, types: Sequence[str]) -> list[str]:
+        """`types` in the order their jobs should start (the plan's order; types it does not know last)."""
+        rank = {q: i for i, q in enumerate(self.order)}
+        return sorted(types, key=lambda q: rank.get(q.upper(), len(rank)))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -180,6 +185,6 @@ def plan_jobs(
         by_type[order[0]] = cores
         reason += f"; threads in proportion to each type's CPU work ({', '.join(f'{q} {by_type[q]}' for q in order)})"
     return QuantPlan(
-        parallel=k, threads=max(by_type.values()), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single),
+        parallel=k, threads=max(by_type.values(), default=cores), max_buf_size=max_buf, est_peak_bytes=int(peak), est_single_bytes=int(single),
         reason=reason, order=order, threads_by_type=by_type,
     )

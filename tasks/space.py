@@ -30,7 +30,7 @@ from pydantic import Field, field_validator
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
-from tasks.core.settings import SecretRef, StrictModel
+from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 
 STAGE = "space"
 log = logging.getLogger("loraship.space")
@@ -60,9 +60,7 @@ class SpaceSettings(StrictModel):
     @field_validator("space_id")
     @classmethod
     def _space_id(cls, v: str) -> str:
-        if v and (v.count("/") != 1 or not all(v.split("/"))):
-            raise ValueError("space_id is 'owner/name' (or empty to derive it from the model repo)")
-        return v
+        return check_hub_id(v, "space_id", "the model repo")
 
 
 def space_variables(settings: SpaceSettings, model_repo: str, model_file: str, title: str) -> dict[str, str]:

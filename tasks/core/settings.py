@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
 from tasks.core.errors import PermanentError
 
 
+def check_hub_id(value: str, field: str, derived_from: str) -> str:
+    """A Hub repo id is 'owner/name'; empty means "derive it" (used by hub.repo_id and space.space_id)."""
+    if value and (value.count("/") != 1 or not all(value.split("/"))):
+        raise ValueError(f"{field} is 'owner/name' (or empty to derive it from {derived_from})")
+    return value
+
+
 class StrictModel(BaseModel):
     """Unknown keys are errors (a typo must not silently fall back to a default)."""
 
