@@ -52,5 +52,5 @@ if (( WANT_TEST )); then
 fi
 # The GGUF converter must come from the runtime's own llama.cpp commit: fetch and cache it now (from
 # $LLAMA_CPP_DIR, else the llama-cpp-python sdist on the package registry), so runs need no network.
-"$VPY" -c "from tasks.llama_cpp_toolchain import resolve_converter; print('converter:', resolve_converter().describe())"
+"$VPY" -c "from tasks.gguf.toolchain import resolve_converter; print('converter:', resolve_converter().describe())"
 "$VPY" -c "import flows.full, llama_cpp, torch, prefect; print('loraship ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__, '| prefect', prefect.__version__)"

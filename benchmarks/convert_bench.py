@@ -24,17 +24,20 @@ from benchmarks.harness import machine, measure, python, save, table
 
 def contenders(base: Path, adapter: Path, work: Path) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, command, env) of each contender, for this script and benchmarks/pipeline_bench."""
-    from tasks.llama_cpp_toolchain import resolve_converter
+    from tasks.gguf.toolchain import resolve_converter
 
     conv = resolve_converter()
     direct = [python(), str(conv.script), str(base), "--outfile", str(work / "direct-F16.gguf"), "--outtype", "f16"]
     ours = [python(), "-m", "benchmarks.convert_bench", "--child", "--model", str(base), "--out", str(work / "ours")]
-    return [("convert: loraship stage", ours, {}), ("convert: llama.cpp convert_hf_to_gguf.py directly", direct, conv.env({}))]
+    return [
+        ("convert: loraship stage", ours, {}),
+        ("convert: llama.cpp convert_hf_to_gguf.py directly", direct, conv.env({})),
+    ]
 
 
 def child(model: Path, out: Path) -> None:
-    from tasks.convert import ConvertSettings, convert
     from tasks.core.artifacts import Artifact
+    from tasks.gguf.convert import ConvertSettings, convert
 
     merged = Artifact.from_path(model, name="merged", kind="merged", stage="merge")
     art = convert(merged, ConvertSettings(), out, "bench")
@@ -61,10 +64,21 @@ def main() -> None:
         r = measure(cmd, env=env)
         if r["returncode"]:
             print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
-        rows.append({"contender": name, **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")}})
+        rows.append(
+            {"contender": name, **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")}}
+        )
     size_gb = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e9
     ratio = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3) if rows[1]["wall_s"] else None
-    out = save("convert", {"machine": machine(), "model": str(model), "model_gb": round(size_gb, 3), "rows": rows, "ours_over_direct": ratio})
+    out = save(
+        "convert",
+        {
+            "machine": machine(),
+            "model": str(model),
+            "model_gb": round(size_gb, 3),
+            "rows": rows,
+            "ours_over_direct": ratio,
+        },
+    )
     print(table(rows, ["contender", "wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode"]))
     print(f"model {size_gb:.2f} GB; ours / direct wall = {ratio}; written {out}")
     shutil.rmtree(work, ignore_errors=True)

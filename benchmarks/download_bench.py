@@ -5,7 +5,7 @@ interruption at 50%.
 
 A real sshd on 127.0.0.1 (tests/sshd.py) serves a training output folder (one big random
 adapter_model.safetensors + small JSON files). Every contender runs in its own child process:
-- loraship: `tasks.download.download` (paramiko discovery + remote sha256, rsync, local verification);
+- loraship: `tasks.download.stage.download` (paramiko discovery + remote sha256, rsync, local verification);
 - loraship sftp: the same with `transfer: sftp` (the fallback when a side has no rsync);
 - rsync -a: what users would otherwise run, `rsync -a -e ssh host:dir/ dest/`.
 Interruption: the remote rsync is killed once the receiving temporary file holds half the big file (a
@@ -13,7 +13,8 @@ dropped connection); the second run's bytes on the wire are compared with the re
 `rsync -a` (no --partial) deletes its temporary file, so it starts over; loraship keeps the partial
 file and rsync's delta transfer sends about the remainder. loraship's time is
 the download call inside the child (interpreter and prefect start-up, paid once per flow run, is
-reported apart as child_startup_s). Results go to benchmarks/results/download_bench.json. Loopback has no network cost: the throughput ratio shows the
+reported apart as child_startup_s). Results go to benchmarks/results/download_bench.json.
+Loopback has no network cost: the throughput ratio shows the
 overhead of discovery, remote hashing and verification, which is what a real link would amortise.
 """
 
@@ -43,12 +44,23 @@ from tests.sshd import SshServer  # noqa: E402
 
 
 def settings_json(server: SshServer, run: Path, **extra: object) -> str:
-    return json.dumps({"kind": "ssh", "host": "127.0.0.1", "port": server.port, "user": server.user, "key_file": str(server.user_key), "known_hosts": str(server.known_hosts), "path": str(run), **extra})
+    return json.dumps(
+        {
+            "kind": "ssh",
+            "host": "127.0.0.1",
+            "port": server.port,
+            "user": server.user,
+            "key_file": str(server.user_key),
+            "known_hosts": str(server.known_hosts),
+            "path": str(run),
+            **extra,
+        }
+    )
 
 
 def child_download(settings: str, dest: str) -> None:
     """Child process: one loraship download; prints its record as JSON."""
-    from tasks.download import DownloadSettings, download
+    from tasks.download.stage import DownloadSettings, download
 
     t0 = time.perf_counter()
     try:
@@ -57,7 +69,17 @@ def child_download(settings: str, dest: str) -> None:
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc)[:200]}", "wall_s": time.perf_counter() - t0}))
         return
     rec = json.loads((Path(dest).parent / "download.json").read_text())
-    print(json.dumps({"wall_s": time.perf_counter() - t0, **{k: rec[k] for k in ("method", "bytes_received", "literal_bytes", "matched_bytes", "bytes_fetched", "seconds")}}))
+    print(
+        json.dumps(
+            {
+                "wall_s": time.perf_counter() - t0,
+                **{
+                    k: rec[k]
+                    for k in ("method", "bytes_received", "literal_bytes", "matched_bytes", "bytes_fetched", "seconds")
+                },
+            }
+        )
+    )
 
 
 def loraship_cmd(settings: str, dest: Path) -> list[str]:
@@ -65,11 +87,16 @@ def loraship_cmd(settings: str, dest: Path) -> list[str]:
 
 
 def rsync_cmd(server: SshServer, run: Path, dest: Path) -> list[str]:
-    ssh = f"ssh -p {server.port} -i {server.user_key} -o IdentitiesOnly=yes -o UserKnownHostsFile={server.known_hosts} -o BatchMode=yes"
+    ssh = (
+        f"ssh -p {server.port} -i {server.user_key} -o IdentitiesOnly=yes "
+        f"-o UserKnownHostsFile={server.known_hosts} -o BatchMode=yes"
+    )
     return ["rsync", "-a", "--stats", "--no-h", "-e", ssh, f"{server.user}@127.0.0.1:{run}/", f"{dest}/"]
 
 
-def run_child(cmd: list[str], watch: Path | None = None, big: int = 0, kill_dir: Path | None = None) -> tuple[float, str, int]:
+def run_child(
+    cmd: list[str], watch: Path | None = None, big: int = 0, kill_dir: Path | None = None
+) -> tuple[float, str, int]:
     """Run `cmd`; with `watch`, kill the remote rsync once a temp file under `watch` holds half of `big`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C", "PREFECT_LOGGING_LEVEL": "WARNING"}
     t0 = time.perf_counter()
@@ -131,7 +158,14 @@ def main() -> None:
         (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16}))
         (run / "trainer_state.json").write_text(json.dumps({"global_step": 1000, "log_history": [{"loss": 1.0}]}))
         total = sum(p.stat().st_size for p in run.iterdir())
-        results: dict = {"size_bytes": total, "cpu_count": os.cpu_count(), "platform": platform.platform(), "note": "2 CPU cores shared with other engineers' work while measured; loopback (no network cost)", "throughput": {}, "resume": {}}
+        results: dict = {
+            "size_bytes": total,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "note": "2 CPU cores shared with other engineers' work while measured; loopback (no network cost)",
+            "throughput": {},
+            "resume": {},
+        }
 
         contenders = {
             "rsync -a": lambda d: rsync_cmd(server, run, d),
@@ -156,7 +190,12 @@ def main() -> None:
         base = statistics.median(times["rsync -a"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            results["throughput"][name] = {"median_s": round(med, 3), "runs_s": [round(t, 3) for t in ts], "mb_per_s": round(total / 1e6 / med, 1), "time_vs_rsync": round(med / base, 2)}
+            results["throughput"][name] = {
+                "median_s": round(med, 3),
+                "runs_s": [round(t, 3) for t in ts],
+                "mb_per_s": round(total / 1e6 / med, 1),
+                "time_vs_rsync": round(med / base, 2),
+            }
             if startup[name]:
                 results["throughput"][name]["child_startup_s"] = round(statistics.median(startup[name]), 2)
 
@@ -173,15 +212,22 @@ def main() -> None:
             dest.parent.mkdir(parents=True)
             make = contenders[name]
             _, out1, kept = run_child(make(dest), watch=dest, big=big, kill_dir=run)
-            partial = sum(p.stat().st_size for p in dest.rglob("*adapter_model.safetensors*") if p.is_file()) if dest.exists() else 0
+            partial = (
+                sum(p.stat().st_size for p in dest.rglob("*adapter_model.safetensors*") if p.is_file())
+                if dest.exists()
+                else 0
+            )
             wall, out2, _ = run_child(make(dest))
             received = last_json(out2)["bytes_received"] if name.startswith("loraship") else rsync_received(out2)
             remainder = total - (partial or kept)  # what the file still lacked (plain rsync -a dropped its partial)
             results["resume"][name] = {
-                "killed_at_bytes": kept, "partial_kept_bytes": partial, "remainder_bytes": remainder,
-                "second_run_bytes_received": received, "received_vs_remainder": round(received / remainder, 3) if remainder else None,
+                "killed_at_bytes": kept,
+                "partial_kept_bytes": partial,
+                "remainder_bytes": remainder,
+                "second_run_bytes_received": received,
+                "received_vs_remainder": round(received / remainder, 3) if remainder else None,
                 "second_run_s": round(wall, 3),
-            }  # fmt: skip
+            }
             shutil.rmtree(dest.parent, ignore_errors=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "download_bench.json").write_text(json.dumps(results, indent=2) + "\n")

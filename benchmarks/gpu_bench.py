@@ -31,7 +31,15 @@ SIZES = {
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
     "small": dict(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=12, vocab=32000),
 }
-LINEAR = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"), "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
+LINEAR = {
+    "q_proj": ("h", "h"),
+    "k_proj": ("h", "kv"),
+    "v_proj": ("h", "kv"),
+    "o_proj": ("h", "h"),
+    "gate_proj": ("h", "i"),
+    "up_proj": ("h", "i"),
+    "down_proj": ("i", "h"),
+}
 
 
 def build_model(out: Path, size: str, shard_bytes: int = 4_000_000_000) -> Path:
@@ -39,7 +47,7 @@ def build_model(out: Path, size: str, shard_bytes: int = 4_000_000_000) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.tiny_models import tiny_model
+    from tasks.support.tiny_models import tiny_model
 
     if (out / ".complete").exists():
         return out
@@ -73,18 +81,36 @@ def build_model(out: Path, size: str, shard_bytes: int = 4_000_000_000) -> Path:
             shard, shard_size = {}, 0
 
     for name, shape in shapes:
-        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        t = (
+            torch.ones(shape, dtype=torch.bfloat16)
+            if len(shape) == 1
+            else (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        )
         if shard_size + 2 * t.numel() > shard_bytes:
             flush()
         shard[name] = t
         shard_size += 2 * t.numel()
     flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+    )
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-        "vocab_size": s["vocab"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok = tiny_model("llama", hidden=256)
@@ -113,20 +139,44 @@ def build_adapter(base: Path, out: Path, size: str, r: int = 16) -> Path:
             part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{part}.{name}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(r, dims[fan_in], generator=gen) * 0.01).to(torch.bfloat16)
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(dims[fan_out], r, generator=gen) * 0.01).to(torch.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(dims[fan_out], r, generator=gen) * 0.01).to(
+                torch.bfloat16
+            )
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-        "target_modules": list(LINEAR), "base_model_name_or_path": str(base), "fan_in_fan_out": False,
-        "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
-    }, indent=2))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "lora_dropout": 0.0,
+                "target_modules": list(LINEAR),
+                "base_model_name_or_path": str(base),
+                "fan_in_fan_out": False,
+                "bias": "none",
+                "use_rslora": False,
+                "use_dora": False,
+                "modules_to_save": None,
+            },
+            indent=2,
+        )
+    )
     (out / ".complete").write_text("ok\n")
     return out
 
 
 def gpu_info() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip() or "none"
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            or "none"
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "none"
 
@@ -135,16 +185,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="7b")
     ap.add_argument("--merge-backend", choices=["streaming", "peft", "unsloth"], default="streaming")
-    ap.add_argument("--work", type=Path, default=None, help="folder for the model and outputs (default: ~/.cache/loraship/gpu-bench)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the model and outputs (default: ~/.cache/loraship/gpu-bench)",
+    )
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q5_K_M", "Q8_0"])
     args = ap.parse_args()
 
-    from tasks.convert import ConvertSettings, convert
     from tasks.core.artifacts import Artifact
-    from tasks.merge import MergeSettings, merge
-    from tasks.quantize import QuantizeSettings, quantize
-    from tasks.quantize_plan import plan_jobs
-    from tasks.tiny_models import cache_root
+    from tasks.gguf.convert import ConvertSettings, convert
+    from tasks.gguf.plan import plan_jobs
+    from tasks.gguf.quantize import QuantizeSettings, quantize
+    from tasks.merge.stage import MergeSettings, merge
+    from tasks.support.tiny_models import cache_root
 
     work = args.work or cache_root() / "gpu-bench"
     rows: list[dict[str, Any]] = []
@@ -157,21 +212,60 @@ def main() -> None:
 
     t = time.monotonic()
     adapter_art = Artifact.from_path(adapter, name="adapter", kind="adapter", stage="download")
-    merged = merge(adapter_art, MergeSettings(backend=args.merge_backend, base_model=str(base), verify="never"), run / "merged")
-    rows.append({"step": f"merge ({args.merge_backend})", "seconds": round(time.monotonic() - t, 1), "size_gb": round(merged.size / 1e9, 2)})
+    merged = merge(
+        adapter_art, MergeSettings(backend=args.merge_backend, base_model=str(base), verify="never"), run / "merged"
+    )
+    rows.append(
+        {
+            "step": f"merge ({args.merge_backend})",
+            "seconds": round(time.monotonic() - t, 1),
+            "size_gb": round(merged.size / 1e9, 2),
+        }
+    )
 
     t = time.monotonic()
     f16 = convert(merged, ConvertSettings(check_tokenizer=False), run / "gguf", "bench")
-    rows.append({"step": "convert (F16)", "seconds": round(time.monotonic() - t, 1), "size_gb": round(f16.size / 1e9, 2)})
+    rows.append(
+        {"step": "convert (F16)", "seconds": round(time.monotonic() - t, 1), "size_gb": round(f16.size / 1e9, 2)}
+    )
 
     t = time.monotonic()
     plan = plan_jobs(f16.local_path, args.types)
     with ThreadPoolExecutor(max_workers=plan.parallel) as pool:
-        quants = list(pool.map(lambda q: quantize(f16, q, QuantizeSettings(types=args.types), run / "gguf", "bench", threads=plan.threads_for(q), max_buf_size=plan.max_buf_size), plan.start_order(args.types)))
-    rows.append({"step": f"quantize {'+'.join(args.types)} ({plan.parallel} at once x {plan.threads} threads)", "seconds": round(time.monotonic() - t, 1), "size_gb": round(sum(q.size for q in quants) / 1e9, 2)})
+        quants = list(
+            pool.map(
+                lambda q: quantize(
+                    f16,
+                    q,
+                    QuantizeSettings(types=args.types),
+                    run / "gguf",
+                    "bench",
+                    threads=plan.threads_for(q),
+                    max_buf_size=plan.max_buf_size,
+                ),
+                plan.start_order(args.types),
+            )
+        )
+    rows.append(
+        {
+            "step": f"quantize {'+'.join(args.types)} ({plan.parallel} at once x {plan.threads} threads)",
+            "seconds": round(time.monotonic() - t, 1),
+            "size_gb": round(sum(q.size for q in quants) / 1e9, 2),
+        }
+    )
     total = sum(r["seconds"] for r in rows[1:])
     rows.append({"step": "merge + convert + quantize", "seconds": round(total, 1)})
-    out = save(f"gpu_bench-{args.size}", {"machine": machine(), "gpu": gpu_info(), "cores": os.cpu_count(), "size": args.size, "rows": rows, "goal_s": 300})
+    out = save(
+        f"gpu_bench-{args.size}",
+        {
+            "machine": machine(),
+            "gpu": gpu_info(),
+            "cores": os.cpu_count(),
+            "size": args.size,
+            "rows": rows,
+            "goal_s": 300,
+        },
+    )
     print(table(rows, ["step", "seconds", "size_gb"]))
     print(f"GPU: {gpu_info()}; total {total:.0f} s (goal 300 s for 7b); written {out}")
 

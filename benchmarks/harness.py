@@ -51,11 +51,19 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 3600, interval: float = 0.05) -> dict[str, Any]:
+def measure(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 3600,
+    interval: float = 0.05,
+) -> dict[str, Any]:
     """Run `cmd`, sampling the process tree's memory every `interval` seconds."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=full_env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=full_env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = {"rss": 0, "anon": 0}
     done = threading.Event()
 

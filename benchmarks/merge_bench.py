@@ -24,12 +24,14 @@ from typing import Any
 
 from benchmarks.harness import machine, measure, python, save, table
 
-MODEL = dict(arch="llama", hidden=2048, layers=17, heads=16, kv_heads=4, intermediate=5632, dtype="bfloat16", shard_size="400MB")
+MODEL = dict(
+    arch="llama", hidden=2048, layers=17, heads=16, kv_heads=4, intermediate=5632, dtype="bfloat16", shard_size="400MB"
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bench_inputs(layers: int = 17) -> tuple[Path, Path]:
-    from tasks.tiny_models import tiny_adapter, tiny_model
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
 
     base = tiny_model(**{**MODEL, "layers": layers})
     return base, tiny_adapter(base, r=16, alpha=32, targets=TARGETS)
@@ -39,7 +41,19 @@ def contenders(base: Path, adapter: Path, work: Path) -> list[tuple[str, list[st
     """(name, command, env) of each contender, for this script and benchmarks/pipeline_bench."""
     out = []
     for backend in ("streaming", "peft"):
-        cmd = [python(), "-m", "benchmarks.merge_bench", "--child", backend, "--base", str(base), "--adapter", str(adapter), "--out", str(work / f"merged-{backend}")]
+        cmd = [
+            python(),
+            "-m",
+            "benchmarks.merge_bench",
+            "--child",
+            backend,
+            "--base",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(work / f"merged-{backend}"),
+        ]
         out.append((f"merge: {backend}", cmd, {"TOKENIZERS_PARALLELISM": "false"}))
     return out
 
@@ -47,7 +61,7 @@ def contenders(base: Path, adapter: Path, work: Path) -> list[tuple[str, list[st
 def child(backend: str, base: Path, adapter: Path, out: Path) -> None:
     """One merge, as the stage runs it (verification off: the merge alone is measured)."""
     from tasks.core.artifacts import Artifact
-    from tasks.merge import MergeSettings, merge
+    from tasks.merge.stage import MergeSettings, merge
 
     art = Artifact.from_path(adapter, name="adapter", kind="adapter", stage="download")
     merged = merge(art, MergeSettings(backend=backend, base_model=str(base), verify="never"), out)
@@ -63,7 +77,13 @@ def run_model(label: str, layers: int, work: Path) -> list[dict[str, Any]]:
         r = measure(cmd, env=env)
         if r["returncode"]:
             print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
-        rows.append({"model": f"{label} ({size / 1e9:.2f} GB, {shards} shards)", "contender": name, **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")}})
+        rows.append(
+            {
+                "model": f"{label} ({size / 1e9:.2f} GB, {shards} shards)",
+                "contender": name,
+                **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")},
+            }
+        )
         shutil.rmtree(work / f"merged-{name.split(': ')[1]}", ignore_errors=True)
     return rows
 
@@ -80,7 +100,10 @@ def main() -> None:
         child(args.child, Path(args.base), Path(args.adapter), Path(args.out))
         return
     work = Path(tempfile.mkdtemp(prefix="loraship-merge-bench-"))
-    result: dict[str, Any] = {"machine": machine(), "note": "2 CPU cores shared with other engineers' work while measured"}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "note": "2 CPU cores shared with other engineers' work while measured",
+    }
     try:
         rows = run_model("0.77B bf16", MODEL["layers"], work)
         if not args.no_double:

@@ -23,14 +23,18 @@ import yaml
 
 from benchmarks.harness import machine, measure, python, save, table
 
-BENCH_MODEL = dict(arch="llama", hidden=1280, layers=24, heads=10, kv_heads=2, intermediate=3456, dtype="bfloat16", shard_size="400MB")
+BENCH_MODEL = dict(
+    arch="llama", hidden=1280, layers=24, heads=10, kv_heads=2, intermediate=3456, dtype="bfloat16", shard_size="400MB"
+)
 
 
 def bench_inputs() -> tuple[Path, Path]:
-    from tasks.tiny_models import tiny_adapter, tiny_model
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
 
     base = tiny_model(**BENCH_MODEL)
-    adapter = tiny_adapter(base, r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    adapter = tiny_adapter(
+        base, r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     return base, adapter
 
 
@@ -58,8 +62,28 @@ def quantize_contenders(f16: Path, work: Path) -> list[tuple[str, list[str], dic
     for name in ("sequential", "loraship"):
         d = work / f"quant-{name}"
         d.mkdir(parents=True, exist_ok=True)
-        cmd = [python(), "-m", "benchmarks.quantize_bench", "--child", name, "--src", str(f16), "--out", str(d), "--types", "Q4_K_M", "Q5_K_M", "Q8_0"]
-        out.append((f"quantize x3: {'one after another' if name == 'sequential' else 'loraship plan (parallel)'}", cmd, {"LLAMA_LOG_DISABLE": "1"}))
+        cmd = [
+            python(),
+            "-m",
+            "benchmarks.quantize_bench",
+            "--child",
+            name,
+            "--src",
+            str(f16),
+            "--out",
+            str(d),
+            "--types",
+            "Q4_K_M",
+            "Q5_K_M",
+            "Q8_0",
+        ]
+        out.append(
+            (
+                f"quantize x3: {'one after another' if name == 'sequential' else 'loraship plan (parallel)'}",
+                cmd,
+                {"LLAMA_LOG_DISABLE": "1"},
+            )
+        )
     return out
 
 
@@ -91,7 +115,11 @@ def stage_contenders(base: Path, adapter: Path, work: Path) -> list[dict[str, An
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the demo first run and the cached re-run")
-    ap.add_argument("--stages", default="download,merge,convert,quantize,hub_push,card,local_deploy", help="stages of the whole-flow run")
+    ap.add_argument(
+        "--stages",
+        default="download,merge,convert,quantize,hub_push,card,local_deploy",
+        help="stages of the whole-flow run",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraship-bench-"))
     rows: list[dict[str, Any]] = []

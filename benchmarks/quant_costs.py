@@ -4,7 +4,7 @@
 
 The quantize stage runs several types at once and gives each job threads in proportion to its CPU
 work, so that the jobs finish together instead of one long job running alone at the end
-(tasks/quantize_plan.py). That needs each type's CPU cost relative to the others; llama.cpp publishes
+(tasks/gguf/plan.py). That needs each type's CPU cost relative to the others; llama.cpp publishes
 no such table, so this script measures it: each type quantizes the same random F16 Llama (hidden 1024,
 4 layers, vocab 8000: about 67M weights, the shapes of a real model's matrices) with one thread, in a
 fresh child process, and the CPU seconds of the `llama_model_quantize` call are divided by the weights.
@@ -31,15 +31,20 @@ COSTS = ROOT / "tasks" / "data" / "quantize_costs.json"
 def build_f16(work: Path) -> Path:
     """The measuring model's F16 GGUF (cached under `work`)."""
     from benchmarks.quantize_bench import build_model
-    from tasks.convert import ConvertSettings, convert
     from tasks.core.artifacts import Artifact
+    from tasks.gguf.convert import ConvertSettings, convert
 
     f16 = work / "gguf" / "costs-F16.gguf"
     if f16.exists():
         return f16
     model = build_model(work / "llama-costs", hidden=1024, layers=4, intermediate=2816, vocab=8000)
     (work / "gguf").mkdir(parents=True, exist_ok=True)
-    convert(Artifact.from_path(model, name="merged", kind="merged", stage="merge"), ConvertSettings(check_tokenizer=False), work / "gguf", "costs")
+    convert(
+        Artifact.from_path(model, name="merged", kind="merged", stage="merge"),
+        ConvertSettings(check_tokenizer=False),
+        work / "gguf",
+        "costs",
+    )
     return f16
 
 
@@ -59,7 +64,7 @@ def child(src: str, quant: str, out: str) -> None:
     import llama_cpp
     import llama_cpp._logger  # noqa: F401
 
-    from tasks.quantize import _imatrix_struct, ftype_names
+    from tasks.gguf.quantize import _imatrix_struct, ftype_names
 
     result: dict = {"quant": quant}
     for with_imatrix in (False, True):
@@ -77,7 +82,12 @@ def child(src: str, quant: str, out: str) -> None:
         del keep
         if rc == 0:
             result.pop("error", None)
-            result |= {"cpu_s": round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 3), "wall_s": round(time.monotonic() - t0, 3), "imatrix": with_imatrix, "bytes": os.path.getsize(out)}
+            result |= {
+                "cpu_s": round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 3),
+                "wall_s": round(time.monotonic() - t0, 3),
+                "imatrix": with_imatrix,
+                "bytes": os.path.getsize(out),
+            }
             break
         result["error"] = f"llama_model_quantize returned {rc}"
     Path(out).unlink(missing_ok=True)
@@ -94,8 +104,8 @@ def main() -> None:
     if a.child:
         child(*a.child)
         return
-    from tasks.quantize import ftype_names
-    from tasks.tiny_models import cache_root
+    from tasks.gguf.quantize import ftype_names
+    from tasks.support.tiny_models import cache_root
 
     work = Path(a.work) if a.work else cache_root() / "bench"
     src = build_f16(work)
@@ -105,8 +115,21 @@ def main() -> None:
     types = a.types or sorted(q for q in ftype_names() if q not in ("F32", "F16", "BF16"))
     rows = {}
     for q in types:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.quant_costs", "--child", str(src), q, str(work / "gguf" / f"costs-{q}.gguf")],
-                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LLAMA_LOG_DISABLE": "1"})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.quant_costs",
+                "--child",
+                str(src),
+                q,
+                str(work / "gguf" / f"costs-{q}.gguf"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LLAMA_LOG_DISABLE": "1"},
+        )
         line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("{")), None)
         row = json.loads(line) if line else {"quant": q, "error": (out.stderr or out.stdout)[-300:]}
         if "cpu_s" in row:
@@ -123,7 +146,10 @@ def main() -> None:
         from benchmarks.harness import machine
 
         data = {
-            "what": "CPU seconds of llama_model_quantize per weight, one thread, relative to Q8_0 (measured by python -m benchmarks.quant_costs --write)",
+            "what": (
+                "CPU seconds of llama_model_quantize per weight, one thread, relative to Q8_0 (measured by "
+                "python -m benchmarks.quant_costs --write)"
+            ),
             "machine": machine(),
             "q8_0_ns_per_weight": base,
             "relative_cpu": dict(sorted(costs.items())),

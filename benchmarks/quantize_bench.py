@@ -7,7 +7,7 @@ the pinned runtime:
 - `sequential`: the types one after another, each with all threads (what `llama-quantize` run three
   times does);
 - `all_at_once`: every type at once in threads, each with llama.cpp's default thread count and buffers;
-- `loraship`: the plan of tasks/quantize_plan.py (jobs at once, costliest first, threads in proportion
+- `loraship`: the plan of tasks/gguf/plan.py (jobs at once, costliest first, threads in proportion
   to each type's CPU work, slab buffer cap).
 Wall and CPU seconds are taken inside the child around the quantize calls only (the interpreter start
 and imports are the same for every contender and are not quantize work); peak RSS and peak anonymous
@@ -16,7 +16,7 @@ memory are of the whole child (benchmarks/harness.py). Every contender does the 
 for the same work scatter by +-8% between runs); rounds run the contenders back to back in alternating
 order, and the table reports the median per contender (see `summarize`). `--cores N` pins the children
 to N cores (sched_setaffinity), so that a smaller machine can be measured here. Convert is timed once
-(llama.cpp's converter through tasks/convert.py). Results: benchmarks/results/quantize_bench-<N>cores.json.
+(llama.cpp's converter through tasks/gguf/convert.py). Results: benchmarks/results/quantize_bench-<N>cores.json.
 """
 
 from __future__ import annotations
@@ -38,12 +38,23 @@ def build_model(out: Path, hidden: int = 1024, layers: int = 24, intermediate: i
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.tiny_models import tiny_model
+    from tasks.support.tiny_models import tiny_model
 
     if (out / ".complete").exists():
         return out
     tok_src = tiny_model("llama", hidden=256)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg).to(torch.float16)
@@ -60,7 +71,7 @@ def build_model(out: Path, hidden: int = 1024, layers: int = 24, intermediate: i
 def _quantize_raw(src: str, dst: str, quant: str, nthread: int, max_buf: int) -> None:
     import llama_cpp
 
-    from tasks.quantize import ftype_names
+    from tasks.gguf.quantize import ftype_names
 
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype_names()[quant]
@@ -80,7 +91,7 @@ def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     import llama_cpp._logger  # noqa: F401  (installs the callback that honours that level)
 
-    from tasks.quantize import ftype_names
+    from tasks.gguf.quantize import ftype_names
 
     ftype_names()
     if cores < len(os.sched_getaffinity(0)):
@@ -88,7 +99,7 @@ def child(contender: str, src: str, out_dir: str, types: list[str], cores: int) 
     outputs = {q: os.path.join(out_dir, f"bench-{q}.gguf") for q in types}
     extra: dict = {}
     if contender == "loraship":
-        from tasks.quantize_plan import plan_jobs
+        from tasks.gguf.plan import plan_jobs
 
         plan = plan_jobs(Path(src), types, cores=cores)
         k, max_buf, order = plan.parallel, plan.max_buf_size, plan.start_order(types)
@@ -141,24 +152,52 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q5_K_M", "Q8_0"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cores", type=int, default=None)
-    ap.add_argument("--work", default=None, help="folder for the model and the files (default: ~/.cache/loraship/bench)")
+    ap.add_argument(
+        "--work", default=None, help="folder for the model and the files (default: ~/.cache/loraship/bench)"
+    )
     ap.add_argument("--skip-convert", action="store_true")
-    ap.add_argument("--contenders", nargs="+", default=["sequential", "all_at_once", "loraship"], choices=["sequential", "all_at_once", "loraship"])
-    ap.add_argument("--summarize", action="store_true", help="recompute the ratios of the stored results (benchmarks/results/quantize_bench-<N>cores.json) without running anything")
+    ap.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["sequential", "all_at_once", "loraship"],
+        choices=["sequential", "all_at_once", "loraship"],
+    )
+    ap.add_argument(
+        "--summarize",
+        action="store_true",
+        help=(
+            "recompute the ratios of the stored results (benchmarks/results/quantize_bench-<N>cores.json) "
+            "without running anything"
+        ),
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from tasks.quantize_plan import usable_cores
+    from tasks.gguf.plan import usable_cores
 
     cores = a.cores or usable_cores()
     if a.child == "convert":
-        from tasks.convert import ConvertSettings, convert
         from tasks.core.artifacts import Artifact
+        from tasks.gguf.convert import ConvertSettings, convert
 
         t = time.monotonic()
-        art = convert(Artifact.from_path(a.src, name="merged", kind="merged", stage="merge"), ConvertSettings(check_tokenizer=False), Path(a.out), "bench")
-        print(json.dumps({"converter_s": art.meta["seconds"], "convert_stage_s": round(time.monotonic() - t, 2), "f16_bytes": art.size}), flush=True)
+        art = convert(
+            Artifact.from_path(a.src, name="merged", kind="merged", stage="merge"),
+            ConvertSettings(check_tokenizer=False),
+            Path(a.out),
+            "bench",
+        )
+        print(
+            json.dumps(
+                {
+                    "converter_s": art.meta["seconds"],
+                    "convert_stage_s": round(time.monotonic() - t, 2),
+                    "f16_bytes": art.size,
+                }
+            ),
+            flush=True,
+        )
         return
     if a.child:
         child(a.child, a.src, a.out, a.types, cores)
@@ -171,7 +210,7 @@ def main() -> None:
         print(json.dumps(stored["median"], indent=2))
         return
 
-    from tasks.tiny_models import cache_root
+    from tasks.support.tiny_models import cache_root
 
     work = Path(a.work) if a.work else cache_root() / "bench"
     model = build_model(work / "llama-0.4b")
@@ -183,7 +222,9 @@ def main() -> None:
     result: dict = {"machine": machine() | {"cores_used": cores}, "types": a.types}
     if not a.skip_convert or not f16.exists():
         result["convert"] = measure(["--child", "convert", "--src", str(model), "--out", str(gguf_dir)])
-        result["convert"]["mb_per_s"] = round(result["convert"]["f16_bytes"] / 1e6 / result["convert"]["converter_s"], 1)
+        result["convert"]["mb_per_s"] = round(
+            result["convert"]["f16_bytes"] / 1e6 / result["convert"]["converter_s"], 1
+        )
         print("convert:", result["convert"], flush=True)
     else:  # keep the convert numbers of the last full run
         previous = RESULTS / f"quantize_bench-{cores}cores.json"
@@ -194,7 +235,20 @@ def main() -> None:
         contenders = a.contenders if i % 2 == 0 else list(reversed(a.contenders))  # no contender always runs first
         rnd: dict[str, dict] = {}
         for contender in contenders:
-            r = measure(["--child", contender, "--src", str(f16), "--out", str(gguf_dir), "--types", *a.types, "--cores", str(cores)])
+            r = measure(
+                [
+                    "--child",
+                    contender,
+                    "--src",
+                    str(f16),
+                    "--out",
+                    str(gguf_dir),
+                    "--types",
+                    *a.types,
+                    "--cores",
+                    str(cores),
+                ]
+            )
             rnd[contender] = r
             print(contender, r, flush=True)
         rounds.append(rnd)
@@ -204,7 +258,10 @@ def main() -> None:
     name = f"quantize_bench-{cores}cores.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["median"], indent=2))
-    print(f"median of {len(rounds)} rounds; floor = median CPU s of all runs / {cores} cores = {result['floor_s']} s; results in benchmarks/results/{name}")
+    print(
+        f"median of {len(rounds)} rounds; floor = median CPU s of all runs / {cores} cores = "
+        f"{result['floor_s']} s; results in benchmarks/results/{name}"
+    )
 
 
 def summarize(rounds: list[dict[str, dict]], cores: int) -> dict:
@@ -229,7 +286,18 @@ def summarize(rounds: list[dict[str, dict]], cores: int) -> dict:
             r["rss_vs_sequential"] = round(r["peak_rss_mb"] / seq["peak_rss_mb"], 3)
             r["anon_vs_sequential"] = round(r["peak_anon_mb"] / seq["peak_anon_mb"], 3)
             r.pop("floor_s", None)
-    keys = ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "wall_vs_floor", "wall_vs_round_floor", "wall_vs_own_cpu", "wall_vs_sequential", "rss_vs_sequential", "anon_vs_sequential")
+    keys = (
+        "wall_s",
+        "cpu_s",
+        "peak_rss_mb",
+        "peak_anon_mb",
+        "wall_vs_floor",
+        "wall_vs_round_floor",
+        "wall_vs_own_cpu",
+        "wall_vs_sequential",
+        "rss_vs_sequential",
+        "anon_vs_sequential",
+    )
     contenders = list(rounds[0])
     median = {c: {k: round(_median([rnd[c][k] for rnd in rounds if c in rnd]), 3) for k in keys} for c in contenders}
     for c in median:

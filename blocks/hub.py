@@ -17,6 +17,8 @@ class HubCredentials(Block):
     _description: ClassVar[str] = "Hugging Face write token (push) and read-only token (Spaces)."
 
     write_token: SecretStr = Field(description="a token with write access to the target namespace")
-    read_token: SecretStr | None = Field(None, description="a read-only token given to demo Spaces as the HF_TOKEN secret")
+    read_token: SecretStr | None = Field(
+        None, description="a read-only token given to demo Spaces as the HF_TOKEN secret"
+    )
     endpoint: str | None = Field(None, description="Hub endpoint; empty: https://huggingface.co")
     namespace: str | None = Field(None, description="user or organisation to push to; empty: the token's user")

@@ -20,5 +20,7 @@ class TrainingHost(Block):
     port: int = Field(22, ge=1, le=65535)
     user: str = "root"
     private_key: SecretStr | None = Field(None, description="the private key's text (OpenSSH or PEM format)")
-    known_hosts_entry: str | None = Field(None, description="a known_hosts line for this host; the host key is checked against it")
+    known_hosts_entry: str | None = Field(
+        None, description="a known_hosts line for this host; the host key is checked against it"
+    )
     remote_path: str = Field("/workspace/output", description="default folder holding the training output")

@@ -39,7 +39,9 @@ def _load_flow(entrypoint: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_deployments(specs: list[dict[str, Any]] | None = None, cron: str | None = None, names: list[str] | None = None) -> list[Any]:
+def build_deployments(
+    specs: list[dict[str, Any]] | None = None, cron: str | None = None, names: list[str] | None = None
+) -> list[Any]:
     """RunnerDeployments for `prefect.serve`, with the schedules and event triggers of prefect.yaml."""
     from prefect.events import DeploymentEventTrigger
 
@@ -48,17 +50,32 @@ def build_deployments(specs: list[dict[str, Any]] | None = None, cron: str | Non
         if names and spec["name"] not in names:
             continue
         flow = _load_flow(spec["entrypoint"])
-        kwargs: dict[str, Any] = {"name": spec["name"], "parameters": spec.get("parameters") or {}, "tags": spec.get("tags") or [], "description": spec.get("description")}
+        kwargs: dict[str, Any] = {
+            "name": spec["name"],
+            "parameters": spec.get("parameters") or {},
+            "tags": spec.get("tags") or [],
+            "description": spec.get("description"),
+        }
         schedules = spec.get("schedules") or []
         if schedules:
             from prefect.schedules import Cron
 
-            kwargs["schedules"] = [Cron(cron or s["cron"], timezone=s.get("timezone") or "UTC", active=s.get("active", True)) for s in schedules[:1]]
+            kwargs["schedules"] = [
+                Cron(cron or s["cron"], timezone=s.get("timezone") or "UTC", active=s.get("active", True))
+                for s in schedules[:1]
+            ]
         triggers = []
         for t in spec.get("triggers") or []:
             if t.get("type", "event") != "event":
                 continue
-            triggers.append(DeploymentEventTrigger(enabled=t.get("enabled", True), match=t.get("match") or {}, expect=set(t.get("expect") or []), parameters=t.get("parameters")))
+            triggers.append(
+                DeploymentEventTrigger(
+                    enabled=t.get("enabled", True),
+                    match=t.get("match") or {},
+                    expect=set(t.get("expect") or []),
+                    parameters=t.get("parameters"),
+                )
+            )
         if triggers:
             kwargs["triggers"] = triggers
         if spec.get("concurrency_limit"):
@@ -68,7 +85,13 @@ def build_deployments(specs: list[dict[str, Any]] | None = None, cron: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deployments.serve", description="Serve the loraship deployments (full, nightly health + eval, training.completed trigger) from this process; no worker needed.")
+    p = argparse.ArgumentParser(
+        prog="python -m deployments.serve",
+        description=(
+            "Serve the loraship deployments (full, nightly health + eval, training.completed trigger) from this "
+            "process; no worker needed."
+        ),
+    )
     p.add_argument("--cron", help="cron for the nightly health + eval deployment (default: the one in prefect.yaml)")
     p.add_argument("--deployment", nargs="+", metavar="NAME", help="serve only these deployments")
     p.add_argument("--limit", type=int, default=None, help="flow runs at a time (default: unlimited)")

@@ -16,23 +16,35 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tasks.card import CardSettings
-from tasks.convert import ConvertSettings
 from tasks.core.errors import ConfigError
 from tasks.core.settings import SecretRef, StrictModel
-from tasks.download import DownloadSettings
-from tasks.evaluate import EvalSettings
-from tasks.health import HealthSettings
-from tasks.hub_push import HubSettings
-from tasks.local_deploy import LocalDeploySettings
-from tasks.merge import MergeSettings
-from tasks.quantize import QuantizeSettings
-from tasks.serve import ServeSettings
-from tasks.space import SpaceSettings
+from tasks.download.stage import DownloadSettings
+from tasks.evaluate.evaluation import EvalSettings
+from tasks.evaluate.health import HealthSettings
+from tasks.gguf.convert import ConvertSettings
+from tasks.gguf.quantize import QuantizeSettings
+from tasks.local.stage import LocalDeploySettings
+from tasks.merge.stage import MergeSettings
+from tasks.publish.card import CardSettings
+from tasks.publish.hub_push import HubSettings
+from tasks.publish.space import SpaceSettings
+from tasks.serve.stage import ServeSettings
 
 # The stages in pipeline order. `critical` stages fail the run; the others may be allowed to fail
 # (pipeline.continue_on_error) and then the run ends Completed with a degraded summary.
-STAGES: tuple[str, ...] = ("download", "merge", "convert", "quantize", "hub_push", "card", "space", "local_deploy", "serve", "health", "evaluate")
+STAGES: tuple[str, ...] = (
+    "download",
+    "merge",
+    "convert",
+    "quantize",
+    "hub_push",
+    "card",
+    "space",
+    "local_deploy",
+    "serve",
+    "health",
+    "evaluate",
+)
 CRITICAL_STAGES: frozenset[str] = frozenset({"download", "merge", "convert", "quantize"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -59,9 +71,14 @@ class NotificationSettings(StrictModel):
     logged and never changes the run's result.
     """
 
-    on_completion: list[str] = Field(default_factory=list, description="notification blocks told when a run completes (degraded or not)")
+    on_completion: list[str] = Field(
+        default_factory=list, description="notification blocks told when a run completes (degraded or not)"
+    )
     on_failure: list[str] = Field(default_factory=list, description="notification blocks told when a run fails")
-    on_degraded: list[str] = Field(default_factory=list, description="notification blocks told when a run completes degraded (a non-critical stage failed)")
+    on_degraded: list[str] = Field(
+        default_factory=list,
+        description="notification blocks told when a run completes degraded (a non-critical stage failed)",
+    )
     ui_url: str = Field("", description="base URL of the Prefect UI for links in messages (default: PREFECT_UI_URL)")
 
 
@@ -77,7 +94,9 @@ class CleanupSettings(StrictModel):
 class PipelineSettings(StrictModel):
     runs_dir: str = Field("runs", description="where run folders are made (relative to the working directory)")
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="stages enabled, in any order")
-    continue_on_error: bool = Field(False, description="a failing non-critical stage degrades the run instead of failing it")
+    continue_on_error: bool = Field(
+        False, description="a failing non-critical stage degrades the run instead of failing it"
+    )
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
 
     @field_validator("stages")
@@ -91,12 +110,37 @@ class PipelineSettings(StrictModel):
 
 class PerformanceSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="threads for heavy work; None: all cores")
-    parallelism: int | None = Field(None, ge=1, description="parallel quantize jobs; None: chosen from cores and memory")
-    concurrency_limit: str = Field("loraship-heavy", description="Prefect global concurrency limit held around heavy stages (merge, quantize); empty: none. A limit that does not exist is not waited for")
-    concurrency_slots: int | None = Field(None, ge=1, description="create or resize the limit to this many slots at the start of a run; None: use the limit as saved (or none)")
-    task_runner: Literal["thread", "dask"] = Field("thread", description="task runner for the quantize fan-out: thread (default) or dask (needs prefect-dask)")
-    dask_address: str = Field("", description="address of an existing Dask scheduler (tcp://host:8786); empty: a local Dask cluster")
-    dask_processes: bool = Field(False, description="local Dask cluster: worker processes instead of threads of this process (needs a real Prefect server: PREFECT_API_URL)")
+    parallelism: int | None = Field(
+        None, ge=1, description="parallel quantize jobs; None: chosen from cores and memory"
+    )
+    concurrency_limit: str = Field(
+        "loraship-heavy",
+        description=(
+            "Prefect global concurrency limit held around heavy stages (merge, quantize); empty: none. A limit "
+            "that does not exist is not waited for"
+        ),
+    )
+    concurrency_slots: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "create or resize the limit to this many slots at the start of a run; None: use the limit as saved "
+            "(or none)"
+        ),
+    )
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="task runner for the quantize fan-out: thread (default) or dask (needs prefect-dask)"
+    )
+    dask_address: str = Field(
+        "", description="address of an existing Dask scheduler (tcp://host:8786); empty: a local Dask cluster"
+    )
+    dask_processes: bool = Field(
+        False,
+        description=(
+            "local Dask cluster: worker processes instead of threads of this process (needs a real Prefect "
+            "server: PREFECT_API_URL)"
+        ),
+    )
 
 
 class PipelineConfig(StrictModel):
@@ -120,12 +164,15 @@ class PipelineConfig(StrictModel):
     performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
 
     @model_validator(mode="after")
-    def _combinations(self) -> "PipelineConfig":
+    def _combinations(self) -> PipelineConfig:
         enabled = set(self.pipeline.stages)
         if "space" in enabled and "hub_push" not in enabled and not self.space.space_id:
             pass  # a Space can run a repo pushed earlier; nothing impossible here
         if self.pipeline.cleanup.delete_f16 and "evaluate" in enabled:
-            raise ValueError("pipeline.cleanup.delete_f16 with the evaluate stage: eval compares against the F16; set delete_f16: false or drop 'evaluate' from pipeline.stages")
+            raise ValueError(
+                "pipeline.cleanup.delete_f16 with the evaluate stage: eval compares against the F16; set "
+                "delete_f16: false or drop 'evaluate' from pipeline.stages"
+            )
         return self
 
     def run_dir(self) -> Path:
@@ -134,9 +181,17 @@ class PipelineConfig(StrictModel):
 
 # Where each section's Settings model comes from, for the config reference.
 SECTION_OWNERS: dict[str, str] = {
-    "source": "tasks/download.py", "merge": "tasks/merge.py", "convert": "tasks/convert.py", "quantization": "tasks/quantize.py",
-    "hub": "tasks/hub_push.py", "card": "tasks/card.py", "space": "tasks/space.py", "deployment": "tasks/local_deploy.py",
-    "serving": "tasks/serve.py", "health_check": "tasks/health.py", "evaluation": "tasks/evaluate.py",
+    "source": "tasks/download/stage.py",
+    "merge": "tasks/merge/stage.py",
+    "convert": "tasks/gguf/convert.py",
+    "quantization": "tasks/gguf/quantize.py",
+    "hub": "tasks/publish/hub_push.py",
+    "card": "tasks/publish/card.py",
+    "space": "tasks/publish/space.py",
+    "deployment": "tasks/local/stage.py",
+    "serving": "tasks/serve/stage.py",
+    "health_check": "tasks/evaluate/health.py",
+    "evaluation": "tasks/evaluate/evaluation.py",
 }
 
 
@@ -176,7 +231,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             options = list(parent.model_fields) if parent else []
-            msg = f"unknown key{_suggest(loc[-1], options)}; valid keys here: {', '.join(options)}" if options else "unknown key"
+            msg = (
+                f"unknown key{_suggest(loc[-1], options)}; valid keys here: {', '.join(options)}"
+                if options
+                else "unknown key"
+            )
         elif e["type"] == "missing":
             msg = "required: add this key"
         elif "input" in e and e["type"].endswith(("_type", "_parsing", "literal_error", "enum")):
@@ -210,13 +269,21 @@ def read_config_data(path: Path | str) -> dict[str, Any]:
     """The raw mapping of a deployment_config.yaml (environment variables expanded), not yet validated."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", hint="pass --config with the path of your deployment_config.yaml (see deployments/deployment_config.example.yaml)")
+        raise ConfigError(
+            f"config file {path} does not exist",
+            hint=(
+                "pass --config with the path of your deployment_config.yaml (see "
+                "deployments/deployment_config.example.yaml)"
+            ),
+        )
     try:
         data = yaml.safe_load(_expand_env(path.read_text())) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, source:, ...), not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the config must be a mapping of sections (model:, source:, ...), not {type(data).__name__}"
+        )
     return data
 
 
@@ -225,4 +292,12 @@ def load_config(path: Path | str) -> PipelineConfig:
     return parse_config(read_config_data(path), str(path))
 
 
-__all__ = ["PipelineConfig", "load_config", "read_config_data", "parse_config", "STAGES", "CRITICAL_STAGES", "SecretRef"]
+__all__ = [
+    "PipelineConfig",
+    "load_config",
+    "read_config_data",
+    "parse_config",
+    "STAGES",
+    "CRITICAL_STAGES",
+    "SecretRef",
+]

@@ -6,9 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from flows.config import PipelineConfig
+from flows.task_runners import describe_task_runner, prepare_task_runner
 from tasks.core.artifacts import Artifact
 from tasks.core.run import RunFolder
 
@@ -55,8 +54,6 @@ class RunContext:
     def _prepare_runner(self) -> None:
         from prefect.context import FlowRunContext
 
-        from flows.orchestration import prepare_task_runner
-
         runner = getattr(FlowRunContext.get(), "task_runner", None)
         if runner is not None:
             prepare_task_runner(runner, self.config.logging.level)
@@ -65,8 +62,6 @@ class RunContext:
         """Record which task runner ran the fan-out and, on Dask, which workers ran the items (best effort)."""
         try:
             from prefect.context import FlowRunContext
-
-            from flows.orchestration import describe_task_runner
 
             flow_ctx = FlowRunContext.get()
             runner = getattr(flow_ctx, "task_runner", None)
@@ -77,11 +72,16 @@ class RunContext:
             if info["runner"] == "DaskTaskRunner" and wrapped and all(w is not None for w in wrapped):
                 client = runner.client
                 holders = client.who_has(wrapped)  # the worker that ran an item holds its result
-                info["items"] = [{"task_run_id": str(f.task_run_id), "workers": list(holders.get(w.key, ()))} for f, w in zip(futures, wrapped)]
+                info["items"] = [
+                    {"task_run_id": str(f.task_run_id), "workers": list(holders.get(w.key, ()))}
+                    for f, w in zip(futures, wrapped)
+                ]
                 used = sorted({a for item in info["items"] for a in item["workers"]})
                 known = client.scheduler_info(n_workers=-1).get("workers", {})
                 pids = client.run(os.getpid, workers=used) if used else {}
-                info["workers"] = [{"address": a, "name": str(known.get(a, {}).get("name", "")), "pid": pids.get(a)} for a in used]
+                info["workers"] = [
+                    {"address": a, "name": str(known.get(a, {}).get("name", "")), "pid": pids.get(a)} for a in used
+                ]
             self.notes.setdefault("task_runner", {})[stage] = info
         except Exception as exc:  # a record of where things ran must never fail the stage
             import logging
@@ -98,23 +98,3 @@ class RunContext:
 
     def of_kind(self, kind: str) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]
-
-
-class StageOutcome(BaseModel):
-    stage: str
-    status: str
-    seconds: float = 0.0
-    message: str = ""
-    artifacts: list[str] = Field(default_factory=list)
-
-
-class RunSummary(BaseModel):
-    model: str
-    version: str
-    run_dir: str
-    manifest: str
-    degraded: bool = False
-    stages: list[StageOutcome] = Field(default_factory=list)
-    artifacts: list[dict[str, Any]] = Field(default_factory=list)
-    links: dict[str, str] = Field(default_factory=dict)
-    task_runners: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per fanned-out stage: the task runner, and on Dask the workers that ran its items")

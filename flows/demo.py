@@ -16,7 +16,7 @@ DEMO_TRAIN_STEPS = 60
 
 def demo_inputs() -> tuple[Path, Path]:
     """(base model folder, adapter folder), built once and cached."""
-    from tasks.tiny_models import tiny_adapter, tiny_model
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
 
     base = tiny_model("llama", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
     adapter = tiny_adapter(base, r=8, alpha=16, train_steps=DEMO_TRAIN_STEPS)
@@ -31,7 +31,14 @@ def demo_config(validate_only: bool = False, runs_dir: str = "runs") -> Pipeline
         base, adapter = demo_inputs()
     return parse_config(
         {
-            "model": {"name": "loraship-demo", "version": "v1", "base_model": str(base), "description": "A tiny Llama-style model with a LoRA adapter trained for a few seconds on loraship's toy task."},
+            "model": {
+                "name": "loraship-demo",
+                "version": "v1",
+                "base_model": str(base),
+                "description": (
+                    "A tiny Llama-style model with a LoRA adapter trained for a few seconds on loraship's toy task."
+                ),
+            },
             "source": {"kind": "local", "path": str(adapter)},
             "merge": {"base_model": str(base)},
             "pipeline": {"runs_dir": runs_dir},

@@ -19,18 +19,32 @@ prepare_environment()
 from prefect import flow, get_run_logger  # noqa: E402
 
 from flows.config import CRITICAL_STAGES, STAGES, load_config, parse_config  # noqa: E402
-from flows.context import RunContext, RunSummary, StageOutcome  # noqa: E402
+from flows.context import RunContext  # noqa: E402
 from flows.notifications import notify_run  # noqa: E402
-from flows.orchestration import apply_log_level, cleanup_intermediates, ensure_concurrency_limit, publish_summary_markdown, stage_slot, tag_current_flow_run  # noqa: E402
+from flows.orchestration import (  # noqa: E402
+    apply_log_level,
+    cleanup_intermediates,
+    ensure_concurrency_limit,
+    publish_summary_markdown,
+    stage_slot,
+    tag_current_flow_run,
+)  # noqa: E402
 from flows.runners import RUNNERS  # noqa: E402
+from flows.summary import RunSummary, StageOutcome  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
 
 
-def select_stages(enabled: list[str], only: list[str] | None = None, skip: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+def select_stages(
+    enabled: list[str], only: list[str] | None = None, skip: list[str] | None = None, from_stage: str | None = None
+) -> list[str]:
     """The stages to run, in pipeline order, from the config's list and the --only/--skip/--from options."""
-    for name, values in (("--only", only or []), ("--skip", skip or []), ("--from", [from_stage] if from_stage else [])):
+    for name, values in (
+        ("--only", only or []),
+        ("--skip", skip or []),
+        ("--from", [from_stage] if from_stage else []),
+    ):
         for v in values:
             if v not in STAGES:
                 raise ConfigError(f"{name} {v!r} is not a stage; stages are: {', '.join(STAGES)}")
@@ -64,7 +78,12 @@ def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None,
         model = data.get("model") or {}
     except Exception:  # pragma: no cover - the notifications section itself is unreadable: nobody to tell
         return {}
-    summary = RunSummary(model=str(model.get("name") or "?"), version=str(model.get("version") or "?"), run_dir="", manifest=str(config_path or "(inline config)"))
+    summary = RunSummary(
+        model=str(model.get("name") or "?"),
+        version=str(model.get("version") or "?"),
+        run_dir="",
+        manifest=str(config_path or "(inline config)"),
+    )
     return notify_run(settings, summary, failed=True, error=f"before the first stage: {type(exc).__name__}: {exc}")
 
 
@@ -86,13 +105,19 @@ def full(
         elif config is not None:
             cfg = parse_config(config)
         else:
-            raise ConfigError("the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml")
+            raise ConfigError(
+                "the flow needs config_path or config", hint="python -m flows.full --config deployment_config.yaml"
+            )
         stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
         apply_log_level(cfg.logging.level)
         run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
         run.set_config_digest(digest_of(cfg))
-        ctx = RunContext(config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run))
-        summary = RunSummary(model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path))
+        ctx = RunContext(
+            config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run)
+        )
+        summary = RunSummary(
+            model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path)
+        )
         logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
         tag_current_flow_run(cfg)
         if any(s in stages for s in ("merge", "quantize")):
@@ -132,7 +157,9 @@ def full(
         seconds = time.monotonic() - started
         for a in made:
             ctx.artifacts[a.name] = a
-        status = "dry-run" if ctx.notes.get("dry_run", {}).get(stage) else ("cached" if ctx.all_cached(stage) else "done")
+        status = (
+            "dry-run" if ctx.notes.get("dry_run", {}).get(stage) else ("cached" if ctx.all_cached(stage) else "done")
+        )
         message = ctx.notes.get("messages", {}).get(stage, "")
         ran_on = ctx.notes.get("task_runner", {}).get(stage)
         if ran_on:
@@ -140,7 +167,11 @@ def full(
             if ran_on["runner"] != "ThreadPoolTaskRunner":
                 message += f"{'; ' if message else ''}{_runner_phrase(ran_on)}"
         run.record(stage, status, made, seconds=seconds, message=message)
-        summary.stages.append(StageOutcome(stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]))
+        summary.stages.append(
+            StageOutcome(
+                stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]
+            )
+        )
         logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
     _run_cleanups(ctx)
     removed = cleanup_intermediates(cfg, ctx.artifacts)
@@ -169,7 +200,11 @@ def _publish_summary_artifacts(summary: RunSummary) -> None:
     try:
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(key=f"manifest-{_artifact_key(summary.model)}", table=summary.artifacts or [{"artifact": "(none)"}], description=f"Artifacts of {summary.model} {summary.version}: {summary.manifest}")
+        create_table_artifact(
+            key=f"manifest-{_artifact_key(summary.model)}",
+            table=summary.artifacts or [{"artifact": "(none)"}],
+            description=f"Artifacts of {summary.model} {summary.version}: {summary.manifest}",
+        )
         publish_summary_markdown(summary, _artifact_key(summary.model))
     except Exception as exc:  # pragma: no cover - UI nicety
         logging.getLogger("loraship").debug("no table artifact: %s", exc)
@@ -191,7 +226,12 @@ def _artifact_key(name: str) -> str:
 
 
 def format_summary(summary: RunSummary) -> str:
-    lines = [f"\n{summary.model} {summary.version}: {'DEGRADED' if summary.degraded else 'ok'}", f"run folder: {summary.run_dir}", "", "stages:"]
+    lines = [
+        f"\n{summary.model} {summary.version}: {'DEGRADED' if summary.degraded else 'ok'}",
+        f"run folder: {summary.run_dir}",
+        "",
+        "stages:",
+    ]
     for s in summary.stages:
         lines.append(f"  {s.stage:<13} {s.status:<9} {s.seconds:7.1f}s  {s.message}")
     if summary.artifacts:
@@ -203,7 +243,10 @@ def format_summary(summary: RunSummary) -> str:
     lines += [
         "",
         f"manifest: {summary.manifest}",
-        "Prefect UI: run `prefect server start` and open http://127.0.0.1:4200 (set PREFECT_API_URL=http://127.0.0.1:4200/api before the run to see it there)",
+        (
+            "Prefect UI: run `prefect server start` and open http://127.0.0.1:4200 (set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api before the run to see it there)"
+        ),
     ]
     return "\n".join(lines)
 
@@ -218,14 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
             "here for a few seconds (no network, token or GPU needed); stages that need credentials run as a "
             "dry run and show what they would upload."
         ),
-        epilog=f"stages, in order: {', '.join(STAGES)}. Critical stages ({', '.join(sorted(CRITICAL_STAGES))}) always fail the run; the others can be allowed to fail with pipeline.continue_on_error.",
+        epilog=(
+            f"stages, in order: {', '.join(STAGES)}. Critical stages ({', '.join(sorted(CRITICAL_STAGES))}) "
+            "always fail the run; the others can be allowed to fail with pipeline.continue_on_error."
+        ),
     )
-    p.add_argument("--config", metavar="FILE", help="deployment_config.yaml (see deployments/deployment_config.example.yaml); default: the built-in demo")
-    p.add_argument("--only", metavar="STAGE", nargs="+", help="run only these stages (earlier artifacts are taken from the run folder's manifest)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="deployment_config.yaml (see deployments/deployment_config.example.yaml); default: the built-in demo",
+    )
+    p.add_argument(
+        "--only",
+        metavar="STAGE",
+        nargs="+",
+        help="run only these stages (earlier artifacts are taken from the run folder's manifest)",
+    )
     p.add_argument("--skip", metavar="STAGE", nargs="+", help="skip these stages")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage, reusing the earlier stages' artifacts")
-    p.add_argument("--dry-run", action="store_true", help="stages that publish or install write exactly what they would send, and send nothing")
-    p.add_argument("--refresh", metavar="STAGE", nargs="*", help="ignore the cache for these stages (no name: all stages)")
+    p.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="start at this stage, reusing the earlier stages' artifacts"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="stages that publish or install write exactly what they would send, and send nothing",
+    )
+    p.add_argument(
+        "--refresh", metavar="STAGE", nargs="*", help="ignore the cache for these stages (no name: all stages)"
+    )
     p.add_argument("--runs-dir", metavar="DIR", help="override pipeline.runs_dir")
     p.add_argument("--validate", action="store_true", help="only validate the config and print it; run nothing")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -241,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from flows.demo import demo_config
 
-            print("No --config given: running the built-in demo (a tiny model and a LoRA adapter built on this machine).", flush=True)
+            print(
+                "No --config given: running the built-in demo (a tiny model and a LoRA adapter built on this machine).",
+                flush=True,
+            )
             cfg = demo_config(validate_only=args.validate, runs_dir=args.runs_dir or "runs")
         if args.runs_dir:
             cfg.pipeline.runs_dir = args.runs_dir
@@ -251,11 +317,20 @@ def main(argv: list[str] | None = None) -> int:
             print("config is valid", file=sys.stderr)
             return 0
         refresh = None if args.refresh is None else (args.refresh or ["all"])
-        from flows.orchestration import configured_flow, run_tags
         from prefect import tags
 
+        from flows.orchestration import run_tags
+        from flows.task_runners import configured_flow
+
         with tags(*run_tags(cfg)):
-            summary = configured_flow(full, cfg)(config=cfg.model_dump(mode="json"), only=args.only, skip=args.skip, from_stage=args.from_stage, dry_run=args.dry_run, refresh=refresh)
+            summary = configured_flow(full, cfg)(
+                config=cfg.model_dump(mode="json"),
+                only=args.only,
+                skip=args.skip,
+                from_stage=args.from_stage,
+                dry_run=args.dry_run,
+                refresh=refresh,
+            )
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ from prefect import flow, get_run_logger, tags  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
 from flows.full import full  # noqa: E402
-from flows.orchestration import configured_flow, run_tags  # noqa: E402
+from flows.orchestration import run_tags  # noqa: E402
+from flows.task_runners import configured_flow  # noqa: E402
 from tasks.core.errors import PipelineError  # noqa: E402
 
 
@@ -44,12 +45,20 @@ def _one_local(config_path: str, only: list[str] | None, dry_run: bool) -> dict[
 def _one_deployment(deployment: str, config_path: str, only: list[str] | None, dry_run: bool) -> dict[str, Any]:
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters={"config_path": config_path, "only": only, "dry_run": dry_run}, timeout=None)
+    run = run_deployment(
+        deployment, parameters={"config_path": config_path, "only": only, "dry_run": dry_run}, timeout=None
+    )
     return {"config": config_path, "flow_run": str(run.id), "state": run.state.name if run.state else "unknown"}
 
 
 @flow(name="loraship-multi", log_prints=True)
-def multi(config_paths: list[str], parallel: int = 2, deployment: str = "", only: list[str] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+def multi(
+    config_paths: list[str],
+    parallel: int = 2,
+    deployment: str = "",
+    only: list[str] | None = None,
+    dry_run: bool = False,
+) -> list[dict[str, Any]]:
     """Run the pipeline for several models as parallel flow runs; returns each run's final state."""
     logger = get_run_logger()
     for p in config_paths:  # fail fast on a bad file, before anything starts
@@ -59,7 +68,11 @@ def multi(config_paths: list[str], parallel: int = 2, deployment: str = "", only
         futures = []
         for p in config_paths:
             ctx = contextvars.copy_context()
-            fn = (lambda p=p: _one_deployment(deployment, p, only, dry_run)) if deployment else (lambda p=p: _one_local(p, only, dry_run))
+            fn = (
+                (lambda p=p: _one_deployment(deployment, p, only, dry_run))
+                if deployment
+                else (lambda p=p: _one_local(p, only, dry_run))
+            )
             futures.append(pool.submit(ctx.run, fn))
         results = [f.result() for f in futures]
     for r in results:
@@ -68,15 +81,35 @@ def multi(config_paths: list[str], parallel: int = 2, deployment: str = "", only
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.multi", description="Run the pipeline for several models (one deployment_config.yaml each) as parallel Prefect flow runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m flows.multi",
+        description=(
+            "Run the pipeline for several models (one deployment_config.yaml each) as parallel Prefect flow runs."
+        ),
+    )
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="deployment_config.yaml files, one per model")
-    p.add_argument("--parallel", type=int, default=2, help="models at a time (default 2); heavy stages also share performance.concurrency_limit")
-    p.add_argument("--deployment", default="", help="run each as a run of this deployment (flow/deployment name) on its work pool's workers")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="models at a time (default 2); heavy stages also share performance.concurrency_limit",
+    )
+    p.add_argument(
+        "--deployment",
+        default="",
+        help="run each as a run of this deployment (flow/deployment name) on its work pool's workers",
+    )
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     try:
-        results = multi(config_paths=args.configs, parallel=args.parallel, deployment=args.deployment, only=args.only, dry_run=args.dry_run)
+        results = multi(
+            config_paths=args.configs,
+            parallel=args.parallel,
+            deployment=args.deployment,
+            only=args.only,
+            dry_run=args.dry_run,
+        )
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

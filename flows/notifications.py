@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from flows.config import NotificationSettings
-    from flows.context import RunSummary
+    from flows.summary import RunSummary
 
 log = logging.getLogger("loraship.notifications")
 
@@ -28,18 +28,18 @@ def _redacted(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", "<url>", str(exc))[:300]
 
 
-def events_for(summary: "RunSummary", failed: bool) -> list[Event]:
+def events_for(summary: RunSummary, failed: bool) -> list[Event]:
     """Which configured lists a run's outcome goes to: failed, or completed (+ degraded when degraded)."""
     if failed:
         return ["failed"]
     return ["completed", "degraded"] if summary.degraded else ["completed"]
 
 
-def blocks_for(settings: "NotificationSettings", event: Event) -> list[str]:
+def blocks_for(settings: NotificationSettings, event: Event) -> list[str]:
     return {"completed": settings.on_completion, "degraded": settings.on_degraded, "failed": settings.on_failure}[event]
 
 
-def flow_run_url(settings: "NotificationSettings") -> str:
+def flow_run_url(settings: NotificationSettings) -> str:
     """The UI page of the current flow run, when there is a UI to link to."""
     try:
         from prefect.runtime import flow_run
@@ -56,9 +56,13 @@ def flow_run_url(settings: "NotificationSettings") -> str:
     return f"{base.rstrip('/')}/runs/flow-run/{run_id}" if base else ""
 
 
-def compose(summary: "RunSummary", event: Event, error: str = "", run_url: str = "") -> tuple[str, str]:
+def compose(summary: RunSummary, event: Event, error: str = "", run_url: str = "") -> tuple[str, str]:
     """(subject, body) of the message: outcome, stages, links to the Hub repo, Space, reports and the run."""
-    word = "FAILED" if event == "failed" else ("completed DEGRADED" if summary.degraded or event == "degraded" else "completed")
+    word = (
+        "FAILED"
+        if event == "failed"
+        else ("completed DEGRADED" if summary.degraded or event == "degraded" else "completed")
+    )
     subject = f"loraship: {summary.model} {summary.version} {word}"
     lines = [subject, ""]
     if error:
@@ -87,18 +91,28 @@ def load_notification_block(name: str) -> Any:
         offset = 0
         while True:  # the client offers no filter by name here: page through the saved blocks
             page = client.read_block_documents(offset=offset, limit=200, include_secrets=False)
-            docs += [d for d in page if d.name == name and d.block_schema and "notify" in (d.block_schema.capabilities or [])]
+            docs += [
+                d for d in page if d.name == name and d.block_schema and "notify" in (d.block_schema.capabilities or [])
+            ]
             if len(page) < 200:
                 break
             offset += 200
     if not docs:
-        raise ValueError(f"no saved notification block named {name!r} (save one in the Prefect UI under Blocks, or name it as type-slug/name)")
+        raise ValueError(
+            f"no saved notification block named {name!r} (save one in the Prefect UI under Blocks, or name "
+            "it as type-slug/name)"
+        )
     if len(docs) > 1:
-        raise ValueError(f"several notification blocks are named {name!r}: write it as type-slug/name, e.g. {docs[0].block_type.slug}/{name}")
+        raise ValueError(
+            f"several notification blocks are named {name!r}: write it as type-slug/name, e.g. "
+            f"{docs[0].block_type.slug}/{name}"
+        )
     return Block.load(f"{docs[0].block_type.slug}/{name}")
 
 
-def notify_run(settings: "NotificationSettings", summary: "RunSummary", failed: bool = False, error: str = "") -> dict[str, str]:
+def notify_run(
+    settings: NotificationSettings, summary: RunSummary, failed: bool = False, error: str = ""
+) -> dict[str, str]:
     """Send the run's outcome to every block configured for it. Returns {block name: 'sent' | why not}."""
     results: dict[str, str] = {}
     run_url = ""

@@ -7,8 +7,8 @@ reason). It reads like the pipeline diagram: pick the inputs, call the stage's t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flows.context import RunContext
 from tasks.core.artifacts import Artifact
@@ -18,17 +18,26 @@ from tasks.core.errors import PermanentError, StageSkipped
 def _need(ctx: RunContext, kind: str, stage: str) -> list[Artifact]:
     found = ctx.of_kind(kind)
     if not found:
-        raise PermanentError(f"stage {stage} needs a {kind!r} artifact and none was made in this run", hint=f"enable the stage that makes it, or run with --from {stage} after a run that made it")
+        raise PermanentError(
+            f"stage {stage} needs a {kind!r} artifact and none was made in this run",
+            hint=f"enable the stage that makes it, or run with --from {stage} after a run that made it",
+        )
     return found
 
 
 def run_download(ctx: RunContext) -> list[Artifact]:
-    from tasks.download import download_task
+    from tasks.download.stage import download_task
 
     adapter = ctx.call("download", download_task, ctx.config.source, ctx.run.adapter_dir)
     m = adapter.meta
-    how = "already up to date" if m.get("method") == "none" else f"fetched {m.get('files_fetched')} file(s) by {m.get('method')}"
-    ctx.notes.setdefault("messages", {})["download"] = f"{len(adapter.files)} file(s), {adapter.size / 1e6:.1f} MB from {m.get('source')}: {how}"
+    how = (
+        "already up to date"
+        if m.get("method") == "none"
+        else f"fetched {m.get('files_fetched')} file(s) by {m.get('method')}"
+    )
+    ctx.notes.setdefault("messages", {})["download"] = (
+        f"{len(adapter.files)} file(s), {adapter.size / 1e6:.1f} MB from {m.get('source')}: {how}"
+    )
     ctx.notes.setdefault("links", {})["download_record"] = str(ctx.run.root / "download.json")
     return [adapter]
 
@@ -41,35 +50,53 @@ def _not_yet(stage: str) -> Callable[[RunContext], list[Artifact]]:
 
 
 def run_merge(ctx: RunContext) -> list[Artifact]:
-    from tasks.merge import base_fingerprint, merge_task
+    from tasks.merge.stage import base_fingerprint, merge_task
 
     adapter = _need(ctx, "adapter", "merge")[0]
     settings, default_base = ctx.config.merge, ctx.config.model.base_model
     base_key = base_fingerprint(settings, default_base, adapter)
     merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key)
     diff = merged.meta.get("max_abs_logit_diff")
-    check = f"max |logit diff| vs peft {diff:.2g}" if diff is not None else "not verified (" + str(merged.meta.get("verify_skipped")) + ")"
-    ctx.notes.setdefault("messages", {})["merge"] = f"{merged.meta.get('backend')} merge, {merged.meta.get('dtype')}, {merged.size / 1e6:.1f} MB; {check}"
+    check = (
+        f"max |logit diff| vs peft {diff:.2g}"
+        if diff is not None
+        else "not verified (" + str(merged.meta.get("verify_skipped")) + ")"
+    )
+    ctx.notes.setdefault("messages", {})["merge"] = (
+        f"{merged.meta.get('backend')} merge, {merged.meta.get('dtype')}, {merged.size / 1e6:.1f} MB; {check}"
+    )
     return [merged]
 
 
 def run_convert(ctx: RunContext) -> list[Artifact]:
     import shutil
 
-    from tasks.convert import convert_task
+    from tasks.gguf.convert import convert_task
 
     merged = _need(ctx, "merged", "convert")[0]
     f16 = ctx.call("convert", convert_task, merged, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
     m = f16.meta
-    msg = f"{f16.meta['quant']} {f16.size / 1e6:.1f} MB, {m.get('tensor_count')} tensors, llama.cpp {str(m.get('llama_cpp_commit') or '?')[:9]} ({m.get('converter_origin')})"
+    commit = str(m.get("llama_cpp_commit") or "?")[:9]
+    msg = (
+        f"{f16.meta['quant']} {f16.size / 1e6:.1f} MB, {m.get('tensor_count')} tensors, "
+        f"llama.cpp {commit} ({m.get('converter_origin')})"
+    )
     if m.get("tokenizer_check"):
         msg += "; tokenizer matches HF" if m["tokenizer_check"]["matches"] else "; TOKENIZER DIFFERS"
     made = [f16]
     if ctx.config.convert.lora_adapter:
-        from tasks.convert import convert_lora_task
+        from tasks.gguf.convert import convert_lora_task
 
         adapter = _need(ctx, "adapter", "convert")[0]
-        lora = ctx.call("convert", convert_lora_task, adapter, merged.local_path, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
+        lora = ctx.call(
+            "convert",
+            convert_lora_task,
+            adapter,
+            merged.local_path,
+            ctx.config.convert,
+            ctx.run.gguf_dir,
+            ctx.config.model.name,
+        )
         made.append(lora)
         msg += f"; LoRA {Path(lora.path).name} ({lora.meta['tensor_count']} tensors)"
     if ctx.config.pipeline.cleanup.delete_merged and f16.is_intact() and merged.is_dir and merged.local_path.is_dir():
@@ -83,14 +110,17 @@ def run_convert(ctx: RunContext) -> list[Artifact]:
 def run_quantize(ctx: RunContext) -> list[Artifact]:
     from prefect import unmapped
 
-    from tasks.quantize import quantize_task
-    from tasks.quantize_plan import plan_jobs
+    from tasks.gguf.plan import plan_jobs
+    from tasks.gguf.quantize import quantize_task
 
     ggufs = _need(ctx, "gguf", "quantize")
     source_name = f"gguf:{ctx.config.convert.outtype.upper()}"
     f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == "convert"), None)
     if f16 is None:
-        raise PermanentError(f"stage quantize needs the converted {source_name} file", hint="enable the convert stage, or run with --from convert")
+        raise PermanentError(
+            f"stage quantize needs the converted {source_name} file",
+            hint="enable the convert stage, or run with --from convert",
+        )
     s, perf = ctx.config.quantization, ctx.config.performance
     types = [q for q in s.types if q != f16.meta.get("quant")]
     if not types:
@@ -103,8 +133,17 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     module_code_version(quantize_task.fn.__module__)
     order = plan.start_order(types)  # costliest first
     mapped = ctx.map(
-        "quantize", quantize_task, f16=unmapped(f16), quant=order, settings=unmapped(s), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
-        _threads=[plan.threads_for(q) for q in order], _max_buf=unmapped(plan.max_buf_size), _slots=unmapped(plan.parallel), _plan_key=unmapped(str(ctx.run.root)),
+        "quantize",
+        quantize_task,
+        f16=unmapped(f16),
+        quant=order,
+        settings=unmapped(s),
+        out_dir=unmapped(ctx.run.gguf_dir),
+        model_name=unmapped(ctx.config.model.name),
+        _threads=[plan.threads_for(q) for q in order],
+        _max_buf=unmapped(plan.max_buf_size),
+        _slots=unmapped(plan.parallel),
+        _plan_key=unmapped(str(ctx.run.root)),
         _rank=list(range(len(order))),
     )
     by_quant = {a.meta["quant"]: a for a in mapped}
@@ -113,17 +152,30 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     msg += f"; {plan.parallel} at once, threads " + ", ".join(f"{q} {plan.threads_for(q)}" for q in order)
     splits: list[Artifact] = []
     if s.split_max_size:  # shards for publishing (kind gguf-split); the unsplit files stay the gguf artifacts
-        from tasks.quantize_split import parse_size, split_task
+        from tasks.gguf.split import parse_size, split_task
 
         limit = parse_size(s.split_max_size)
         big = [a for a in ([] if ctx.config.pipeline.cleanup.delete_f16 else [f16]) + made if a.size > limit]
         if big:
             module_code_version(split_task.fn.__module__)
-            splits = [a for a in ctx.map(
-                "quantize", split_task, gguf=big, max_size=unmapped(s.split_max_size), out_dir=unmapped(ctx.run.gguf_dir), model_name=unmapped(ctx.config.model.name),
-                generate_tokens=unmapped(s.generate_tokens), _threads=unmapped(plan.threads),
-            ) if a is not None]
-        msg += "; split: " + (", ".join(f"{a.meta['quant']} into {a.meta['split_count']}" for a in splits) or f"none above {s.split_max_size}")
+            splits = [
+                a
+                for a in ctx.map(
+                    "quantize",
+                    split_task,
+                    gguf=big,
+                    max_size=unmapped(s.split_max_size),
+                    out_dir=unmapped(ctx.run.gguf_dir),
+                    model_name=unmapped(ctx.config.model.name),
+                    generate_tokens=unmapped(s.generate_tokens),
+                    _threads=unmapped(plan.threads),
+                )
+                if a is not None
+            ]
+        msg += "; split: " + (
+            ", ".join(f"{a.meta['quant']} into {a.meta['split_count']}" for a in splits)
+            or f"none above {s.split_max_size}"
+        )
     if ctx.config.pipeline.cleanup.delete_f16 and all(a.is_intact() for a in made):
         f16.local_path.unlink(missing_ok=True)
         ctx.artifacts.pop(f16.name, None)
@@ -138,69 +190,117 @@ def _hub_token(ctx: RunContext, ref, what: str):
 
 
 def run_hub_push(ctx: RunContext) -> list[Artifact]:
-    from tasks.hub_push import hub_push_task
+    from tasks.publish.hub_push import hub_push_task
 
     ggufs = _need(ctx, "gguf", "hub_push")
     token = None if ctx.dry_run else _hub_token(ctx, ctx.config.hub.token, "hub.token")
     dry = ctx.dry_run or token is None
     made = ctx.call(
-        "hub_push", hub_push_task, ggufs, ctx.config.hub, ctx.config.card, ctx.run.publish_dir, ctx.run.reports_dir,
-        model_name=ctx.config.model.name, version=ctx.config.model.version, base_model=ctx.config.model.base_model,
-        description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), merged=ctx.artifacts.get("merged"),
-        eval_report=ctx.artifacts.get("report:eval"), dry_run=dry, _token=token, splits=ctx.of_kind("gguf-split") or None,
+        "hub_push",
+        hub_push_task,
+        ggufs,
+        ctx.config.hub,
+        ctx.config.card,
+        ctx.run.publish_dir,
+        ctx.run.reports_dir,
+        model_name=ctx.config.model.name,
+        version=ctx.config.model.version,
+        base_model=ctx.config.model.base_model,
+        description=ctx.config.model.description,
+        adapter=ctx.artifacts.get("adapter"),
+        merged=ctx.artifacts.get("merged"),
+        eval_report=ctx.artifacts.get("report:eval"),
+        dry_run=dry,
+        _token=token,
+        splits=ctx.of_kind("gguf-split") or None,
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["hub_push"] = True
         ctx.notes.setdefault("links", {})["hub repo (staged, not pushed)"] = made.meta["staged"]
-        ctx.notes.setdefault("messages", {})["hub_push"] = f"dry run ({made.meta.get('reason')}): would push {len(made.files)} files to {made.meta['repo_id']}; staged in {made.meta['staged']}"
+        ctx.notes.setdefault("messages", {})["hub_push"] = (
+            f"dry run ({made.meta.get('reason')}): would push {len(made.files)} files to "
+            f"{made.meta['repo_id']}; staged in {made.meta['staged']}"
+        )
     else:
         ctx.notes.setdefault("links", {})["hub repo"] = made.meta["url"]
-        ctx.notes.setdefault("messages", {})["hub_push"] = f"{made.meta['url']}: {len(made.meta.get('uploaded', []))} file(s) sent, {len(made.meta.get('skipped', []))} unchanged"
+        ctx.notes.setdefault("messages", {})["hub_push"] = (
+            f"{made.meta['url']}: {len(made.meta.get('uploaded', []))} file(s) sent, "
+            f"{len(made.meta.get('skipped', []))} unchanged"
+        )
     return [made]
 
 
 def run_card(ctx: RunContext) -> list[Artifact]:
-    from tasks.card import card_task
+    from tasks.publish.card import card_task
 
     ggufs = _need(ctx, "gguf", "card")
     pushed = ctx.artifacts.get("publish:hub")
     if pushed is not None:
         repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
     else:
-        from tasks.hub_push import default_repo_id
+        from tasks.publish.hub_push import default_repo_id
 
         repo_id, endpoint = default_repo_id(ctx.config.hub, ctx.config.model.name, None), ctx.config.hub.endpoint
     real = pushed is not None and not pushed.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     made = ctx.call(
-        "card", card_task, ggufs, ctx.config.card, ctx.run.reports_dir / "README.md",
-        model_name=ctx.config.model.name, version=ctx.config.model.version, repo_id=repo_id, base_model=ctx.config.model.base_model,
-        description=ctx.config.model.description, adapter=ctx.artifacts.get("adapter"), eval_report=ctx.artifacts.get("report:eval"),
-        pushed=pushed if real else None, endpoint=endpoint, _token=token, splits=ctx.of_kind("gguf-split") or None,
+        "card",
+        card_task,
+        ggufs,
+        ctx.config.card,
+        ctx.run.reports_dir / "README.md",
+        model_name=ctx.config.model.name,
+        version=ctx.config.model.version,
+        repo_id=repo_id,
+        base_model=ctx.config.model.base_model,
+        description=ctx.config.model.description,
+        adapter=ctx.artifacts.get("adapter"),
+        eval_report=ctx.artifacts.get("report:eval"),
+        pushed=pushed if real else None,
+        endpoint=endpoint,
+        _token=token,
+        splits=ctx.of_kind("gguf-split") or None,
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
-    ctx.notes.setdefault("messages", {})["card"] = f"{made.path} ({'with' if made.meta.get('has_eval') else 'no'} eval numbers)" + (f"; updated on the Hub ({made.meta['commit'][:12]})" if made.meta.get("commit") else "")
+    ctx.notes.setdefault("messages", {})["card"] = (
+        f"{made.path} ({'with' if made.meta.get('has_eval') else 'no'} eval numbers)"
+        + (f"; updated on the Hub ({made.meta['commit'][:12]})" if made.meta.get("commit") else "")
+    )
     return [made]
 
 
 def run_space(ctx: RunContext) -> list[Artifact]:
-    from tasks.space import space_task
+    from tasks.publish.space import space_task
 
     pushed = ctx.artifacts.get("publish:hub")
     if pushed is None:
-        raise PermanentError("the space stage needs the hub_push record (publish:hub) and this run has none", hint="enable hub_push, or run with --from space after a run that pushed")
+        raise PermanentError(
+            "the space stage needs the hub_push record (publish:hub) and this run has none",
+            hint="enable hub_push, or run with --from space after a run that pushed",
+        )
     ggufs = _need(ctx, "gguf", "space")
     real = not pushed.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     read_token = _hub_token(ctx, ctx.config.space.read_token, "space.read_token") if real else None
     made = ctx.call(
-        "space", space_task, pushed, ggufs, ctx.config.space, ctx.run.publish_dir, model_name=ctx.config.model.name,
-        license=ctx.config.card.license, dry_run=not real, _token=token, _read_token=read_token,
+        "space",
+        space_task,
+        pushed,
+        ggufs,
+        ctx.config.space,
+        ctx.run.publish_dir,
+        model_name=ctx.config.model.name,
+        license=ctx.config.card.license,
+        dry_run=not real,
+        _token=token,
+        _read_token=read_token,
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["space"] = True
         ctx.notes.setdefault("links", {})["Space (staged, not deployed)"] = made.meta["staged"]
-        ctx.notes.setdefault("messages", {})["space"] = f"dry run ({made.meta.get('reason')}): Space folder for {made.meta['space_id']} in {made.meta['staged']}"
+        ctx.notes.setdefault("messages", {})["space"] = (
+            f"dry run ({made.meta.get('reason')}): Space folder for {made.meta['space_id']} in {made.meta['staged']}"
+        )
     else:
         ctx.notes.setdefault("links", {})["Space"] = made.meta["url"]
         ctx.notes.setdefault("messages", {})["space"] = f"{made.meta['url']}: {made.meta.get('stage', 'deployed')}"
@@ -208,13 +308,21 @@ def run_space(ctx: RunContext) -> list[Artifact]:
 
 
 def run_local_deploy(ctx: RunContext) -> list[Artifact]:
-    from tasks.local_deploy import local_deploy_task
+    from tasks.local.stage import local_deploy_task
 
     ggufs = _need(ctx, "gguf", "local_deploy")
     s = ctx.config.deployment
     if not (s.lmstudio_enabled or s.ollama_enabled):
         raise StageSkipped("deployment.lmstudio_enabled and deployment.ollama_enabled are both false")
-    made = ctx.call("local_deploy", local_deploy_task, ggufs, s, ctx.config.model.name, ctx.run.publish_dir / "local_deploy", ctx.dry_run)
+    made = ctx.call(
+        "local_deploy",
+        local_deploy_task,
+        ggufs,
+        s,
+        ctx.config.model.name,
+        ctx.run.publish_dir / "local_deploy",
+        ctx.dry_run,
+    )
     if ctx.dry_run:
         ctx.notes.setdefault("dry_run", {})["local_deploy"] = True
     links, parts = ctx.notes.setdefault("links", {}), []
@@ -222,17 +330,33 @@ def run_local_deploy(ctx: RunContext) -> list[Artifact]:
         if a.name == "local:lmstudio":
             links["LM Studio"] = a.meta["repo_dir"]
             lms = a.meta.get("lms", {})
-            parts.append(f"LM Studio: {len(a.meta['files'])} file(s) {'would go' if ctx.dry_run else 'linked'} to {a.meta['repo_dir']}" + (f" (lms: {lms['skipped'].split(':')[0]})" if "skipped" in lms else f" (lms load rc {lms.get('load_rc')})" if lms else ""))
+            parts.append(
+                (
+                    f"LM Studio: {len(a.meta['files'])} file(s) {'would go' if ctx.dry_run else 'linked'} to "
+                    f"{a.meta['repo_dir']}"
+                )
+                + (
+                    f" (lms: {lms['skipped'].split(':')[0]})"
+                    if "skipped" in lms
+                    else f" (lms load rc {lms.get('load_rc')})"
+                    if lms
+                    else ""
+                )
+            )
         elif a.name == "local:ollama":
             links["Ollama Modelfile"] = a.meta["modelfile"]
             created = a.meta["create"]
-            parts.append(f"Ollama: {a.meta['name']} created" if "rc" in created else f"Ollama: run `ollama create {a.meta['name']} -f {a.meta['modelfile']}`")
+            parts.append(
+                f"Ollama: {a.meta['name']} created"
+                if "rc" in created
+                else f"Ollama: run `ollama create {a.meta['name']} -f {a.meta['modelfile']}`"
+            )
     ctx.notes.setdefault("messages", {})["local_deploy"] = "; ".join(parts)
     return made
 
 
 def run_serve(ctx: RunContext) -> list[Artifact]:
-    from tasks.serve import keep, serve_task, stop_servers
+    from tasks.serve.stage import keep, serve_task, stop_servers
 
     ggufs = _need(ctx, "gguf", "serve")
     s = ctx.config.serving
@@ -244,12 +368,14 @@ def run_serve(ctx: RunContext) -> list[Artifact]:
         ctx.notes.setdefault("cleanups", []).append(lambda: stop_servers(made, s.stop_timeout_s))
     for a in made:
         ctx.notes.setdefault("links", {})[f"server {a.meta['quant']}"] = a.meta["base_url"]
-    ctx.notes.setdefault("messages", {})["serve"] = "; ".join(f"{a.meta['model_id']} on {a.meta['url']} (pid {a.meta['pid']})" for a in made) + ("; kept running" if s.keep_running else "; stopped at the end of the run")
+    ctx.notes.setdefault("messages", {})["serve"] = "; ".join(
+        f"{a.meta['model_id']} on {a.meta['url']} (pid {a.meta['pid']})" for a in made
+    ) + ("; kept running" if s.keep_running else "; stopped at the end of the run")
     return made
 
 
 def run_health(ctx: RunContext) -> list[Artifact]:
-    from tasks.health import health_task
+    from tasks.evaluate.health import health_task
 
     s = ctx.config.health_check
     if s.base_url:
@@ -257,8 +383,14 @@ def run_health(ctx: RunContext) -> list[Artifact]:
     else:
         servers = ctx.notes.get("servers") or ctx.of_kind("service")
         if not servers:
-            raise StageSkipped("no server to check: enable the serve stage or set health_check.base_url (LM Studio: http://127.0.0.1:1234/v1, Ollama: http://127.0.0.1:11434/v1)")
-        targets = [(a.meta["base_url"], s.model_id or a.meta["model_id"], ctx.artifacts.get(f"gguf:{a.meta['quant']}")) for a in servers]
+            raise StageSkipped(
+                "no server to check: enable the serve stage or set health_check.base_url (LM Studio: "
+                "http://127.0.0.1:1234/v1, Ollama: http://127.0.0.1:11434/v1)"
+            )
+        targets = [
+            (a.meta["base_url"], s.model_id or a.meta["model_id"], ctx.artifacts.get(f"gguf:{a.meta['quant']}"))
+            for a in servers
+        ]
     made: list[Artifact] = []
     for i, (url, model_id, gguf) in enumerate(targets):
         out_dir = ctx.run.reports_dir / ("health" if i == 0 else f"health-{gguf.meta.get('quant') if gguf else i}")
@@ -267,23 +399,33 @@ def run_health(ctx: RunContext) -> list[Artifact]:
             report = report.model_copy(update={"name": f"report:health:{gguf.meta.get('quant') if gguf else i}"})
         made.append(report)
     ctx.notes.setdefault("links", {})["health report"] = str(ctx.run.reports_dir / "health" / "health.md")
-    ctx.notes.setdefault("messages", {})["health"] = "; ".join(f"{a.meta['model_id']}: {a.meta['verdict']}" + (f" ({a.meta['reasons'][0]})" if a.meta["reasons"] else "") for a in made)
+    ctx.notes.setdefault("messages", {})["health"] = "; ".join(
+        f"{a.meta['model_id']}: {a.meta['verdict']}" + (f" ({a.meta['reasons'][0]})" if a.meta["reasons"] else "")
+        for a in made
+    )
     bad = [a for a in made if a.meta["verdict"] == "unhealthy"]
     if bad and s.fail_on_unhealthy:
-        raise PermanentError(f"{bad[0].meta['model_id']} at {bad[0].meta['base_url']} is unhealthy: {'; '.join(bad[0].meta['reasons'])}", hint=f"see {bad[0].path}/health.md; set health_check.fail_on_unhealthy: false to only report it")
+        raise PermanentError(
+            f"{bad[0].meta['model_id']} at {bad[0].meta['base_url']} is unhealthy: {'; '.join(bad[0].meta['reasons'])}",
+            hint=f"see {bad[0].path}/health.md; set health_check.fail_on_unhealthy: false to only report it",
+        )
     return made
 
 
 def run_evaluate(ctx: RunContext) -> list[Artifact]:
-    from tasks.evaluate import data_digest, evaluate_task
+    from tasks.evaluate.evaluation import data_digest, evaluate_task
 
     ggufs = _need(ctx, "gguf", "evaluate")
     s = ctx.config.evaluation
-    report = ctx.call("evaluate", evaluate_task, ggufs, s, ctx.run.reports_dir / "eval", ctx.config.model.name, data_digest(s))
+    report = ctx.call(
+        "evaluate", evaluate_task, ggufs, s, ctx.run.reports_dir / "eval", ctx.config.model.name, data_digest(s)
+    )
     ctx.notes.setdefault("links", {})["eval report"] = report.meta["markdown"]
     rows = report.meta["quants"]
     ctx.notes.setdefault("messages", {})["evaluate"] = "; ".join(
-        f"{q}: ppl {r['ppl']:.4g}" + (f", KL {r['kl_div']:.2g}" if r.get("kl_div") is not None and q != "F16" else "") for q, r in rows.items() if r.get("ppl") is not None
+        f"{q}: ppl {r['ppl']:.4g}" + (f", KL {r['kl_div']:.2g}" if r.get("kl_div") is not None and q != "F16" else "")
+        for q, r in rows.items()
+        if r.get("ppl") is not None
     )
     return [report]
 

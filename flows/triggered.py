@@ -18,9 +18,10 @@ prepare_environment()
 from prefect import flow, get_run_logger, tags  # noqa: E402
 
 from flows.config import load_config, parse_config  # noqa: E402
-from flows.context import RunSummary  # noqa: E402
 from flows.full import full  # noqa: E402
-from flows.orchestration import configured_flow, run_tags  # noqa: E402
+from flows.orchestration import run_tags  # noqa: E402
+from flows.summary import RunSummary  # noqa: E402
+from flows.task_runners import configured_flow  # noqa: E402
 from tasks.core.errors import ConfigError  # noqa: E402
 
 
@@ -49,7 +50,10 @@ def build_config(
     as an empty string). `runs_dir` falls back to $LORASHIP_RUNS_DIR (set on the worker or work pool).
     """
     if not model_name:
-        raise ConfigError("the training.completed event has no model name", hint="send payload.model (python -m deployments.notify --model NAME ...)")
+        raise ConfigError(
+            "the training.completed event has no model name",
+            hint="send payload.model (python -m deployments.notify --model NAME ...)",
+        )
     data: dict[str, Any] = load_config(config_path).model_dump(mode="json", exclude_unset=True) if config_path else {}
     data.setdefault("model", {})["name"] = model_name
     if version:
@@ -86,8 +90,24 @@ def triggered(
 ) -> RunSummary:
     """Run the pipeline for a training run that just finished (parameters come from the event payload)."""
     logger = get_run_logger()
-    config = build_config(model_name, path, source_kind=source_kind, host=host, base_model=base_model, version=version, config_path=config_path, runs_dir=runs_dir)
+    config = build_config(
+        model_name,
+        path,
+        source_kind=source_kind,
+        host=host,
+        base_model=base_model,
+        version=version,
+        config_path=config_path,
+        runs_dir=runs_dir,
+    )
     cfg = parse_config(config)
-    logger.info("training.completed for %s %s: %s %s%s", cfg.model.name, cfg.model.version, cfg.source.kind, f"{host}:" if host else "", cfg.source.path)
+    logger.info(
+        "training.completed for %s %s: %s %s%s",
+        cfg.model.name,
+        cfg.model.version,
+        cfg.source.kind,
+        f"{host}:" if host else "",
+        cfg.source.path,
+    )
     with tags(*run_tags(cfg)):
         return configured_flow(full, cfg)(config=config, only=_stage_list(only), dry_run=dry_run)

@@ -48,4 +48,7 @@ def probe_flow(in_file: str, out_dir: str, counter: str, suffix: str = "!", refr
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    print("STATE=" + probe_flow(a[0], a[1], a[2], suffix=a[3] if len(a) > 3 else "!", refresh=len(a) > 4 and a[4] == "refresh"))
+    print(
+        "STATE="
+        + probe_flow(a[0], a[1], a[2], suffix=a[3] if len(a) > 3 else "!", refresh=len(a) > 4 and a[4] == "refresh")
+    )

@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # p
 @pytest.fixture(scope="session")
 def llama_base() -> Path:
     """Llama-style causal LM, SentencePiece tokenizer trained here, chat template, hidden_size 256."""
-    from tasks.tiny_models import tiny_model
+    from tasks.support.tiny_models import tiny_model
 
     return tiny_model("llama", hidden=256)
 
@@ -35,7 +35,7 @@ def llama_base() -> Path:
 @pytest.fixture(scope="session")
 def qwen2_base() -> Path:
     """Qwen2-style causal LM, byte-level BPE tokenizer trained here (unknown to llama.cpp: needs vocab_pre)."""
-    from tasks.tiny_models import tiny_model
+    from tasks.support.tiny_models import tiny_model
 
     return tiny_model("qwen2", hidden=256)
 
@@ -43,14 +43,14 @@ def qwen2_base() -> Path:
 @pytest.fixture(scope="session")
 def llama_adapter(llama_base: Path) -> Path:
     """A peft LoRA adapter for llama_base with non-zero B (so merging changes outputs)."""
-    from tasks.tiny_models import tiny_adapter
+    from tasks.support.tiny_models import tiny_adapter
 
     return tiny_adapter(llama_base)
 
 
 @pytest.fixture(scope="session")
 def qwen2_adapter(qwen2_base: Path) -> Path:
-    from tasks.tiny_models import tiny_adapter
+    from tasks.support.tiny_models import tiny_adapter
 
     return tiny_adapter(qwen2_base)
 

@@ -11,7 +11,11 @@ from tasks.core.artifacts import Artifact
 
 def gguf_artifacts(ggufs: dict[str, Path], quants: tuple[str, ...] | None = None) -> list[Artifact]:
     """`gguf:<QUANT>` records (kind gguf, meta.quant) for the `llama_ggufs` fixture's files."""
-    return [Artifact.from_path(p, name=f"gguf:{q}", kind="gguf", stage="quantize", meta={"quant": q}) for q, p in ggufs.items() if quants is None or q in quants]
+    return [
+        Artifact.from_path(p, name=f"gguf:{q}", kind="gguf", stage="quantize", meta={"quant": q})
+        for q, p in ggufs.items()
+        if quants is None or q in quants
+    ]
 
 
 def fake_cli(bin_dir: Path, name: str, output: str = "ok", rc: int = 0) -> Path:

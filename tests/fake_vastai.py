@@ -34,7 +34,9 @@ class FakeVastAI:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # noqa: N802
-                outer.calls.append({"path": self.path, "auth_ok": self.headers.get("Authorization") == f"Bearer {outer.api_key}"})
+                outer.calls.append(
+                    {"path": self.path, "auth_ok": self.headers.get("Authorization") == f"Bearer {outer.api_key}"}
+                )
                 if self.headers.get("Authorization") != f"Bearer {outer.api_key}":
                     return self._send(401, {"success": False, "error": "invalid_api_key", "msg": "Invalid user key"})
                 parts = [p for p in self.path.split("?")[0].split("/") if p]
@@ -53,14 +55,26 @@ class FakeVastAI:
         return f"http://127.0.0.1:{self.server.server_address[1]}/api/v0"
 
     def add_instance(self, instance_id: int, *, ssh_port: int, status: str = "running", direct: bool = True) -> None:
-        inst: dict[str, Any] = {"id": instance_id, "actual_status": status, "ssh_host": "127.0.0.1", "ssh_port": ssh_port, "image_runtype": "ssh", "gpu_name": "RTX 4090"}
+        inst: dict[str, Any] = {
+            "id": instance_id,
+            "actual_status": status,
+            "ssh_host": "127.0.0.1",
+            "ssh_port": ssh_port,
+            "image_runtype": "ssh",
+            "gpu_name": "RTX 4090",
+        }
         if direct:
-            inst.update({"public_ipaddr": "127.0.0.1\n", "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(ssh_port)}]}})
+            inst.update(
+                {
+                    "public_ipaddr": "127.0.0.1\n",
+                    "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(ssh_port)}]},
+                }
+            )
         else:
             inst.update({"public_ipaddr": "203.0.113.9", "ports": {}})
         self.instances[instance_id] = inst
 
-    def __enter__(self) -> "FakeVastAI":
+    def __enter__(self) -> FakeVastAI:
         self.thread.start()
         return self
 

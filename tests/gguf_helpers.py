@@ -1,7 +1,7 @@
 """Tiny real GGUF files for tests: converted and quantized with the project's own stages, cached.
 
-Built from a base model folder (tasks/tiny_models.py) with tasks.convert.convert and
-tasks.quantize.quantize_all, once per (model folder, types, stage code, llama-cpp-python version), in
+Built from a base model folder (tasks/support/tiny_models.py) with tasks.gguf.convert.convert and
+tasks.gguf.quantize.quantize_all, once per (model folder, types, stage code, llama-cpp-python version), in
 `~/.cache/loraship/ggufs/` (or `$LORASHIP_CACHE/ggufs`), under a file lock and written to a temporary
 folder renamed into place, so parallel sessions build once and never see half-written files.
 """
@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-
 QUANTS = ("Q8_0", "Q4_K_M", "Q5_K_M")
 
 
@@ -21,16 +20,30 @@ def _key(base: Path, outtype: str, types: tuple[str, ...], vocab_pre: str | None
     from tasks.core.caching import module_code_version
 
     # The quantize stage's code version covers convert, gguf_validate, the toolchain and the plan too.
-    payload = [str(Path(base).resolve()), outtype, list(types), vocab_pre, importlib.metadata.version("llama-cpp-python"), module_code_version("tasks.quantize")]
+    payload = [
+        str(Path(base).resolve()),
+        outtype,
+        list(types),
+        vocab_pre,
+        importlib.metadata.version("llama-cpp-python"),
+        module_code_version("tasks.gguf.quantize"),
+    ]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def tiny_ggufs(base: Path, *, name: str | None = None, outtype: str = "f16", types: tuple[str, ...] = QUANTS, vocab_pre: str | None = None) -> dict[str, Path]:
+def tiny_ggufs(
+    base: Path,
+    *,
+    name: str | None = None,
+    outtype: str = "f16",
+    types: tuple[str, ...] = QUANTS,
+    vocab_pre: str | None = None,
+) -> dict[str, Path]:
     """{"F16": path, "Q8_0": path, ...} for the model folder `base` (built once, cached)."""
-    from tasks.convert import ConvertSettings, convert
     from tasks.core.artifacts import Artifact
-    from tasks.quantize import QuantizeSettings, quantize_all
-    from tasks.tiny_models import build_once, cache_root
+    from tasks.gguf.convert import ConvertSettings, convert
+    from tasks.gguf.quantize import QuantizeSettings, quantize_all
+    from tasks.support.tiny_models import build_once, cache_root
 
     base = Path(base)
     name = name or base.name.split("-")[0]
@@ -43,7 +56,9 @@ def tiny_ggufs(base: Path, *, name: str | None = None, outtype: str = "f16", typ
         meta = {a.meta["quant"]: a.meta for a in [f16, *quants]}
         (tmp / "index.json").write_text(json.dumps({"files": index, "meta": meta}, indent=2, default=str))
 
-    out = build_once(cache_root() / "ggufs" / f"{name}-{_key(base, outtype, tuple(types), vocab_pre)}", build, marker="index.json")
+    out = build_once(
+        cache_root() / "ggufs" / f"{name}-{_key(base, outtype, tuple(types), vocab_pre)}", build, marker="index.json"
+    )
     index = json.loads((out / "index.json").read_text())["files"]
     return {q: out / fname for q, fname in index.items()}
 

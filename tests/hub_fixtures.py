@@ -31,18 +31,39 @@ def write_gguf(path: Path, n: int = 4096, seed: int = 0) -> Path:
     return path
 
 
-def gguf_artifacts(folder: Path, model: str = "tiny", quants: tuple[str, ...] = ("F16", "Q8_0", "Q4_K_M"), seed: int = 0) -> list[Artifact]:
+def gguf_artifacts(
+    folder: Path, model: str = "tiny", quants: tuple[str, ...] = ("F16", "Q8_0", "Q4_K_M"), seed: int = 0
+) -> list[Artifact]:
     out = []
     for i, q in enumerate(quants):
         p = write_gguf(folder / f"{model}-{q}.gguf", n=4096 * (3 - min(i, 2)), seed=seed + i)
-        out.append(Artifact.from_path(p, name=f"gguf:{q}", kind="gguf", stage="quantize" if q != "F16" else "convert", meta={"quant": q}))
+        out.append(
+            Artifact.from_path(
+                p, name=f"gguf:{q}", kind="gguf", stage="quantize" if q != "F16" else "convert", meta={"quant": q}
+            )
+        )
     return out
 
 
 def adapter_artifact(folder: Path, base: str = "acme/tiny-base") -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "lora_dropout": 0.05, "base_model_name_or_path": base}))
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 60, "epoch": 3.0, "log_history": [{"loss": 2.5, "step": 10}, {"loss": 1.25, "step": 60}]}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["v_proj", "q_proj"],
+                "lora_dropout": 0.05,
+                "base_model_name_or_path": base,
+            }
+        )
+    )
+    (folder / "trainer_state.json").write_text(
+        json.dumps(
+            {"global_step": 60, "epoch": 3.0, "log_history": [{"loss": 2.5, "step": 10}, {"loss": 1.25, "step": 60}]}
+        )
+    )
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
     files = {n: str(folder / n) for n in ("adapter_config.json", "trainer_state.json")}
     return Artifact.from_path(folder, name="adapter", kind="adapter", stage="download", meta={"metadata_files": files})

@@ -141,7 +141,7 @@ class Handler(BaseHTTPRequestHandler):
     # request was recorded in `state.requests`, so a test that asserts on the log right after a call
     # cannot race the server thread.
     wbufsize = 64 * 1024
-    server: "HubServer"
+    server: HubServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -155,7 +155,14 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _send(self, status: int, body: bytes = b"", ctype: str = "application/json", headers: dict[str, str] | None = None, head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        ctype: str = "application/json",
+        headers: dict[str, str] | None = None,
+        head: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -172,7 +179,7 @@ class Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         if not auth.startswith("Bearer "):
             return None
-        token = auth[len("Bearer "):].strip()
+        token = auth[len("Bearer ") :].strip()
         user = self.state.tokens.get(token)
         if user is None:
             raise HubError(401, None, "Invalid credentials in Authorization header")
@@ -192,7 +199,11 @@ class Handler(BaseHTTPRequestHandler):
         owner = rid.split("/")[0]
         visible = repo is not None and (not repo.private or (user is not None and user["name"] == owner))
         if not visible:
-            raise HubError(404 if user is not None or repo is None else 401, "RepoNotFound", f"Repository Not Found for url: {self.path}.")
+            raise HubError(
+                404 if user is not None or repo is None else 401,
+                "RepoNotFound",
+                f"Repository Not Found for url: {self.path}.",
+            )
         if write:
             user = self._need_user(write=True)
             if user["name"] != owner:
@@ -251,18 +262,34 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         path = unquote(url.path)
         query = parse_qs(url.query)
-        data = json.loads(body) if body and (self.headers.get("Content-Type") or "").startswith("application/json") else None
+        data = (
+            json.loads(body)
+            if body and (self.headers.get("Content-Type") or "").startswith("application/json")
+            else None
+        )
         st = self.state
         with st.lock:
             if path == "/api/whoami-v2" and method == "GET":
                 user = self._need_user()
-                self._json(200, {"type": "user", "name": user["name"], "fullname": user["name"], "orgs": [], "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}}})
+                self._json(
+                    200,
+                    {
+                        "type": "user",
+                        "name": user["name"],
+                        "fullname": user["name"],
+                        "orgs": [],
+                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}},
+                    },
+                )
                 return 200
             if path == "/api/repos/create" and method == "POST":
                 return self._create_repo(data or {})
             if path == "/api/validate-yaml" and method == "POST":
                 return self._validate_yaml(data or {})
-            m = re.match(r"^/api/spaces/([^/]+/[^/]+)/(secrets|variables|hardware|sleeptime|restart|pause|runtime|logs/build|logs/run)$", path)
+            m = re.match(
+                r"^/api/spaces/([^/]+/[^/]+)/(secrets|variables|hardware|sleeptime|restart|pause|runtime|logs/build|logs/run)$",
+                path,
+            )
             if m:
                 return self._space(method, m.group(1), m.group(2), data or {}, query)
             m = re.match(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)/preupload/(.+)$", path)
@@ -281,7 +308,14 @@ class Handler(BaseHTTPRequestHandler):
             if m and method == "GET":
                 repo = self._repo(_TYPES[m.group(1)], m.group(2))
                 head = repo.head.oid if repo.head else None
-                self._json(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}], "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()], "converts": []})
+                self._json(
+                    200,
+                    {
+                        "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": head}],
+                        "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()],
+                        "converts": [],
+                    },
+                )
                 return 200
             m = re.match(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/revision/(.+))?$", path)
             if m and method == "GET":
@@ -325,9 +359,15 @@ class Handler(BaseHTTPRequestHandler):
             repo.variables[v["key"]] = {"value": v["value"], "description": v.get("description")}
         if data.get("hardware"):
             repo.requested_hardware = data["hardware"]
-        init = {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+        init = {
+            ".gitattributes": (
+                b"*.gguf filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+            )
+        }
         files = {p: self._store(c, lfs=False) for p, c in init.items()}
-        repo.commits.append(Commit(oid=uuid.uuid4().hex + uuid.uuid4().hex[:8], message="initial commit", files=files, parent=None))
+        repo.commits.append(
+            Commit(oid=uuid.uuid4().hex + uuid.uuid4().hex[:8], message="initial commit", files=files, parent=None)
+        )
         self.state.repos[(rtype, rid)] = repo
         self._json(200, {"url": url, "name": rid, "id": rid})
         return 200
@@ -370,7 +410,15 @@ class Handler(BaseHTTPRequestHandler):
         repo = self._repo(rtype, rid)
         commit = self._commit_for(repo, rev or "main")
         siblings = [{"rfilename": p} for p in sorted(commit.files)] if commit else []
-        out: dict[str, Any] = {"id": rid, "_id": rid, "private": repo.private, "sha": commit.oid if commit else None, "siblings": siblings, "tags": [], "author": rid.split("/")[0]}
+        out: dict[str, Any] = {
+            "id": rid,
+            "_id": rid,
+            "private": repo.private,
+            "sha": commit.oid if commit else None,
+            "siblings": siblings,
+            "tags": [],
+            "author": rid.split("/")[0],
+        }
         if rtype == "space":
             out["sdk"] = repo.sdk
             out["runtime"] = self._runtime(repo)
@@ -395,7 +443,11 @@ class Handler(BaseHTTPRequestHandler):
         for f in data.get("files") or []:
             sample = base64.b64decode(f.get("sample") or "")
             lfs = f["path"].lower().endswith(LFS_SUFFIXES) or int(f.get("size") or 0) >= LFS_MIN_SIZE or b"\0" in sample
-            entry: dict[str, Any] = {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+            entry: dict[str, Any] = {
+                "path": f["path"],
+                "uploadMode": "lfs" if lfs else "regular",
+                "shouldIgnore": False,
+            }
             if f["path"] in existing and existing[f["path"]].lfs == lfs:
                 entry["oid"] = existing[f["path"]].oid
             out.append(entry)
@@ -415,7 +467,9 @@ class Handler(BaseHTTPRequestHandler):
                     "verify": {"href": f"{self.server.url}/lfs-verify/{oid}", "header": {}},
                 }
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(), ctype="application/vnd.git-lfs+json")
+        self._send(
+            200, json.dumps({"transfer": "basic", "objects": objects}).encode(), ctype="application/vnd.git-lfs+json"
+        )
         return 200
 
     def _lfs_put(self, oid: str, body: bytes) -> int:
@@ -438,7 +492,11 @@ class Handler(BaseHTTPRequestHandler):
         for item in lines:
             key, value = item.get("key"), item.get("value") or {}
             if key == "file":
-                content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                content = (
+                    base64.b64decode(value["content"])
+                    if value.get("encoding") == "base64"
+                    else value["content"].encode()
+                )
                 files[value["path"]] = self._store(content, lfs=False)
             elif key == "lfsFile":
                 oid = value["oid"]
@@ -453,11 +511,23 @@ class Handler(BaseHTTPRequestHandler):
                 files = {p: f for p, f in files.items() if not p.startswith(prefix)}
         if header.get("parentCommit") and repo.head and header["parentCommit"] != repo.head.oid:
             raise HubError(412, None, "A commit has happened since. Please refresh and try again.")
-        commit = Commit(oid=hashlib.sha1(uuid.uuid4().bytes).hexdigest(), message=header.get("summary", ""), files=files, parent=repo.head.oid if repo.head else None)
+        commit = Commit(
+            oid=hashlib.sha1(uuid.uuid4().bytes).hexdigest(),
+            message=header.get("summary", ""),
+            files=files,
+            parent=repo.head.oid if repo.head else None,
+        )
         repo.commits.append(commit)
         if rtype == "space":
             repo.stage = "BUILDING"
-        self._json(200, {"commitUrl": f"{self.server.url}/{_PREFIX[rtype]}{rid}/commit/{commit.oid}", "commitOid": commit.oid, "success": True})
+        self._json(
+            200,
+            {
+                "commitUrl": f"{self.server.url}/{_PREFIX[rtype]}{rid}/commit/{commit.oid}",
+                "commitOid": commit.oid,
+                "success": True,
+            },
+        )
         return 200
 
     def _tree(self, rtype: str, rid: str, rev: str, sub: str) -> int:
@@ -471,11 +541,20 @@ class Handler(BaseHTTPRequestHandler):
             parts = p.split("/")
             for i in range(1, len(parts)):
                 dirs.add("/".join(parts[:i]))
-            e: dict[str, Any] = {"type": "file", "path": p, "size": f.size, "oid": f.oid if not f.lfs else git_blob_sha1(b"lfs-pointer " + f.oid.encode())}
+            e: dict[str, Any] = {
+                "type": "file",
+                "path": p,
+                "size": f.size,
+                "oid": f.oid if not f.lfs else git_blob_sha1(b"lfs-pointer " + f.oid.encode()),
+            }
             if f.lfs:
                 e["lfs"] = {"oid": f.oid, "size": f.size, "pointerSize": 134}
             entries.append(e)
-        entries += [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()} for d in sorted(dirs) if not sub or d.startswith(sub + "/")]
+        entries += [
+            {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()}
+            for d in sorted(dirs)
+            if not sub or d.startswith(sub + "/")
+        ]
         self._json(200, entries)
         return 200
 
@@ -511,7 +590,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- Spaces ----------------------------------------------------------------------------------
     def _runtime(self, repo: Repo) -> dict[str, Any]:
-        return {"stage": repo.stage, "hardware": {"current": repo.hardware if repo.stage == "RUNNING" else None, "requested": repo.requested_hardware or repo.hardware}, "gcTimeout": repo.sleep_time, "storage": None, "replicas": {"current": 1, "requested": 1}}
+        return {
+            "stage": repo.stage,
+            "hardware": {
+                "current": repo.hardware if repo.stage == "RUNNING" else None,
+                "requested": repo.requested_hardware or repo.hardware,
+            },
+            "gcTimeout": repo.sleep_time,
+            "storage": None,
+            "replicas": {"current": 1, "requested": 1},
+        }
 
     def _space(self, method: str, rid: str, what: str, data: dict[str, Any], query: dict[str, list[str]]) -> int:
         write = method != "GET" or what in ("secrets",)
@@ -526,10 +614,24 @@ class Handler(BaseHTTPRequestHandler):
             return 200
         if what == "variables":
             if method == "POST":
-                repo.variables[data["key"]] = {"value": data.get("value"), "description": data.get("description"), "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+                repo.variables[data["key"]] = {
+                    "value": data.get("value"),
+                    "description": data.get("description"),
+                    "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                }
             elif method == "DELETE":
                 repo.variables.pop(data.get("key"), None)
-            self._json(200, {k: {"value": v["value"], "description": v.get("description"), "updatedAt": v.get("updatedAt") or "2026-01-01T00:00:00.000Z"} for k, v in repo.variables.items()})
+            self._json(
+                200,
+                {
+                    k: {
+                        "value": v["value"],
+                        "description": v.get("description"),
+                        "updatedAt": v.get("updatedAt") or "2026-01-01T00:00:00.000Z",
+                    }
+                    for k, v in repo.variables.items()
+                },
+            )
             return 200
         if what == "hardware" and method == "POST":
             repo.requested_hardware = data.get("flavor")
@@ -551,10 +653,16 @@ class Handler(BaseHTTPRequestHandler):
             if repo.stage == "RUNNING":
                 repo.hardware = repo.requested_hardware or repo.hardware
         elif what.startswith("logs/"):
-            lines = self.state.build_logs.get(rid, [f"===== Build Queued at {time.strftime('%Y-%m-%d %H:%M:%S')} =====", "installing requirements.txt"])
+            lines = self.state.build_logs.get(
+                rid,
+                [f"===== Build Queued at {time.strftime('%Y-%m-%d %H:%M:%S')} =====", "installing requirements.txt"],
+            )
             if what == "logs/run":
                 lines = [f"stage {repo.stage}"]
-            body = "".join("data: " + json.dumps({"data": line + "\n", "timestamp": "2026-01-01T00:00:00Z"}) + "\n\n" for line in lines).encode()
+            body = "".join(
+                "data: " + json.dumps({"data": line + "\n", "timestamp": "2026-01-01T00:00:00Z"}) + "\n\n"
+                for line in lines
+            ).encode()
             self._send(200, body, ctype="text/event-stream")
             return 200
         self._json(200, self._runtime(repo))
@@ -571,7 +679,7 @@ class HubServer(ThreadingHTTPServer):
         self.url = f"http://{host}:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._thread = threading.Thread(target=self.serve_forever, name="hub-server", daemon=True)
         self._thread.start()
         return self

@@ -46,15 +46,20 @@ def peft_adapter(base: Path, out: Path, seed: int = 3, **lora: Any) -> Path:
 
 
 def tiny_gpt2(out: Path) -> Path:
-    """A GPT-2 style model: Conv1D layers (fan_in_fan_out) and tied embeddings; tokenizer from the llama fixture's corpus."""
+    """A GPT-2 style model: Conv1D layers (fan_in_fan_out) and tied embeddings.
+
+    The tokenizer is trained on the llama fixture's corpus.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tasks.tiny_models import train_bpe_tokenizer
+    from tasks.support.tiny_models import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(out)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128, tie_word_embeddings=True))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128, tie_word_embeddings=True)
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 AUTH = "loraship-ci:not-a-real-password-7f3a"
 
@@ -40,14 +40,16 @@ class PrefectServer:
 
     def client_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "PREFECT_API_URL": self.api_url,
-            "PREFECT_API_AUTH_STRING": self.auth,
-            "PREFECT_HOME": str(self.home / "client"),
-            "DO_NOT_TRACK": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_CLI_PROMPT": "false",
-        })
+        env.update(
+            {
+                "PREFECT_API_URL": self.api_url,
+                "PREFECT_API_AUTH_STRING": self.auth,
+                "PREFECT_HOME": str(self.home / "client"),
+                "DO_NOT_TRACK": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_CLI_PROMPT": "false",
+            }
+        )
         env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
         env.update(extra)
         return env
@@ -75,21 +77,26 @@ def start_server(home: Path, timeout: float = 180.0) -> PrefectServer:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(home / "server"),
-        "PREFECT_SERVER_API_AUTH_STRING": AUTH,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # Let the server talk to itself (its services use the client settings).
-        "PREFECT_API_AUTH_STRING": AUTH,
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(home / "server"),
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Let the server talk to itself (its services use the client settings).
+            "PREFECT_API_AUTH_STRING": AUTH,
+        }
+    )
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout

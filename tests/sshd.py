@@ -53,7 +53,7 @@ class SshServer:
         kind, b64 = (self.root / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         return f"[127.0.0.1]:{self.port} {kind} {b64}"
 
-    def start(self, timeout: float = 20.0) -> "SshServer":
+    def start(self, timeout: float = 20.0) -> SshServer:
         if not Path(SSHD).exists():
             raise RuntimeError(f"{SSHD} is missing: install openssh-server (./setup.sh --test)")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation folder sshd insists on
@@ -82,7 +82,9 @@ class SshServer:
             )
         )
         self.known_hosts.write_text(self.host_pub_line + "\n")
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(self.log, "ab")
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,7 +99,21 @@ class SshServer:
 
     def ssh(self, *command: str) -> subprocess.CompletedProcess:
         """Run a command on the server with the real ssh client (for test set-up and checks)."""
-        argv = ["ssh", "-p", str(self.port), "-i", str(self.user_key), "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "BatchMode=yes", f"{self.user}@127.0.0.1", *command]
+        argv = [
+            "ssh",
+            "-p",
+            str(self.port),
+            "-i",
+            str(self.user_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "BatchMode=yes",
+            f"{self.user}@127.0.0.1",
+            *command,
+        ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
     def stop(self) -> None:

@@ -15,8 +15,13 @@ def test_blocks_save_load_and_resolve(prefect_api):
     TrainingHost(host="127.0.0.1", port=2222, private_key="-----BEGIN KEY-----").save("box", overwrite=True)
     creds = HubCredentials.load("test-creds")
     assert "hf_write_secret" not in repr(creds)
-    assert SecretRef.model_validate("block:hub-credentials/test-creds").resolve().get_secret_value() == "hf_write_secret"
-    assert SecretRef.model_validate("block:hub-credentials/test-creds.read_token").resolve().get_secret_value() == "hf_read_secret"
+    assert (
+        SecretRef.model_validate("block:hub-credentials/test-creds").resolve().get_secret_value() == "hf_write_secret"
+    )
+    assert (
+        SecretRef.model_validate("block:hub-credentials/test-creds.read_token").resolve().get_secret_value()
+        == "hf_read_secret"
+    )
     assert TrainingHost.load("box").port == 2222
     from tasks.core.errors import PermanentError
 

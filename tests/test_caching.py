@@ -24,7 +24,14 @@ def api_env(prefect_api) -> dict[str, str]:
 
 
 def run_probe(env: dict[str, str], in_file: Path, out: Path, counter: Path, *extra: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tests.cache_probe", str(in_file), str(out), str(counter), *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.cache_probe", str(in_file), str(out), str(counter), *extra],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [line for line in proc.stdout.splitlines() if line.startswith("STATE=")][-1].removeprefix("STATE=")
 

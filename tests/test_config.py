@@ -80,7 +80,13 @@ def test_cli_rejects_bad_file_with_path(tmp_path):
 
     bad = tmp_path / "c.yaml"
     bad.write_text(yaml.safe_dump({**MINIMAL, "quantization": {"types": "Q4_K_M", "thread": 2}}))
-    proc = subprocess.run([sys.executable, "-m", "flows.full", "--config", str(bad), "--validate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.full", "--config", str(bad), "--validate"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "quantization.thread" in proc.stderr and "quantization.types" in proc.stderr
 
@@ -89,7 +95,9 @@ def test_cli_help_explains_options():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "flows.full", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.full", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0
     for word in ("--config", "--only", "--skip", "--from", "--dry-run", "--refresh", "demo"):
         assert word in proc.stdout

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.convert import TOKENIZER_TEXT, ConvertSettings, convert, hf_tokenize
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError
-from tasks.gguf_validate import generate_check, llama_tokenize, read_gguf, validate_gguf
-from tasks.llama_cpp_toolchain import KNOWN_COMMITS, resolve_converter
+from tasks.gguf.convert import TOKENIZER_TEXT, ConvertSettings, convert, hf_tokenize
+from tasks.gguf.toolchain import KNOWN_COMMITS, resolve_converter
+from tasks.gguf.validate import generate_check, llama_tokenize, read_gguf, validate_gguf
 from tests.gguf_helpers import tiny_gguf_meta
 
 SENTENCES = [TOKENIZER_TEXT, "Once upon a time, 42 owls said: 'hello'!", "system You are a helpful assistant."]
@@ -39,7 +39,10 @@ def test_checkout_setting_is_used_and_checked(tmp_path):
     fake = tmp_path / "llama.cpp"
     for name in ("convert_hf_to_gguf.py", "gguf-py", "conversion"):
         src = conv.root / name
-        shutil.copytree(src, fake / name) if src.is_dir() else (fake.mkdir(exist_ok=True), shutil.copy2(src, fake / name))
+        shutil.copytree(src, fake / name) if src.is_dir() else (
+            fake.mkdir(exist_ok=True),
+            shutil.copy2(src, fake / name),
+        )
     got = resolve_converter(str(fake))
     assert got.origin == "checkout" and got.root == fake.resolve()
     got_env = resolve_converter(environ={"LLAMA_CPP_DIR": str(fake)})
@@ -131,11 +134,13 @@ def test_lora_adapter_alone_converts_and_changes_llama_cpp_logits(llama_ggufs, l
     import numpy as np
     from llama_cpp import Llama
 
-    from tasks.convert import convert_lora
+    from tasks.gguf.convert import convert_lora
 
     adapter = Artifact.from_path(llama_adapter, name="adapter", kind="adapter", stage="download")
     lora = convert_lora(adapter, llama_base, ConvertSettings(), tmp_path, "tiny")
-    assert lora.name == "gguf-lora:F16" and lora.kind == "gguf-lora" and lora.meta["tensor_count"] == 28  # 7 targets x 2 layers x (A, B)
+    assert (
+        lora.name == "gguf-lora:F16" and lora.kind == "gguf-lora" and lora.meta["tensor_count"] == 28
+    )  # 7 targets x 2 layers x (A, B)
     assert lora.meta["llama_cpp_commit"] == KNOWN_COMMITS["0.3.36"]
 
     def last_logits(**kw) -> np.ndarray:
@@ -166,7 +171,7 @@ def test_special_tokens_survive_conversion(llama_ggufs, qwen2_ggufs, llama_base,
 def test_disk_preflight_refuses_before_work(tmp_path):
     import shutil as _shutil
 
-    from tasks.convert import disk_preflight
+    from tasks.gguf.convert import disk_preflight
 
     disk_preflight(tmp_path, 1024, "small.gguf")  # fits
     free = _shutil.disk_usage(tmp_path).free

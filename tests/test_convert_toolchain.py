@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import tasks.llama_cpp_toolchain as tc
+import tasks.gguf.toolchain as tc
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -70,7 +70,9 @@ def test_cache_is_filled_once_under_a_lock(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1  # the others waited on the lock and found the cache
-    assert {r.root for r in results} == {tmp_path / "cache" / "llama.cpp" / f"llama-cpp-python-{tc.installed_runtime_version()}"}
+    assert {r.root for r in results} == {
+        tmp_path / "cache" / "llama.cpp" / f"llama-cpp-python-{tc.installed_runtime_version()}"
+    }
     assert sorted(r.origin for r in results) == ["cache", "cache", "sdist"]
     assert all(r.commit == COMMIT for r in results)
     assert not [p for p in (tmp_path / "cache" / "llama.cpp").iterdir() if p.name.startswith(".partial-")]

@@ -103,10 +103,10 @@ def test_error_classification():
 def test_code_version_covers_helper_modules():
     from tasks.core.caching import _project_imports
 
-    merge = _project_imports("tasks.merge")
-    assert {"tasks.merge_plan", "tasks.merge_streaming", "tasks.merge_safetensors"} <= merge
+    merge = _project_imports("tasks.merge.stage")
+    assert {"tasks.merge.plan", "tasks.merge.streaming", "tasks.merge.safetensors_io"} <= merge
     assert not any(m.startswith("tasks.core") for m in merge)
-    assert "tasks.convert_entry" in _project_imports("tasks.convert")
+    assert "tasks.gguf.convert_entry" in _project_imports("tasks.gguf.convert")
 
 
 def test_prune_missing_moves_deleted_artifacts(tmp_path):
@@ -130,5 +130,5 @@ def test_code_version_is_thread_safe():
 
     caching._module_code_version.cache_clear()
     with ThreadPoolExecutor(8) as pool:
-        versions = list(pool.map(lambda _: caching.module_code_version("tasks.quantize"), range(16)))
+        versions = list(pool.map(lambda _: caching.module_code_version("tasks.gguf.quantize"), range(16)))
     assert len(set(versions)) == 1

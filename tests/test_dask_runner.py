@@ -50,7 +50,7 @@ def _dask_config(runs: Path):
 
 def _run(cfg):
     from flows.full import full
-    from flows.orchestration import configured_flow
+    from flows.task_runners import configured_flow
 
     state = configured_flow(full, cfg)(config=cfg.model_dump(mode="json"), only=STAGES, return_state=True)
     assert state.is_completed(), state.message
@@ -59,10 +59,17 @@ def _run(cfg):
 
 def test_quantize_runs_on_dask_worker_processes(server: PrefectServer, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterTaskRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
 
-    from flows.orchestration import task_runner_for
-    from tasks.gguf_validate import read_gguf, validate_gguf
+    from flows.task_runners import task_runner_for
+    from tasks.gguf.validate import read_gguf, validate_gguf
 
     cfg = _dask_config(tmp_path / "runs")
     runner = task_runner_for(cfg)
@@ -95,7 +102,9 @@ def test_quantize_runs_on_dask_worker_processes(server: PrefectServer, tmp_path:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         qruns = [r for r in runs if r.name.startswith("quantize")]
-        assert len(qruns) == len(TYPES) and all(r.state.is_completed() for r in qruns), [(r.name, r.state) for r in qruns]
+        assert len(qruns) == len(TYPES) and all(r.state.is_completed() for r in qruns), [
+            (r.name, r.state) for r in qruns
+        ]
         assert {str(r.id) for r in qruns} == {item["task_run_id"] for item in info["items"]}
         ids = [r.id for r in qruns]
         logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=ids)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import PermanentError
-from tasks.download import DownloadSettings, download, training_summary
+from tasks.download.stage import DownloadSettings, download, training_summary
 
 
 def sha(p: Path) -> str:
@@ -27,7 +27,10 @@ def test_local_copy_is_verified_mirrored_and_not_repeated(tmp_path):
     art = download(DownloadSettings(path=str(src)), dest)
     assert {f.path for f in art.files} == {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"}
     assert all(f.sha256 == sha(src / f.path) for f in art.files)
-    assert art.meta["training"] == {"adapter": {"peft_type": "LORA", "r": 4, "lora_alpha": 8}, "trainer_state": {"global_step": 3, "final_train_loss": 0.5}}
+    assert art.meta["training"] == {
+        "adapter": {"peft_type": "LORA", "r": 4, "lora_alpha": 8},
+        "trainer_state": {"global_step": 3, "final_train_loss": 0.5},
+    }
     assert art.meta["files_fetched"] == 3
 
     (dest / "stray.bin").write_bytes(b"x")  # not in the source: removed
@@ -42,4 +45,6 @@ def test_local_copy_is_verified_mirrored_and_not_repeated(tmp_path):
 
 def test_training_summary_ignores_unreadable_files(tmp_path):
     (tmp_path / "trainer_state.json").write_text("{not json")
-    assert training_summary(tmp_path, {"all_results.json": {"train_loss": 1.0, "nested": {"x": 1}}}) == {"results": {"train_loss": 1.0}}
+    assert training_summary(tmp_path, {"all_results.json": {"train_loss": 1.0, "nested": {"x": 1}}}) == {
+        "results": {"train_loss": 1.0}
+    }

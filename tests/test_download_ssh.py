@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from tasks.core.errors import PermanentError, TransientError, is_transient
-from tasks.download import DownloadSettings, download
-from tasks.download_ssh import local_target, safe_relpath
-from tasks.download_transfer import RSYNC_PARTIAL, SFTP_PARTIAL
+from tasks.download.ssh import local_target, safe_relpath
+from tasks.download.stage import DownloadSettings, download
+from tasks.download.transfer import RSYNC_PARTIAL, SFTP_PARTIAL
 
 # The plain functions log outside a flow run; Prefect's API log handler warns about that, harmlessly.
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'loraship.download' attempted to send logs")
@@ -33,10 +33,30 @@ def sha(path: Path) -> str:
 def make_run(folder: Path, big: int = 2_000_000, seed: int = 0) -> Path:
     """A training output folder like HF Trainer + peft leave it."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "tiny/llama"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["q_proj", "v_proj"],
+                "base_model_name_or_path": "tiny/llama",
+            }
+        )
+    )
     (folder / "adapter_model.safetensors").write_bytes(os.urandom(big))
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 60, "epoch": 3.0, "log_history": [{"loss": 2.5, "step": 10}, {"loss": 1.25, "step": 60}, {"eval_loss": 1.5, "step": 60}]}))
-    (folder / "training_args.json").write_text(json.dumps({"learning_rate": 2e-4, "num_train_epochs": 3, "seed": 42, "output_dir": "/secret/not/kept"}))
+    (folder / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "global_step": 60,
+                "epoch": 3.0,
+                "log_history": [{"loss": 2.5, "step": 10}, {"loss": 1.25, "step": 60}, {"eval_loss": 1.5, "step": 60}],
+            }
+        )
+    )
+    (folder / "training_args.json").write_text(
+        json.dumps({"learning_rate": 2e-4, "num_train_epochs": 3, "seed": 42, "output_dir": "/secret/not/kept"})
+    )
     (folder / "optimizer.pt").write_bytes(b"o" * 1000)
     (folder / "tokenizer").mkdir(exist_ok=True)
     (folder / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}')
@@ -44,7 +64,15 @@ def make_run(folder: Path, big: int = 2_000_000, seed: int = 0) -> Path:
 
 
 def ssh_settings(server, path: Path | str, **kw) -> DownloadSettings:
-    base = dict(kind="ssh", host="127.0.0.1", port=server.port, user=server.user, key_file=str(server.user_key), known_hosts=str(server.known_hosts), path=str(path))
+    base = dict(
+        kind="ssh",
+        host="127.0.0.1",
+        port=server.port,
+        user=server.user,
+        key_file=str(server.user_key),
+        known_hosts=str(server.known_hosts),
+        path=str(path),
+    )
     base.update(kw)
     return DownloadSettings(**base)
 
@@ -61,15 +89,29 @@ def test_full_pull_verifies_digests_and_records_metadata(ssh_server, remote, tmp
 
     assert art.name == "adapter" and art.kind == "adapter" and art.stage == "download"
     got = {f.path: f.sha256 for f in art.files}
-    assert set(got) == {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "training_args.json", "tokenizer/tokenizer.json"}  # optimizer.pt excluded
+    assert set(got) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "training_args.json",
+        "tokenizer/tokenizer.json",
+    }  # optimizer.pt excluded
     for rel, digest in got.items():
         assert digest == sha(run / rel) == sha(dest / rel)
     assert art.meta["method"] == "rsync" and art.meta["selected"] == "path"
-    assert art.meta["training"]["trainer_state"] == {"global_step": 60, "epoch": 3.0, "final_train_loss": 1.25, "final_eval_loss": 1.5}
+    assert art.meta["training"]["trainer_state"] == {
+        "global_step": 60,
+        "epoch": 3.0,
+        "final_train_loss": 1.25,
+        "final_eval_loss": 1.5,
+    }
     assert art.meta["training"]["adapter"]["r"] == 8 and "output_dir" not in art.meta["training"]["training_args"]
     rec = json.loads((dest.parent / "download.json").read_text())
     assert rec["host"] == "127.0.0.1" and rec["port"] == ssh_server.port and rec["remote_path"] == str(run.resolve())
-    assert rec["files"]["adapter_model.safetensors"] == {"sha256": sha(run / "adapter_model.safetensors"), "size": 2_000_000}
+    assert rec["files"]["adapter_model.safetensors"] == {
+        "sha256": sha(run / "adapter_model.safetensors"),
+        "size": 2_000_000,
+    }
     assert rec["bytes_received"] >= 2_000_000 and rec["throughput_mb_s"] > 0 and rec["host_key"].startswith("SHA256:")
     assert not list(dest.rglob(".partial-*"))
 
@@ -92,7 +134,9 @@ def test_picks_final_else_newest_checkpoint_and_reads_metadata_beside_it(ssh_ser
         make_run(out / f"checkpoint-{step}", big=1000)
     (out / "all_results.json").write_text(json.dumps({"train_loss": 1.1, "train_runtime": 12.5}))
     art = download(ssh_settings(ssh_server, out), tmp_path / "a" / "adapter")
-    assert art.meta["selected"] == "checkpoint" and art.meta["source"].endswith("/checkpoint-100")  # numeric, not lexical
+    assert art.meta["selected"] == "checkpoint" and art.meta["source"].endswith(
+        "/checkpoint-100"
+    )  # numeric, not lexical
     assert art.meta["training"]["results"] == {"train_loss": 1.1, "train_runtime": 12.5}
 
     make_run(out / "final_adapter", big=1000)
@@ -132,7 +176,11 @@ def test_interrupted_big_file_resumes_with_only_the_remainder(ssh_server, remote
 
     art = download(ssh_settings(ssh_server, run), dest)
     rec = json.loads((dest.parent / "download.json").read_text())
-    assert sha(dest / "adapter_model.safetensors") == sha(run / "adapter_model.safetensors") == {f.path: f.sha256 for f in art.files}["adapter_model.safetensors"]
+    assert (
+        sha(dest / "adapter_model.safetensors")
+        == sha(run / "adapter_model.safetensors")
+        == {f.path: f.sha256 for f in art.files}["adapter_model.safetensors"]
+    )
     # bytes on the wire in the second run: about the remainder, not the whole file
     assert rec["matched_bytes"] >= kept * 0.95
     assert remainder * 0.9 <= rec["bytes_received"] <= remainder * 1.1 + 64 * 1024, (rec["bytes_received"], remainder)
@@ -163,7 +211,9 @@ def test_mismatch_is_fetched_again_once_then_fails_naming_the_file(ssh_server, r
     run = make_run(remote / "out", big=size)
     dest = tmp_path / "run" / "adapter"
     dest.mkdir(parents=True)
-    (dest / "adapter_model.safetensors").write_bytes(b"\0" * size)  # a stale local copy: the remote digests are taken before sending
+    (dest / "adapter_model.safetensors").write_bytes(
+        b"\0" * size
+    )  # a stale local copy: the remote digests are taken before sending
     changed: list[int] = []
 
     def training_still_writing(done: int) -> None:  # the file's tail changes after it was hashed, before rsync reads it
@@ -192,7 +242,10 @@ def test_sftp_fallback_when_the_remote_has_no_rsync_resumes_from_the_byte_offset
     art = download(ssh_settings(ssh_server, run, remote_rsync="/nonexistent/rsync"), dest)
     assert "falling back to SFTP" in caplog.text
     assert art.meta["method"] == "sftp"
-    small = sum((run / n).stat().st_size for n in ("adapter_config.json", "trainer_state.json", "training_args.json", "tokenizer/tokenizer.json"))
+    small = sum(
+        (run / n).stat().st_size
+        for n in ("adapter_config.json", "trainer_state.json", "training_args.json", "tokenizer/tokenizer.json")
+    )
     assert art.meta["bytes_received"] == size - len(half) + small
     for f in art.files:
         assert f.sha256 == sha(run / f.path) == sha(dest / f.path)
@@ -218,7 +271,10 @@ def test_unknown_host_key_is_refused_unless_trusted_on_first_use(ssh_server, rem
     assert empty.read_text().split()[1:] == ssh_server.host_pub_line.split()[1:]  # remembered for next time
 
     # a known_hosts entry given in the settings (as a TrainingHost block carries it) is enough
-    download(ssh_settings(ssh_server, run, known_hosts=str(tmp_path / "none"), known_hosts_entry=ssh_server.host_pub_line), dest)
+    download(
+        ssh_settings(ssh_server, run, known_hosts=str(tmp_path / "none"), known_hosts_entry=ssh_server.host_pub_line),
+        dest,
+    )
 
     # a CHANGED key is refused even with trust-on-first-use
     other = (ssh_server.root / "id_other.pub").read_text().split()
@@ -284,7 +340,12 @@ def test_private_key_from_a_secret_reference_never_leaks(ssh_server, remote, tmp
     rec = json.loads((dest.parent / "download.json").read_text())
     assert rec["compression"] == "zstd"
     body = key_text.split("\n")[1]  # a line of the key's base64
-    for text in (art.model_dump_json(), (dest.parent / "download.json").read_text(), caplog.text, settings.model_dump_json()):
+    for text in (
+        art.model_dump_json(),
+        (dest.parent / "download.json").read_text(),
+        caplog.text,
+        settings.model_dump_json(),
+    ):
         assert body not in text and "PRIVATE KEY" not in text
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("loraship-ssh-*/id"))  # the temporary key file is gone
 
@@ -301,7 +362,16 @@ def test_vastai_instance_is_resolved_through_the_api(ssh_server, remote, tmp_pat
         api.add_instance(9, ssh_port=ssh_server.port, status="exited")
 
         def settings(instance: int, key: str = "env:LORASHIP_TEST_VAST_KEY") -> DownloadSettings:
-            return DownloadSettings(kind="vastai", instance_id=instance, vastai_api_key=key, vastai_url=api.url, user=ssh_server.user, key_file=str(ssh_server.user_key), known_hosts=str(ssh_server.known_hosts), path=str(run))
+            return DownloadSettings(
+                kind="vastai",
+                instance_id=instance,
+                vastai_api_key=key,
+                vastai_url=api.url,
+                user=ssh_server.user,
+                key_file=str(ssh_server.user_key),
+                known_hosts=str(ssh_server.known_hosts),
+                path=str(run),
+            )
 
         art = download(settings(4242), tmp_path / "a" / "adapter")
         assert art.meta["vastai"] == {"instance_id": 4242, "status": "running", "via": "direct"}
@@ -326,14 +396,16 @@ def test_vastai_instance_is_resolved_through_the_api(ssh_server, remote, tmp_pat
 def test_settings_are_strict_and_the_task_is_not_cached():
     from pydantic import ValidationError
 
-    from tasks.download import download_task
+    from tasks.download.stage import download_task
 
     with pytest.raises(ValidationError, match="source.host or source.host_block"):
         DownloadSettings(kind="ssh")
     with pytest.raises(ValidationError, match="instance_id"):
         DownloadSettings(kind="vastai")
     with pytest.raises(ValidationError):
-        DownloadSettings(kind="ssh", host="h", private_key="-----BEGIN OPENSSH PRIVATE KEY-----")  # inline secrets refused
+        DownloadSettings(
+            kind="ssh", host="h", private_key="-----BEGIN OPENSSH PRIVATE KEY-----"
+        )  # inline secrets refused
     with pytest.raises(ValidationError):
         DownloadSettings(kind="ssh", host="h", hostt="x")
     from prefect.cache_policies import NO_CACHE
@@ -350,7 +422,9 @@ def test_a_saved_training_host_block_supplies_host_key_and_known_host(ssh_server
         host="127.0.0.1", port=ssh_server.port, user=ssh_server.user, private_key=ssh_server.user_key.read_text(),
         known_hosts_entry=ssh_server.host_pub_line, remote_path=str(run),
     ).save("loraship-test-box", overwrite=True)  # fmt: skip
-    settings = DownloadSettings(kind="ssh", host_block="loraship-test-box", known_hosts=str(tmp_path / "no_known_hosts"))
+    settings = DownloadSettings(
+        kind="ssh", host_block="loraship-test-box", known_hosts=str(tmp_path / "no_known_hosts")
+    )
     art = download(settings, tmp_path / "run" / "adapter")
     assert art.meta["method"] == "rsync" and art.meta["source"].endswith(str(run.resolve()))
     assert json.loads((tmp_path / "run" / "download.json").read_text())["host_block"] == "loraship-test-box"

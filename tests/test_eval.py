@@ -7,11 +7,13 @@ import json
 import pytest
 
 from tasks.core.errors import PermanentError
-from tasks.evaluate import EvalSettings, evaluate, load_samples
-from tasks.kl_divergence import compare
+from tasks.evaluate.evaluation import EvalSettings, evaluate, load_samples
+from tasks.evaluate.kl import compare
 from tests.deploy_helpers import gguf_artifacts
 
-TEXT = "The cat is red. The dog is blue. The owl is yellow. Hello world! How are you today? Tell me a story about a fox."
+TEXT = (
+    "The cat is red. The dog is blue. The owl is yellow. Hello world! How are you today? Tell me a story about a fox."
+)
 
 
 def test_kl_divergence_orders_the_quants(llama_ggufs):
@@ -36,7 +38,7 @@ def test_eval_report(llama_ggufs, tmp_path):
     assert list(quants) == ["F16", "Q8_0", "Q5_K_M", "Q4_K_M"]  # F16 first, then by size
     assert quants["F16"]["ppl_delta"] == 0 and quants["F16"]["kl_div"] == 0
     assert 0 < quants["Q8_0"]["kl_div"] < quants["Q4_K_M"]["kl_div"]
-    for q, row in quants.items():
+    for row in quants.values():
         assert row["tokens_per_s"] > 0 and row["latency_p95_ms"] >= row["latency_p50_ms"] > 0 and row["peak_rss_mb"] > 0
         assert 0 <= row["accuracy"] <= 1 and row["size_mb"] > 0
     assert quants["Q4_K_M"]["size_mb"] < quants["F16"]["size_mb"]

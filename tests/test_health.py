@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from tasks.core.artifacts import Artifact
-from tasks.health import HealthSettings, check_health, health
-from tasks.serve import ServeSettings, serve, stop_servers
+from tasks.evaluate.health import HealthSettings, check_health, health
+from tasks.serve.stage import ServeSettings, serve, stop_servers
 from tests.deploy_helpers import gguf_artifacts
 
 
@@ -25,12 +25,25 @@ def server(llama_ggufs, tmp_path_factory):
 
 def test_healthy_server_is_healthy(server, tmp_path):
     gguf, srv = server
-    art = health(HealthSettings(test_prompts=["Hello!", "What color is the cat?"], max_tokens=8), tmp_path / "health", srv.meta["base_url"], srv.meta["model_id"], gguf)
+    art = health(
+        HealthSettings(test_prompts=["Hello!", "What color is the cat?"], max_tokens=8),
+        tmp_path / "health",
+        srv.meta["base_url"],
+        srv.meta["model_id"],
+        gguf,
+    )
     assert art.name == "report:health" and art.kind == "report"
     assert art.meta["verdict"] == "healthy", art.meta["reasons"]
     report = json.loads((tmp_path / "health" / "health.json").read_text())
     names = {(c["group"], c["name"]) for c in report["checks"]}
-    assert {("file", "opens"), ("file", "sha256"), ("api", "reachable"), ("api", "models"), ("system", "disk"), ("system", "memory")} <= names
+    assert {
+        ("file", "opens"),
+        ("file", "sha256"),
+        ("api", "reachable"),
+        ("api", "models"),
+        ("system", "disk"),
+        ("system", "memory"),
+    } <= names
     prompts = [c for c in report["checks"] if c["group"] == "model"]
     assert len(prompts) == 2 and all(c["tokens"] > 0 and c["tokens_per_s"] > 0 for c in prompts)
     assert "**healthy**" in (tmp_path / "health" / "health.md").read_text()
@@ -63,6 +76,12 @@ def test_killed_server_is_unhealthy(llama_ggufs, tmp_path):
     made = serve(arts, ServeSettings(quant="Q8_0", n_ctx=128, port_range=(8100, 8200)), tmp_path)
     os.kill(made[0].meta["pid"], signal.SIGKILL)
     stop_servers(made)  # reap it
-    art = health(HealthSettings(max_tokens=4, timeout_s=5), tmp_path / "health", made[0].meta["base_url"], made[0].meta["model_id"], arts[0])
+    art = health(
+        HealthSettings(max_tokens=4, timeout_s=5),
+        tmp_path / "health",
+        made[0].meta["base_url"],
+        made[0].meta["model_id"],
+        arts[0],
+    )
     assert art.meta["verdict"] == "unhealthy"
     assert any(r.startswith("api/reachable") for r in art.meta["reasons"])

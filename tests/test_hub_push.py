@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tasks.card import CardSettings
 from tasks.core.errors import PermanentError, TransientError, is_transient
-from tasks.hub_push import HubSettings, hub_push
+from tasks.publish.card import CardSettings
+from tasks.publish.hub_push import HubSettings, hub_push
 from tests.hub_fixtures import adapter_artifact, gguf_artifacts
 
 WRITE = SecretStr("hf_write_alice")
@@ -24,7 +24,17 @@ def inputs(tmp_path):
 def _push(tmp_path, hub, inputs, token=WRITE, **hub_kw):
     ggufs, adapter = inputs
     settings = HubSettings(endpoint=hub.url, **hub_kw)
-    return hub_push(ggufs, settings, CardSettings(), tmp_path / "publish", tmp_path / "reports", model_name="tiny", version="v1", adapter=adapter, token=token)
+    return hub_push(
+        ggufs,
+        settings,
+        CardSettings(),
+        tmp_path / "publish",
+        tmp_path / "reports",
+        model_name="tiny",
+        version="v1",
+        adapter=adapter,
+        token=token,
+    )
 
 
 def _sha(p: str | Path) -> str:
@@ -39,16 +49,33 @@ def test_push_one_commit_and_download_back(tmp_path, hub_server, inputs):
     assert art.meta["repo_id"] == "alice/tiny-GGUF" and not art.meta["dry_run"]
     assert len(repo.commits) == 2, "initial commit + exactly one push commit"
     files = repo.files()
-    for name in ("README.md", "loraship.json", "tiny-F16.gguf", "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "adapter/adapter_config.json", "training/trainer_state.json"):
+    for name in (
+        "README.md",
+        "loraship.json",
+        "tiny-F16.gguf",
+        "tiny-Q8_0.gguf",
+        "tiny-Q4_K_M.gguf",
+        "adapter/adapter_config.json",
+        "training/trainer_state.json",
+    ):
         assert name in files, name
     assert files["tiny-Q4_K_M.gguf"].lfs and not files["README.md"].lfs
     assert repo.tags == {"v1": repo.head.oid}
     assert hub_server.state.calls("POST", r"/api/validate-yaml"), "the card is validated by the Hub before the commit"
     for g in inputs[0]:
         name = Path(g.path).name
-        got = hf_hub_download("alice/tiny-GGUF", name, endpoint=hub_server.url, token="hf_read_alice", cache_dir=tmp_path / "dl")
+        got = hf_hub_download(
+            "alice/tiny-GGUF", name, endpoint=hub_server.url, token="hf_read_alice", cache_dir=tmp_path / "dl"
+        )
         assert _sha(got) == g.sha256
-    got = hf_hub_download("alice/tiny-GGUF", "tiny-Q4_K_M.gguf", revision="v1", endpoint=hub_server.url, token="hf_read_alice", cache_dir=tmp_path / "dl2")
+    got = hf_hub_download(
+        "alice/tiny-GGUF",
+        "tiny-Q4_K_M.gguf",
+        revision="v1",
+        endpoint=hub_server.url,
+        token="hf_read_alice",
+        cache_dir=tmp_path / "dl2",
+    )
     assert _sha(got) == inputs[0][2].sha256
     assert "hf_write_alice" not in (tmp_path / "reports" / "hub_push.json").read_text()
     assert "hf_write_alice" not in art.model_dump_json()
@@ -66,8 +93,8 @@ def test_second_push_sends_nothing(tmp_path, hub_server, inputs):
 
 
 def test_changed_file_only_is_sent(tmp_path, hub_server, inputs):
-    from tests.hub_fixtures import write_gguf
     from tasks.core.artifacts import Artifact
+    from tests.hub_fixtures import write_gguf
 
     _push(tmp_path, hub_server, inputs)
     ggufs, adapter = inputs

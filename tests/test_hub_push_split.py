@@ -6,21 +6,35 @@ from pathlib import Path
 
 import pytest
 
-from tasks.card import CardSettings
 from tasks.core.artifacts import Artifact
-from tasks.hub_push import HubSettings, hub_push
+from tasks.publish.card import CardSettings
+from tasks.publish.hub_push import HubSettings, hub_push
 
 pytestmark = pytest.mark.slow
 
 
 def test_dry_run_stages_shards_instead_of_the_single_file(llama_ggufs, tmp_path):
-    from tasks.quantize_split import split_gguf
+    from tasks.gguf.split import split_gguf
 
-    q8 = Artifact.from_path(llama_ggufs["Q8_0"], name="gguf:Q8_0", kind="gguf", stage="quantize", meta={"quant": "Q8_0"})
-    q4 = Artifact.from_path(llama_ggufs["Q4_K_M"], name="gguf:Q4_K_M", kind="gguf", stage="quantize", meta={"quant": "Q4_K_M"})
+    q8 = Artifact.from_path(
+        llama_ggufs["Q8_0"], name="gguf:Q8_0", kind="gguf", stage="quantize", meta={"quant": "Q8_0"}
+    )
+    q4 = Artifact.from_path(
+        llama_ggufs["Q4_K_M"], name="gguf:Q4_K_M", kind="gguf", stage="quantize", meta={"quant": "Q4_K_M"}
+    )
     split = split_gguf(q8, "600KB", tmp_path / "gguf", "tiny")
     assert split is not None and len(split.files) >= 2
-    art = hub_push([q8, q4], HubSettings(), CardSettings(), tmp_path / "publish", tmp_path / "reports", model_name="tiny", version="v1", dry_run=True, splits=[split])
+    art = hub_push(
+        [q8, q4],
+        HubSettings(),
+        CardSettings(),
+        tmp_path / "publish",
+        tmp_path / "reports",
+        model_name="tiny",
+        version="v1",
+        dry_run=True,
+        splits=[split],
+    )
     staged = Path(art.meta["staged"])
     shard_dir = staged / Path(split.path).name
     assert sorted(p.name for p in shard_dir.iterdir()) == sorted(f.path for f in split.files)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import lmstudio
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
-from tasks.local_deploy import LocalDeploySettings, local_deploy
+from tasks.local import lmstudio
+from tasks.local.stage import LocalDeploySettings, local_deploy
 from tests.deploy_helpers import calls_of, fake_cli, gguf_artifacts, path_with
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,9 @@ def test_symlink_backup_and_rollback(tmp_path, llama_ggufs, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no lms here
     home = tmp_path / "lmstudio"
     v1 = _version(tmp_path, "v1", {"Q4_K_M": llama_ggufs["Q4_K_M"], "Q8_0": llama_ggufs["Q8_0"]})
-    v2 = _version(tmp_path, "v2", {"Q4_K_M": llama_ggufs["Q5_K_M"], "Q8_0": llama_ggufs["Q8_0"]})  # a different Q4_K_M file
+    v2 = _version(
+        tmp_path, "v2", {"Q4_K_M": llama_ggufs["Q5_K_M"], "Q8_0": llama_ggufs["Q8_0"]}
+    )  # a different Q4_K_M file
     out = tmp_path / "out"
     local_deploy(gguf_artifacts(v1), _settings(home), "demo", out)
     repo = home / "models" / "loraship" / "demo-GGUF"
@@ -64,7 +66,12 @@ def test_symlink_backup_and_rollback(tmp_path, llama_ggufs, monkeypatch):
     assert (backups[0] / "demo-Q4_K_M.gguf").resolve() == v1["Q4_K_M"].resolve()
 
     # Roll back with the command a user would run.
-    proc = subprocess.run([sys.executable, "-m", "tasks.lmstudio", "rollback", "--home", str(home), "--model", "demo"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.local.lmstudio", "rollback", "--home", str(home), "--model", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(dest) == sha256_file(v1["Q4_K_M"])
     after = lmstudio.list_backups(home, "loraship", "demo")
@@ -80,10 +87,24 @@ def test_unchanged_copy_hardlink_and_models_folder_from_settings(tmp_path, llama
     (home / "settings.json").write_text(json.dumps({"downloadsFolder": str(elsewhere)}))
     v1 = _version(tmp_path, "v1", {"Q4_K_M": llama_ggufs["Q4_K_M"]})
     out = tmp_path / "out"
-    local_deploy(gguf_artifacts(v1), _settings(home, link_mode="copy", system_prompt="Be brief.", context_length=256), "demo", out)
+    local_deploy(
+        gguf_artifacts(v1),
+        _settings(home, link_mode="copy", system_prompt="Be brief.", context_length=256),
+        "demo",
+        out,
+    )
     dest = elsewhere / "loraship" / "demo-GGUF" / "demo-Q4_K_M.gguf"
     assert dest.is_file() and not dest.is_symlink() and sha256_file(dest) == sha256_file(v1["Q4_K_M"])
-    defaults = json.loads((home / ".internal" / "user-concrete-model-default-config" / "loraship" / "demo-GGUF" / "demo-Q4_K_M.gguf.json").read_text())
+    defaults = json.loads(
+        (
+            home
+            / ".internal"
+            / "user-concrete-model-default-config"
+            / "loraship"
+            / "demo-GGUF"
+            / "demo-Q4_K_M.gguf.json"
+        ).read_text()
+    )
     assert {"key": "llm.load.contextLength", "value": 256} in defaults["load"]["fields"]
     assert {"key": "llm.prediction.systemPrompt", "value": "Be brief."} in defaults["operation"]["fields"]
 
@@ -110,12 +131,21 @@ def test_lms_cli_loads_with_identifier(tmp_path, llama_ggufs, monkeypatch):
 
 def test_ollama_modelfile_and_create(tmp_path, llama_ggufs, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    s = LocalDeploySettings(lmstudio_enabled=False, system_prompt="You answer colors.", context_length=512, ollama_parameters={"temperature": 0.2})
+    s = LocalDeploySettings(
+        lmstudio_enabled=False,
+        system_prompt="You answer colors.",
+        context_length=512,
+        ollama_parameters={"temperature": 0.2},
+    )
     arts = local_deploy(gguf_artifacts(llama_ggufs), s, "demo", tmp_path / "out")
     text = (tmp_path / "out" / "ollama" / "Modelfile").read_text()
     assert f"FROM {llama_ggufs['Q4_K_M'].resolve()}" in text or f"FROM {llama_ggufs['Q4_K_M']}" in text
     assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in text  # Go template derived from the GGUF's ChatML template
-    assert 'SYSTEM """You answer colors."""' in text and "PARAMETER num_ctx 512" in text and "PARAMETER temperature 0.2" in text
+    assert (
+        'SYSTEM """You answer colors."""' in text
+        and "PARAMETER num_ctx 512" in text
+        and "PARAMETER temperature 0.2" in text
+    )
     assert 'PARAMETER stop "<|im_end|>"' in text
     rec = arts[0].meta
     assert rec["chat_format"] == "chatml" and "ollama create demo:q4_k_m -f" in rec["create"]["skipped"]
@@ -138,11 +168,19 @@ def test_dry_run_touches_nothing_outside_the_run(tmp_path, llama_ggufs, monkeypa
     lms = fake_cli(bin_dir, "lms")
     monkeypatch.setenv("PATH", path_with(bin_dir))
     home = tmp_path / "home"
-    arts = local_deploy(gguf_artifacts(llama_ggufs), LocalDeploySettings(lmstudio_home=str(home)), "demo", tmp_path / "out", dry_run=True)
+    arts = local_deploy(
+        gguf_artifacts(llama_ggufs),
+        LocalDeploySettings(lmstudio_home=str(home)),
+        "demo",
+        tmp_path / "out",
+        dry_run=True,
+    )
     assert not home.exists() and calls_of(ollama) == [] and calls_of(lms) == []
     plan = json.loads((tmp_path / "out" / "lmstudio.json").read_text())
     assert plan["dry_run"] and all(f["action"] == "would place" for f in plan["files"].values())
-    assert (tmp_path / "out" / "ollama" / "Modelfile").is_file() and arts[1].meta["create"]["skipped"].startswith("dry run")
+    assert (tmp_path / "out" / "ollama" / "Modelfile").is_file() and arts[1].meta["create"]["skipped"].startswith(
+        "dry run"
+    )
 
 
 def test_rollback_without_backups_says_so(tmp_path):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import PermanentError
-from tasks.merge import MergeSettings, merge, resolve_base
-from tasks.merge_plan import disk_preflight, nf4_roundtrip
+from tasks.merge.plan import disk_preflight, nf4_roundtrip
+from tasks.merge.stage import MergeSettings, merge, resolve_base
 from tests.merge_helpers import as_artifact, bf16_ulp, copy_model, load_weights, peft_adapter, tiny_gpt2
 
 NEVER = dict(verify="never")
@@ -24,13 +24,13 @@ NEVER = dict(verify="never")
 
 @pytest.fixture(scope="module")
 def bf16_llama() -> tuple[Path, Path]:
-    from tasks.tiny_models import tiny_adapter, tiny_model
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
 
     base = tiny_model("llama", hidden=256, dtype="bfloat16")
     return base, tiny_adapter(base, r=8, alpha=16)
 
 
-def _merge(adapter: Path, base: Path, out: Path, **kw) -> "object":
+def _merge(adapter: Path, base: Path, out: Path, **kw) -> object:
     return merge(as_artifact(adapter), MergeSettings(base_model=str(base), **kw), out / "merged")
 
 
@@ -65,9 +65,13 @@ def test_qwen2_merged_loads_and_matches_peft_logits(qwen2_base, qwen2_adapter, t
 
     art = _merge(qwen2_adapter, qwen2_base, tmp_path)
     out = Path(art.path)
-    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"} <= {f.path for f in art.files}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"} <= {
+        f.path for f in art.files
+    }
     assert art.meta["max_abs_logit_diff"] is not None and art.meta["max_abs_logit_diff"] < 1e-3
-    assert art.meta["adapter_effect_max_abs_logit"] > 100 * art.meta["max_abs_logit_diff"]  # the merge kept the adapter's effect
+    assert (
+        art.meta["adapter_effect_max_abs_logit"] > 100 * art.meta["max_abs_logit_diff"]
+    )  # the merge kept the adapter's effect
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.chat_template and model.config.model_type == "qwen2"
@@ -78,7 +82,7 @@ def test_qwen2_merged_loads_and_matches_peft_logits(qwen2_base, qwen2_adapter, t
 
 
 def test_rslora_scaling(llama_base, tmp_path):
-    from tasks.tiny_models import tiny_adapter
+    from tasks.support.tiny_models import tiny_adapter
 
     adapter = tiny_adapter(llama_base, r=4, alpha=16, use_rslora=True, targets=["q_proj", "v_proj"])
     art = _merge(adapter, llama_base, tmp_path)
@@ -96,7 +100,7 @@ def test_modules_to_save_are_copied(llama_base, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tasks.tiny_models import copy_tree, tiny_adapter
+    from tasks.support.tiny_models import copy_tree, tiny_adapter
 
     adapter = copy_tree(tiny_adapter(llama_base, modules_to_save=["lm_head"]), tmp_path / "adapter")
     f = adapter / "adapter_model.safetensors"
@@ -114,7 +118,9 @@ def test_modules_to_save_are_copied(llama_base, tmp_path):
 def test_tied_embeddings_preserved_with_fan_in_fan_out(tmp_path):
     """GPT-2: Conv1D weights are stored [in, out] (fan_in_fan_out) and lm_head is tied to wte."""
     base = tiny_gpt2(tmp_path / "gpt2")
-    adapter = peft_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    adapter = peft_adapter(
+        base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
     s = _merge(adapter, base, tmp_path / "s")
     p = _merge(adapter, base, tmp_path / "p", backend="peft", **NEVER)
     ws, wp = load_weights(Path(s.path)), load_weights(Path(p.path))
@@ -127,7 +133,9 @@ def test_tied_embeddings_preserved_with_fan_in_fan_out(tmp_path):
 
 
 def test_dora_merged_like_peft(llama_base, tmp_path):
-    adapter = peft_adapter(llama_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True)
+    adapter = peft_adapter(
+        llama_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True
+    )
     art = _merge(adapter, llama_base, tmp_path)
     assert art.meta["use_dora"]
     assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
@@ -140,7 +148,7 @@ def test_lora_on_embeddings(llama_base, tmp_path):
 
 
 def test_mismatched_adapter_names_tensor_and_shapes(llama_base, tmp_path):
-    from tasks.tiny_models import tiny_model
+    from tasks.support.tiny_models import tiny_model
 
     other = tiny_model("llama", hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
     adapter = peft_adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
@@ -235,7 +243,7 @@ def test_dtype_conversion_to_float16(llama_base, llama_adapter, tmp_path):
 
 
 def test_sharded_base_keeps_shards_and_index(tmp_path):
-    from tasks.tiny_models import tiny_adapter, tiny_model
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
 
     base = tiny_model("llama", hidden=256, shard_size="2MB")
     assert (base / "model.safetensors.index.json").exists()
@@ -245,8 +253,9 @@ def test_sharded_base_keeps_shards_and_index(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == base_index["weight_map"] and art.meta["shards"] >= 2
-    assert index["metadata"]["total_size"] == sum((out / f).stat().st_size for f in set(index["weight_map"].values())) - sum(
-        8 + int.from_bytes((out / f).read_bytes()[:8], "little") for f in set(index["weight_map"].values()))
+    assert index["metadata"]["total_size"] == sum(
+        (out / f).stat().st_size for f in set(index["weight_map"].values())
+    ) - sum(8 + int.from_bytes((out / f).read_bytes()[:8], "little") for f in set(index["weight_map"].values()))
     assert art.meta["max_abs_logit_diff"] < 1e-3
 
 
@@ -269,7 +278,15 @@ def test_hub_id_resolves_from_the_local_cache(llama_base, tmp_path):
 
 
 def test_rank_and_alpha_patterns(llama_base, tmp_path):
-    adapter = peft_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 32})
+    adapter = peft_adapter(
+        llama_base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"q_proj": 32},
+    )
     art = _merge(adapter, llama_base, tmp_path)
     assert art.meta["scalings"] == [2.0, 16.0]  # v_proj 8/4, q_proj 32/2
     assert art.meta["max_abs_logit_diff"] < 1e-3 < art.meta["adapter_effect_max_abs_logit"]
@@ -278,8 +295,8 @@ def test_rank_and_alpha_patterns(llama_base, tmp_path):
 def test_verification_catches_a_missing_adapter_but_tolerates_rounding(llama_base, llama_adapter, tmp_path):
     """A merged folder that is really the base (adapter lost) fails the logit check; the real merge passes;
     a difference above the tolerance but small against the adapter's effect (16-bit rounding) passes."""
-    from tasks.merge import verification_problem
-    from tasks.merge_torch import verify_logits
+    from tasks.merge.stage import verification_problem
+    from tasks.merge.torch_backends import verify_logits
 
     good = _merge(llama_adapter, llama_base, tmp_path / "good", verify="always")
     assert good.meta["verify_passed"] and good.meta["max_abs_logit_diff"] < 1e-3

@@ -47,7 +47,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _prefect(server: PrefectServer, *args: str, **env: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, env=server.client_env(PWD=str(ROOT), **env), capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=ROOT,
+        env=server.client_env(PWD=str(ROOT), **env),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -66,7 +73,12 @@ def _wait_final(client, flow_run_id, timeout: float = 240.0):
 
 def test_event_triggers_deployed_flow_run(server: PrefectServer, demo: dict[str, Path], tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     from deployments import notify
 
@@ -90,13 +102,36 @@ def test_event_triggers_deployed_flow_run(server: PrefectServer, demo: dict[str,
     worker_log = tmp_path / "worker.log"
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "loraship-process", "--limit", "1"],
-        cwd=ROOT, env=server.client_env(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5", LORASHIP_RUNS_DIR=str(demo["runs"])),
-        stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=server.client_env(
+            PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5", LORASHIP_RUNS_DIR=str(demo["runs"])
+        ),
+        stdout=worker_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         sent = subprocess.run(
-            [sys.executable, "-m", "deployments.notify", "--model", "trig-demo", "--path", str(demo["adapter"]), "--source-kind", "local", "--base-model", str(demo["base"]), "--only", "download"],
-            cwd=ROOT, env=server.client_env(), capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "deployments.notify",
+                "--model",
+                "trig-demo",
+                "--path",
+                str(demo["adapter"]),
+                "--source-kind",
+                "local",
+                "--base-model",
+                str(demo["base"]),
+                "--only",
+                "download",
+            ],
+            cwd=ROOT,
+            env=server.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert sent.returncode == 0, sent.stderr
         assert "sent training.completed for trig-demo" in sent.stdout
@@ -107,7 +142,9 @@ def test_event_triggers_deployed_flow_run(server: PrefectServer, demo: dict[str,
             deadline = time.monotonic() + 60
             runs = []
             while not runs and time.monotonic() < deadline:
-                runs = client.read_flow_runs(flow_run_filter=None, deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
+                runs = client.read_flow_runs(
+                    flow_run_filter=None, deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id]))
+                )
                 time.sleep(0.5)
             assert len(runs) == 1, "the training.completed event created no flow run of loraship-on-training"
             params = runs[0].parameters
@@ -118,8 +155,12 @@ def test_event_triggers_deployed_flow_run(server: PrefectServer, demo: dict[str,
             assert params["only"] == "download"
             assert params["host"] == ""
             final = _wait_final(client, runs[0].id)
-            assert final.state.is_completed(), f"{final.state.name}: {final.state.message}\n{worker_log.read_text()[-4000:]}"
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs[0].id])))
+            assert final.state.is_completed(), (
+                f"{final.state.name}: {final.state.message}\n{worker_log.read_text()[-4000:]}"
+            )
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs[0].id]))
+            )
             assert [c.state.name for c in children] == ["Completed"]
             assert {"model:trig-demo", "version:v1"} <= set(children[0].tags)
     finally:
@@ -148,11 +189,19 @@ def hooks(server: PrefectServer):
 
     with receiver() as rec:
         for name in ("ci-hook", "ci-hook-2"):
-            CustomWebhookNotificationBlock(name=name, url=rec.url, json_data={"subject": "{{subject}}", "text": "{{body}}", "via": "{{name}}"}, headers={"X-Token": "{{token}}"}, secrets={"token": "hook-secret-123"}).save(name, overwrite=True)
+            CustomWebhookNotificationBlock(
+                name=name,
+                url=rec.url,
+                json_data={"subject": "{{subject}}", "text": "{{body}}", "via": "{{name}}"},
+                headers={"X-Token": "{{token}}"},
+                secrets={"token": "hook-secret-123"},
+            ).save(name, overwrite=True)
         yield rec
 
 
-def test_continue_on_error_degrades_and_notifies(server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_continue_on_error_degrades_and_notifies(
+    server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows import runners
     from flows.full import full
 
@@ -160,7 +209,16 @@ def test_continue_on_error_degrades_and_notifies(server: PrefectServer, demo: di
         raise RuntimeError("Space build failed (stand-in for a broken non-critical stage)")
 
     monkeypatch.setitem(runners.RUNNERS, "space", broken_space)
-    cfg = _demo_config(demo, "coe-demo", pipeline={"continue_on_error": True}, notifications={"on_completion": ["ci-hook"], "on_degraded": ["custom-webhook/ci-hook-2"], "on_failure": ["ci-hook"]})
+    cfg = _demo_config(
+        demo,
+        "coe-demo",
+        pipeline={"continue_on_error": True},
+        notifications={
+            "on_completion": ["ci-hook"],
+            "on_degraded": ["custom-webhook/ci-hook-2"],
+            "on_failure": ["ci-hook"],
+        },
+    )
     state = full(config=cfg, only=["download", "space"], return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -182,7 +240,9 @@ def test_continue_on_error_degrades_and_notifies(server: PrefectServer, demo: di
     assert by_via["ci-hook"]["headers"]["X-Token"] == "hook-secret-123"  # secrets are filled in by the block
 
 
-def test_failing_stages_fail_the_run(server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_stages_fail_the_run(
+    server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows import runners
     from flows.full import full
 
@@ -191,7 +251,12 @@ def test_failing_stages_fail_the_run(server: PrefectServer, demo: dict[str, Path
 
     # A critical stage fails the run even with continue_on_error; the failure is notified.
     monkeypatch.setitem(runners.RUNNERS, "merge", broken)
-    cfg = _demo_config(demo, "crit-demo", pipeline={"continue_on_error": True}, notifications={"on_failure": ["ci-hook"], "on_completion": ["ci-hook-2"]})
+    cfg = _demo_config(
+        demo,
+        "crit-demo",
+        pipeline={"continue_on_error": True},
+        notifications={"on_failure": ["ci-hook"], "on_completion": ["ci-hook-2"]},
+    )
     state = full(config=cfg, only=["download", "merge", "space"], return_state=True)
     assert state.is_failed()
     manifest = json.loads((demo["runs"] / "crit-demo" / "v1" / "manifest.json").read_text())
@@ -225,7 +290,9 @@ def test_a_bad_config_is_notified_before_any_stage(server: PrefectServer, demo: 
     assert not (demo["runs"] / "typo-demo").exists()  # nothing was created for the broken run
 
 
-def test_heavy_stage_holds_global_concurrency_slot(server: PrefectServer, demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heavy_stage_holds_global_concurrency_slot(
+    server: PrefectServer, demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from prefect.client.orchestration import get_client
 
     from flows import runners
@@ -261,13 +328,18 @@ def test_served_deployment_runs_on_event(server: PrefectServer, demo: dict[str, 
     # The alternative to the worker setup: start from a server without the worker-run deployment of
     # the same name (serving onto an existing deployment keeps its work pool).
     with get_client(sync_client=True) as client:
-        for d in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"]))):
+        for d in client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"]))
+        ):
             client.delete_deployment(d.id)
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.serve", "--deployment", "loraship-on-training"],
-        cwd=ROOT, env=server.client_env(PREFECT_RUNNER_POLL_FREQUENCY="1", LORASHIP_RUNS_DIR=str(demo["runs"])),
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=server.client_env(PREFECT_RUNNER_POLL_FREQUENCY="1", LORASHIP_RUNS_DIR=str(demo["runs"])),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -275,14 +347,24 @@ def test_served_deployment_runs_on_event(server: PrefectServer, demo: dict[str, 
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        notify.post_event(server.api_url, notify.build_event("served-demo", str(demo["adapter"]), source_kind="local", only="download"), auth=server.auth)
+        notify.post_event(
+            server.api_url,
+            notify.build_event("served-demo", str(demo["adapter"]), source_kind="local", only="download"),
+            auth=server.auth,
+        )
         with get_client(sync_client=True) as client:
-            (dep,) = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"])))
+            (dep,) = client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loraship-on-training"]))
+            )
             assert dep.work_pool_name is None  # served, not worker-run
             deadline = time.monotonic() + 60
             runs = []
             while not runs and time.monotonic() < deadline:
-                runs = [r for r in client.read_flow_runs() if r.deployment_id == dep.id and r.parameters.get("model_name") == "served-demo"]
+                runs = [
+                    r
+                    for r in client.read_flow_runs()
+                    if r.deployment_id == dep.id and r.parameters.get("model_name") == "served-demo"
+                ]
                 time.sleep(0.5)
             assert len(runs) == 1, "no run of the served deployment for the event"
             final = _wait_final(client, runs[0].id)
@@ -310,7 +392,9 @@ def test_several_models_run_as_parallel_flow_runs(server: PrefectServer, demo: d
     assert [(r["model"], r["state"]) for r in results] == [("multi-a", "Completed"), ("multi-b", "Completed")]
     with get_client(sync_client=True) as client:
         parent = client.read_flow_run(state.state_details.flow_run_id)
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
+        )
     assert sorted(t for c in children for t in c.tags if t.startswith("model:")) == ["model:multi-a", "model:multi-b"]
     for name in ("multi-a", "multi-b"):
         assert (demo["runs"] / name / "v1" / "adapter" / "adapter_config.json").is_file()

@@ -21,7 +21,15 @@ def test_event_shape_and_curl_one_liner() -> None:
     ev = build_event("my-model", "/workspace/out/final", host="gpu-box", base_model="Qwen/Qwen2.5-7B-Instruct")
     assert ev["event"] == "training.completed"
     assert ev["resource"]["prefect.resource.id"] == "loraship.training.my-model"
-    assert ev["payload"] == {"model": "my-model", "path": "/workspace/out/final", "host": "gpu-box", "source_kind": "ssh", "base_model": "Qwen/Qwen2.5-7B-Instruct", "version": "", "only": ""}
+    assert ev["payload"] == {
+        "model": "my-model",
+        "path": "/workspace/out/final",
+        "host": "gpu-box",
+        "source_kind": "ssh",
+        "base_model": "Qwen/Qwen2.5-7B-Instruct",
+        "version": "",
+        "only": "",
+    }
     assert build_event("m", "/p")["payload"]["source_kind"] == "local"
     cmd = curl_command("http://prefect:4200/api/", ev)
     argv = shlex.split(cmd)
@@ -32,7 +40,23 @@ def test_event_shape_and_curl_one_liner() -> None:
 
 
 def test_notify_cli_without_server_says_why(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "deployments.notify", "--model", "m", "--path", "/p", "--api-url", "http://127.0.0.1:9/api"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.notify",
+            "--model",
+            "m",
+            "--path",
+            "/p",
+            "--api-url",
+            "http://127.0.0.1:9/api",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "cannot reach http://127.0.0.1:9/api" in out.stderr
 
@@ -51,7 +75,9 @@ def test_served_deployments_match_prefect_yaml() -> None:
     assert trigger.parameters == spec["loraship-on-training"]["triggers"][0]["parameters"]
     assert trigger.parameters["model_name"] == "{{ event.payload.model }}"
     assert served["loraship-on-training"].entrypoint.endswith("flows/triggered.py:triggered")
-    assert [s.schedule.cron for s in build_deployments(cron="15 1 * * *", names=["loraship-nightly-health"])[0].schedules] == ["15 1 * * *"]
+    assert [
+        s.schedule.cron for s in build_deployments(cron="15 1 * * *", names=["loraship-nightly-health"])[0].schedules
+    ] == ["15 1 * * *"]
 
 
 def test_event_parameters_become_a_valid_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,7 +85,15 @@ def test_event_parameters_become_a_valid_config(tmp_path: Path, monkeypatch: pyt
     from tasks.core.errors import ConfigError
 
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({"model": {"name": "x", "version": "v7"}, "source": {"kind": "local", "path": "/old"}, "quantization": {"types": ["Q8_0"]}}))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "x", "version": "v7"},
+                "source": {"kind": "local", "path": "/old"},
+                "quantization": {"types": ["Q8_0"]},
+            }
+        )
+    )
     monkeypatch.setenv("LORASHIP_RUNS_DIR", str(tmp_path / "runs"))
     cfg = build_config("fresh", "/new/adapter", base_model="/models/base", config_path=str(base))
     assert cfg["model"]["name"] == "fresh" and cfg["model"]["version"] == "v7"
@@ -76,13 +110,22 @@ def test_event_parameters_become_a_valid_config(tmp_path: Path, monkeypatch: pyt
 
 
 def test_summary_markdown_and_notification_text() -> None:
-    from flows.context import RunSummary, StageOutcome
     from flows.notifications import compose, events_for
     from flows.orchestration import summary_markdown
+    from flows.summary import RunSummary, StageOutcome
 
-    s = RunSummary(model="m", version="v1", run_dir="/r", manifest="/r/manifest.json", degraded=True,
-                   stages=[StageOutcome(stage="download", status="done", seconds=1.25), StageOutcome(stage="space", status="degraded", message="boom | bad")],
-                   links={"hub": "https://huggingface.co/u/m-GGUF"})
+    s = RunSummary(
+        model="m",
+        version="v1",
+        run_dir="/r",
+        manifest="/r/manifest.json",
+        degraded=True,
+        stages=[
+            StageOutcome(stage="download", status="done", seconds=1.25),
+            StageOutcome(stage="space", status="degraded", message="boom | bad"),
+        ],
+        links={"hub": "https://huggingface.co/u/m-GGUF"},
+    )
     md = summary_markdown(s)
     assert "# m v1: DEGRADED" in md and "| space | degraded | 0.0 | boom \\| bad |" in md
     assert "- **hub**: https://huggingface.co/u/m-GGUF" in md
@@ -90,7 +133,11 @@ def test_summary_markdown_and_notification_text() -> None:
     assert events_for(s, failed=True) == ["failed"]
     subject, body = compose(s, "failed", error="merge: OOM", run_url="http://ui/runs/flow-run/1")
     assert subject == "loraship: m v1 FAILED"
-    assert "error: merge: OOM" in body and "hub: https://huggingface.co/u/m-GGUF" in body and "prefect run: http://ui/runs/flow-run/1" in body
+    assert (
+        "error: merge: OOM" in body
+        and "hub: https://huggingface.co/u/m-GGUF" in body
+        and "prefect run: http://ui/runs/flow-run/1" in body
+    )
 
 
 def test_notification_errors_hide_webhook_urls() -> None:
@@ -116,24 +163,37 @@ def test_cleanup_removes_only_what_was_superseded(tmp_path: Path) -> None:
         "merged": Artifact.from_path(merged, name="merged", kind="merged", stage="merge"),
         "gguf:F16": Artifact.from_path(f16, name="gguf:F16", kind="gguf", stage="convert", meta={"quant": "F16"}),
     }
-    cfg = parse_config({"model": {"name": "m"}, "source": {"path": "/p"}, "pipeline": {"stages": ["download", "merge", "convert", "quantize"], "cleanup": {"delete_f16": True, "delete_merged": True}}})
+    cfg = parse_config(
+        {
+            "model": {"name": "m"},
+            "source": {"path": "/p"},
+            "pipeline": {
+                "stages": ["download", "merge", "convert", "quantize"],
+                "cleanup": {"delete_f16": True, "delete_merged": True},
+            },
+        }
+    )
     # No quantization yet: the F16 stays; merged/ goes (a GGUF was made from it).
     assert cleanup_intermediates(cfg, arts) == [str(merged)]
     assert f16.exists() and not merged.exists()
-    arts["gguf:Q4_K_M"] = Artifact.from_path(q4, name="gguf:Q4_K_M", kind="gguf", stage="quantize", meta={"quant": "Q4_K_M"})
+    arts["gguf:Q4_K_M"] = Artifact.from_path(
+        q4, name="gguf:Q4_K_M", kind="gguf", stage="quantize", meta={"quant": "Q4_K_M"}
+    )
     assert cleanup_intermediates(cfg, arts) == [str(f16)]
     assert q4.exists() and not f16.exists()
     off = parse_config({"model": {"name": "m"}, "source": {"path": "/p"}})
     q4b = tmp_path / "keep.gguf"
     q4b.write_bytes(b"k")
-    assert cleanup_intermediates(off, {"a": Artifact.from_path(q4b, name="gguf:F16", kind="gguf", stage="convert")}) == []
+    assert (
+        cleanup_intermediates(off, {"a": Artifact.from_path(q4b, name="gguf:F16", kind="gguf", stage="convert")}) == []
+    )
 
 
 def test_task_runner_choice() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.config import parse_config
-    from flows.orchestration import task_runner_for
+    from flows.task_runners import task_runner_for
     from tasks.core.errors import PermanentError
 
     base = {"model": {"name": "m"}, "source": {"path": "/p"}}

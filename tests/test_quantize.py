@@ -11,9 +11,9 @@ import pytest
 from flows.config import parse_config
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import ConfigError, PermanentError
-from tasks.gguf_validate import read_gguf, validate_gguf
-from tasks.quantize import QuantizeSettings, parse_quant, quantize, quantize_all
-from tasks.quantize_plan import plan_jobs
+from tasks.gguf.plan import plan_jobs
+from tasks.gguf.quantize import QuantizeSettings, parse_quant, quantize, quantize_all
+from tasks.gguf.validate import read_gguf, validate_gguf
 
 
 def _f16(path: Path, tmp: Path | None = None) -> Artifact:
@@ -21,7 +21,9 @@ def _f16(path: Path, tmp: Path | None = None) -> Artifact:
         dst = tmp / path.name
         shutil.copy2(path, dst)
         path = dst
-    return Artifact.from_path(path, name="gguf:F16", kind="gguf", stage="convert", meta={"quant": "F16", "llama_cpp_commit": "test"})
+    return Artifact.from_path(
+        path, name="gguf:F16", kind="gguf", stage="convert", meta={"quant": "F16", "llama_cpp_commit": "test"}
+    )
 
 
 @pytest.mark.parametrize("files", ["llama_ggufs", "qwen2_ggufs"])
@@ -33,7 +35,11 @@ def test_fixture_types_have_their_tensor_types(files, request):
         assert want in info["tensor_types"], (quant, info["tensor_types"])
         assert info["tensor_count"] == f16["tensor_count"]
         assert info["size"] < f16["size"]
-    assert read_gguf(ggufs["Q4_K_M"])["bits_per_weight"] < read_gguf(ggufs["Q5_K_M"])["bits_per_weight"] < read_gguf(ggufs["Q8_0"])["bits_per_weight"]
+    assert (
+        read_gguf(ggufs["Q4_K_M"])["bits_per_weight"]
+        < read_gguf(ggufs["Q5_K_M"])["bits_per_weight"]
+        < read_gguf(ggufs["Q8_0"])["bits_per_weight"]
+    )
 
 
 def test_unknown_type_refused_before_any_work(tmp_path):
@@ -41,9 +47,17 @@ def test_unknown_type_refused_before_any_work(tmp_path):
         parse_quant("Q4_K_Z")
     # in the config file: the field path and the valid names, at load time
     with pytest.raises(ConfigError, match=r"quantization.types.*unknown quantization type 'q9_k'.*valid types"):
-        parse_config({"model": {"name": "m"}, "source": {"kind": "local", "path": str(tmp_path)}, "quantization": {"types": ["Q4_K_M", "q9_k"]}})
+        parse_config(
+            {
+                "model": {"name": "m"},
+                "source": {"kind": "local", "path": str(tmp_path)},
+                "quantization": {"types": ["Q4_K_M", "q9_k"]},
+            }
+        )
     # the plain function refuses before touching its input (which does not even exist here)
-    ghost = Artifact(name="gguf:F16", kind="gguf", path=str(tmp_path / "none.gguf"), sha256="0", size=0, stage="convert")
+    ghost = Artifact(
+        name="gguf:F16", kind="gguf", path=str(tmp_path / "none.gguf"), sha256="0", size=0, stage="convert"
+    )
     with pytest.raises(ConfigError):
         quantize(ghost, "Q4_Z", QuantizeSettings(), tmp_path, "m")
     assert not list(tmp_path.iterdir())
@@ -64,18 +78,25 @@ def test_options_reach_llama_cpp(llama_ggufs, tmp_path):
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"
     pure = quantize(f16, "q4_k_m", QuantizeSettings(pure=True, generate_tokens=0), tmp_path, "pure", threads=2)
     assert set(pure.meta["tensor_types"]) == {"Q4_K", "F32"}
-    leave = quantize(f16, "Q8_0", QuantizeSettings(leave_output_tensor=True, generate_tokens=0), tmp_path, "leave", threads=2)
+    leave = quantize(
+        f16, "Q8_0", QuantizeSettings(leave_output_tensor=True, generate_tokens=0), tmp_path, "leave", threads=2
+    )
     assert read_gguf(leave.path)["tensor_type_of"]["output.weight"] == "F16"
 
 
 @pytest.mark.slow
 def test_k_quant_fallback_is_caught(tmp_path):
     """hidden_size 64: rows are not a multiple of 256, llama.cpp silently writes no Q4_K: validation refuses."""
-    from tasks.convert import ConvertSettings, convert
-    from tasks.tiny_models import tiny_model
+    from tasks.gguf.convert import ConvertSettings, convert
+    from tasks.support.tiny_models import tiny_model
 
     small = tiny_model("llama", hidden=64, intermediate=128)
-    f16 = convert(Artifact.from_path(small, name="merged", kind="merged", stage="merge"), ConvertSettings(check_tokenizer=False), tmp_path, "small")
+    f16 = convert(
+        Artifact.from_path(small, name="merged", kind="merged", stage="merge"),
+        ConvertSettings(check_tokenizer=False),
+        tmp_path,
+        "small",
+    )
     with pytest.raises(PermanentError, match="asked for Q4_K_M but no tensor has type Q4_K"):
         quantize(f16, "Q4_K_M", QuantizeSettings(generate_tokens=0), tmp_path, "small", threads=2)
     assert not (tmp_path / "small-Q4_K_M.gguf").exists()  # an invalid file never stays under its final name
@@ -87,8 +108,12 @@ def test_plan_splits_cores_and_bounds_memory():
     many = plan_jobs(None, types, cores=16, memory=64 * 2**30, largest=big)
     assert many.parallel == 3 and many.order[-1] == "Q8_0"  # costliest first, the cheap Q8_0 last
     # threads follow each type's CPU work (Q4_K_M costs several times Q8_0), at most one per core each
-    assert many.threads_for("Q4_K_M") > 2 * many.threads_for("Q8_0") and many.threads == many.threads_for("Q4_K_M") <= 16
-    assert sum(many.threads_by_type.values()) <= 2 * 16 + 2 and many.threads_for("Q4_K_M") == 16  # the last one running may use every core
+    assert (
+        many.threads_for("Q4_K_M") > 2 * many.threads_for("Q8_0") and many.threads == many.threads_for("Q4_K_M") <= 16
+    )
+    assert (
+        sum(many.threads_by_type.values()) <= 2 * 16 + 2 and many.threads_for("Q4_K_M") == 16
+    )  # the last one running may use every core
     assert many.est_peak_bytes <= 1.5 * many.est_single_bytes  # the memory goal: slabs are capped
     assert 0 < many.max_buf_size < 8 * 2**30
     two = plan_jobs(None, types, cores=2, memory=64 * 2**30, largest=big)
@@ -97,7 +122,9 @@ def test_plan_splits_cores_and_bounds_memory():
     one = plan_jobs(None, types, cores=1, memory=64 * 2**30, largest=big)
     assert (one.parallel, one.threads, one.max_buf_size) == (1, 1, 0)  # one core: nothing to overlap
     tight = plan_jobs(None, types, cores=16, memory=300 * 2**20, largest=big)
-    assert tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size  # little memory: one at a time, small slabs
+    assert (
+        tight.parallel == 1 and 0 < tight.max_buf_size < many.max_buf_size
+    )  # little memory: one at a time, small slabs
     assert tight.threads_for("Q8_0") == 16  # alone on the machine: every core
     roomy = plan_jobs(None, ["Q4_K_M"], cores=16, memory=64 * 2**30, largest=big)
     assert roomy.parallel == 1 and roomy.max_buf_size == 0 and roomy.threads == 16  # one job alone: whole tensors
@@ -112,7 +139,7 @@ def test_ordered_slots_start_the_costliest_first():
     import threading
     import time
 
-    from tasks.quantize import OrderedSlots
+    from tasks.gguf.quantize import OrderedSlots
 
     gate = OrderedSlots(1)
     gate.acquire(99)  # hold the only slot while the others queue up in a shuffled order
@@ -177,7 +204,9 @@ def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, llama
     run = RunFolder(run_dir, "tiny", "t1").ensure()
     merged_dir = run.merged_dir
     shutil.copytree(llama_base, merged_dir)
-    run.record("download", "done", [Artifact.from_path(llama_adapter, name="adapter", kind="adapter", stage="download")])
+    run.record(
+        "download", "done", [Artifact.from_path(llama_adapter, name="adapter", kind="adapter", stage="download")]
+    )
     run.record("merge", "done", [Artifact.from_path(merged_dir, name="merged", kind="merged", stage="merge")])
     first = full(config=cfg)
     by_stage = {s.stage: s for s in first.stages}
@@ -193,7 +222,7 @@ def test_flow_convert_and_quantize_then_cache_hit(prefect_api, llama_base, llama
 
 
 def _write_imatrix(f16: Path, out: Path) -> Path:
-    """An imatrix GGUF in llama-imatrix's layout (<tensor>.in_sum2 [n_per_row], <tensor>.counts [1]) for every matrix."""
+    """An imatrix GGUF in llama-imatrix's layout for every matrix: <tensor>.in_sum2 [n_per_row], <tensor>.counts [1]."""
     import gguf
     import numpy as np
 

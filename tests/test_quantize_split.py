@@ -11,8 +11,8 @@ import pytest
 from flows.config import parse_config
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import ConfigError, PermanentError
-from tasks.quantize import QuantizeSettings
-from tasks.quantize_split import first_shard, parse_size, split_gguf
+from tasks.gguf.quantize import QuantizeSettings
+from tasks.gguf.split import first_shard, parse_size, split_gguf
 from tests.gguf_helpers import tiny_gguf_meta
 
 
@@ -35,7 +35,10 @@ def _tensors(path: Path) -> list[tuple[str, str, bytes]]:
     return [(t.name, t.tensor_type.name, bytes(t.data.tobytes())) for t in r.tensors]
 
 
-@pytest.mark.parametrize("files,quant,limit", [("llama_ggufs", "Q8_0", "600KB"), ("llama_ggufs", "F16", "1MB"), ("qwen2_ggufs", "Q4_K_M", "400KiB")])
+@pytest.mark.parametrize(
+    "files,quant,limit",
+    [("llama_ggufs", "Q8_0", "600KB"), ("llama_ggufs", "F16", "1MB"), ("qwen2_ggufs", "Q4_K_M", "400KiB")],
+)
 def test_split_into_llama_cpp_shards(files, quant, limit, request, tmp_path):
     from llama_cpp import Llama
 
@@ -48,7 +51,11 @@ def test_split_into_llama_cpp_shards(files, quant, limit, request, tmp_path):
     shards = sorted(folder.iterdir())
     n = len(shards)
     assert n >= 2 and [p.name for p in shards] == [f"m-{quant}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
-    assert art.meta["split_count"] == n and art.meta["first_shard"] == shards[0].name and art.inputs == {src.name: src.sha256}
+    assert (
+        art.meta["split_count"] == n
+        and art.meta["first_shard"] == shards[0].name
+        and art.inputs == {src.name: src.sha256}
+    )
     assert {f.path for f in art.files} == {p.name for p in shards}
     max_bytes = parse_size(limit)
     assert all(p.stat().st_size <= max_bytes for p in shards)
@@ -58,7 +65,11 @@ def test_split_into_llama_cpp_shards(files, quant, limit, request, tmp_path):
     seen: list[tuple[str, str, bytes]] = []
     for i, p in enumerate(shards):
         f = _fields(p)
-        assert f["split.no"] == (i, "UINT16") and f["split.count"] == (n, "UINT16") and f["split.tensors.count"] == (len(source_tensors), "INT32")
+        assert (
+            f["split.no"] == (i, "UINT16")
+            and f["split.count"] == (n, "UINT16")
+            and f["split.tensors.count"] == (len(source_tensors), "INT32")
+        )
         if i == 0:  # the full metadata (tokenizer, chat template, hyperparameters) in the first shard
             assert {k: v for k, v in f.items() if not k.startswith("split.")} == source_fields
         else:
@@ -100,11 +111,23 @@ def test_maximum_below_the_largest_tensor_is_refused(llama_ggufs, tmp_path):
 
 
 def test_size_setting_parsed_and_invalid_refused_at_config_load(tmp_path):
-    assert parse_size("500MB") == 500_000_000 and parse_size("2GB") == 2_000_000_000 and parse_size(" 1.5 gib ") == int(1.5 * 2**30)
+    assert (
+        parse_size("500MB") == 500_000_000
+        and parse_size("2GB") == 2_000_000_000
+        and parse_size(" 1.5 gib ") == int(1.5 * 2**30)
+    )
     assert parse_size("45gb") == 45 * 10**9 and parse_size(4096) == 4096 and parse_size("300KiB") == 300 * 1024
-    assert QuantizeSettings(split_max_size="45GB").split_max_size == "45GB" and QuantizeSettings().split_max_size is None
+    assert (
+        QuantizeSettings(split_max_size="45GB").split_max_size == "45GB" and QuantizeSettings().split_max_size is None
+    )
     base = {"model": {"name": "m"}, "source": {"kind": "local", "path": str(tmp_path)}}
-    for bad, why in (("2 parsecs", "is not a size"), ("GB", "is not a size"), ("-5GB", "is not a size"), ("12", "too small"), (True, "is not a size")):
+    for bad, why in (
+        ("2 parsecs", "is not a size"),
+        ("GB", "is not a size"),
+        ("-5GB", "is not a size"),
+        ("12", "too small"),
+        (True, "is not a size"),
+    ):
         with pytest.raises(ConfigError, match=rf"quantization.split_max_size.*{why}"):
             parse_config({**base, "quantization": {"split_max_size": bad}})
     assert parse_config({**base, "quantization": {"split_max_size": "2GB"}}).quantization.split_max_size == "2GB"
@@ -122,7 +145,9 @@ def test_flow_quantize_stage_splits_big_files(prefect_api, llama_ggufs, tmp_path
     f16_path = run.gguf_dir / "tiny-F16.gguf"
     shutil.copy2(llama_ggufs["F16"], f16_path)
     meta = tiny_gguf_meta(llama_ggufs)["F16"]
-    run.record("convert", "done", [Artifact.from_path(f16_path, name="gguf:F16", kind="gguf", stage="convert", meta=meta)])
+    run.record(
+        "convert", "done", [Artifact.from_path(f16_path, name="gguf:F16", kind="gguf", stage="convert", meta=meta)]
+    )
     cfg = {
         "model": {"name": "tiny", "version": "t1"},
         "source": {"kind": "local", "path": str(tmp_path / "unused")},

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tasks.core.errors import PermanentError
-from tasks.serve import ServeSettings, serve, stop_servers
+from tasks.serve.stage import ServeSettings, serve, stop_servers
 from tests.deploy_helpers import gguf_artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,11 @@ def two_servers(llama_ggufs, tmp_path_factory):
     blocker.bind(("127.0.0.1", base))
     blocker.listen()
     arts = gguf_artifacts(llama_ggufs)
-    made = serve(arts, ServeSettings(quant="Q4_K_M", extra_quants=["Q8_0"], port_range=(base, base + 20), n_ctx=256), tmp_path_factory.mktemp("serve"))
+    made = serve(
+        arts,
+        ServeSettings(quant="Q4_K_M", extra_quants=["Q8_0"], port_range=(base, base + 20), n_ctx=256),
+        tmp_path_factory.mktemp("serve"),
+    )
     yield arts, made, base
     stop_servers(made)
     blocker.close()
@@ -54,14 +58,18 @@ def test_info_and_health(two_servers):
     arts, made, _ = two_servers
     q4 = next(a for a in arts if a.meta["quant"] == "Q4_K_M")
     info = requests.get(f"{made[0].meta['url']}/info", timeout=10).json()
-    assert info["quant"] == "Q4_K_M" and info["sha256"] == q4.sha256 and info["size"] == q4.size and info["context"] == 256
+    assert (
+        info["quant"] == "Q4_K_M" and info["sha256"] == q4.sha256 and info["size"] == q4.size and info["context"] == 256
+    )
     assert requests.get(f"{made[0].meta['url']}/health", timeout=10).json()["status"] == "ok"
 
 
 def test_predict_batch_and_single(two_servers):
     _, made, _ = two_servers
     url = f"{made[0].meta['url']}/predict"
-    r = requests.post(url, json={"texts": ["What color is the cat?", "Spell gguf.", "Hello!"], "max_tokens": 8}, timeout=60)
+    r = requests.post(
+        url, json={"texts": ["What color is the cat?", "Spell gguf.", "Hello!"], "max_tokens": 8}, timeout=60
+    )
     assert r.status_code == 200
     preds = r.json()["predictions"]
     assert [p["input"] for p in preds] == ["What color is the cat?", "Spell gguf.", "Hello!"]
@@ -69,15 +77,27 @@ def test_predict_batch_and_single(two_servers):
     one = requests.post(url, json={"text": "Hello!", "max_tokens": 4}, timeout=60).json()["predictions"]
     assert len(one) == 1
     assert requests.post(url, json={"texts": []}, timeout=10).status_code == 422
-    chat = requests.post(f"{made[0].meta['base_url']}/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, timeout=60)
+    chat = requests.post(
+        f"{made[0].meta['base_url']}/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=60,
+    )
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0
 
 
 def test_graceful_stop_frees_port_and_cli_stop(llama_ggufs, tmp_path):
     base = _free_base_port()
-    made = serve(gguf_artifacts(llama_ggufs, ("Q4_K_M",)), ServeSettings(port_range=(base, base + 5), n_ctx=128), tmp_path)
+    made = serve(
+        gguf_artifacts(llama_ggufs, ("Q4_K_M",)), ServeSettings(port_range=(base, base + 5), n_ctx=128), tmp_path
+    )
     pid, port = made[0].meta["pid"], made[0].meta["port"]
-    proc = subprocess.run([sys.executable, "-m", "tasks.serve", "stop", made[0].path], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.serve", "stop", made[0].path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "stopped" in proc.stdout
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with socket.socket() as s:

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from tasks.card import CardSettings
 from tasks.core.errors import PermanentError
-from tasks.hub_push import HubSettings, hub_push
-from tasks.space import SpaceSettings, space
+from tasks.publish.card import CardSettings
+from tasks.publish.hub_push import HubSettings, hub_push
+from tasks.publish.space import SpaceSettings, space
 from tests.hub_fixtures import gguf_artifacts
 
 WRITE, READ = SecretStr("hf_write_alice"), SecretStr("hf_read_alice")
@@ -22,13 +22,31 @@ FAST = dict(poll_interval=0.01, timeout=60)
 @pytest.fixture
 def pushed(tmp_path, hub_server):
     ggufs = gguf_artifacts(tmp_path / "g")
-    art = hub_push(ggufs, HubSettings(endpoint=hub_server.url, private=True), CardSettings(), tmp_path / "publish", tmp_path / "reports", model_name="tiny", version="v1", token=WRITE)
+    art = hub_push(
+        ggufs,
+        HubSettings(endpoint=hub_server.url, private=True),
+        CardSettings(),
+        tmp_path / "publish",
+        tmp_path / "reports",
+        model_name="tiny",
+        version="v1",
+        token=WRITE,
+    )
     return art, ggufs
 
 
 def _deploy(tmp_path, pushed, token=WRITE, read=READ, **kw):
     art, ggufs = pushed
-    return space(art, ggufs, SpaceSettings(**{**FAST, **kw}), tmp_path / "publish", model_name="tiny", token=token, read_token=read, sleep=lambda s: None)
+    return space(
+        art,
+        ggufs,
+        SpaceSettings(**{**FAST, **kw}),
+        tmp_path / "publish",
+        model_name="tiny",
+        token=token,
+        read_token=read,
+        sleep=lambda s: None,
+    )
 
 
 def test_deploy_sets_variables_and_the_read_token_as_secret_only(tmp_path, hub_server, pushed):
@@ -37,7 +55,12 @@ def test_deploy_sets_variables_and_the_read_token_as_secret_only(tmp_path, hub_s
     assert repo.sdk == "gradio" and made.meta["stage"] == "RUNNING"
     assert {"app.py", "requirements.txt", "README.md"} <= set(repo.files())
     header = yaml.safe_load(hub_server.state.blob(repo.files()["README.md"].sha256).decode().split("---")[1])
-    assert header["sdk"] == "gradio" and header["app_file"] == "app.py" and header["models"] == ["alice/tiny-GGUF"] and header["sdk_version"]
+    assert (
+        header["sdk"] == "gradio"
+        and header["app_file"] == "app.py"
+        and header["models"] == ["alice/tiny-GGUF"]
+        and header["sdk_version"]
+    )
     variables = {k: v["value"] for k, v in repo.variables.items()}
     assert variables["MODEL_REPO"] == "alice/tiny-GGUF" and variables["MODEL_FILE"] == "tiny-Q4_K_M.gguf"
     assert json.loads(variables["EXAMPLES"]) and variables["RATE_LIMIT_PER_MINUTE"] == "10"

@@ -48,24 +48,51 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
     pytest.importorskip("gradio", reason="gradio is in the test extra: pip install -e .[test]")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed (./setup.sh --test installs it)"
-    from tasks.card import CardSettings
     from tasks.core.artifacts import Artifact
-    from tasks.hub_push import HubSettings, hub_push
-    from tasks.space import SpaceSettings, render_space, space_variables
+    from tasks.publish.card import CardSettings
+    from tasks.publish.hub_push import HubSettings, hub_push
+    from tasks.publish.space import SpaceSettings, render_space, space_variables
 
     q = "Q4_K_M"
     gguf = tmp_path / "gguf" / f"llama-{q}.gguf"
     gguf.parent.mkdir()
     shutil.copyfile(llama_ggufs[q], gguf)
     art = Artifact.from_path(gguf, name=f"gguf:{q}", kind="gguf", stage="quantize", meta={"quant": q})
-    pushed = hub_push([art], HubSettings(endpoint=hub_server.url, private=True), CardSettings(), tmp_path / "publish", tmp_path / "reports", model_name="llama", version="v1", token=SecretStr("hf_write_alice"))
+    pushed = hub_push(
+        [art],
+        HubSettings(endpoint=hub_server.url, private=True),
+        CardSettings(),
+        tmp_path / "publish",
+        tmp_path / "reports",
+        model_name="llama",
+        version="v1",
+        token=SecretStr("hf_write_alice"),
+    )
     settings = SpaceSettings(examples=["Hello there"], max_tokens=24, rate_limit_per_minute=3)
-    folder = render_space(tmp_path / "space", settings=settings, model_repo=pushed.meta["repo_id"], model_file=gguf.name, model_url="x", title="Tiny chat", license="apache-2.0")
+    folder = render_space(
+        tmp_path / "space",
+        settings=settings,
+        model_repo=pushed.meta["repo_id"],
+        model_file=gguf.name,
+        model_url="x",
+        title="Tiny chat",
+        license="apache-2.0",
+    )
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE",))}
     env.update(space_variables(settings, pushed.meta["repo_id"], gguf.name, "Tiny chat"))
-    env.update({"HF_ENDPOINT": hub_server.url, "HF_TOKEN": "hf_read_alice", "HF_HOME": str(tmp_path / "hf"), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.update(
+        {
+            "HF_ENDPOINT": hub_server.url,
+            "HF_TOKEN": "hf_read_alice",
+            "HF_HOME": str(tmp_path / "hf"),
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+    )
     log = tmp_path / "app.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -73,7 +100,18 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
         url = f"http://127.0.0.1:{port}/"
         _wait_http(url, proc, log)
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--no-sandbox",
+                    "--headless",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url)
             page.get_by_text("Tiny chat").first.wait_for(timeout=60_000)
@@ -83,7 +121,13 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
             box.fill("Tell me a story")
             box.press("Enter")
             page.locator("#stats").get_by_text("tokens/s").wait_for(timeout=120_000)
-            page.wait_for_function("() => document.querySelector('#stats').innerText.includes('first token') || document.querySelector('#stats').innerText.includes('error')", timeout=120_000)
+            page.wait_for_function(
+                (
+                    "() => document.querySelector('#stats').innerText.includes('first token') || "
+                    "document.querySelector('#stats').innerText.includes('error')"
+                ),
+                timeout=120_000,
+            )
             stats = page.locator("#stats").inner_text()
             chat = page.locator("#chat").inner_text()
             assert "error" not in stats.lower(), chat
@@ -95,8 +139,20 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
             for i in range(3):
                 box.fill(f"again {i}")
                 box.press("Enter")
-                page.wait_for_function(f"() => document.querySelector('#chat').innerText.includes('again {i}') && !document.querySelector('#stats').innerText.includes('thinking')", timeout=120_000)
-                page.wait_for_function("() => document.querySelector('#stats').innerText.includes('first token') || document.querySelector('#stats').innerText.includes('rate limited')", timeout=120_000)
+                page.wait_for_function(
+                    (
+                        f"() => document.querySelector('#chat').innerText.includes('again {i}') && "
+                        "!document.querySelector('#stats').innerText.includes('thinking')"
+                    ),
+                    timeout=120_000,
+                )
+                page.wait_for_function(
+                    (
+                        "() => document.querySelector('#stats').innerText.includes('first token') || "
+                        "document.querySelector('#stats').innerText.includes('rate limited')"
+                    ),
+                    timeout=120_000,
+                )
             page.get_by_text("Rate limit").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "space_rate_limit.png"), full_page=True)
             browser.close()
@@ -106,7 +162,9 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
             for name in ("space_loaded.png", "space_chat.png", "space_rate_limit.png"):
                 shutil.copyfile(tmp_path / name, Path(shots) / name)
         downloads = hub_server.state.calls("GET", r"/alice/llama-GGUF/resolve/main/llama-Q4_K_M.gguf")
-        assert downloads and downloads[-1].authorized_as == "alice", "the app fetched the private GGUF with the read token"
+        assert downloads and downloads[-1].authorized_as == "alice", (
+            "the app fetched the private GGUF with the read token"
+        )
     finally:
         proc.terminate()
         try:

@@ -12,8 +12,9 @@ import datetime as dt
 import functools
 import importlib.metadata
 import platform
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -44,7 +45,7 @@ class Artifact(BaseModel):
     settings_digest: str = ""
     tools: dict[str, str] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     @property
     def local_path(self) -> Path:
@@ -58,12 +59,12 @@ class Artifact(BaseModel):
         name: str,
         kind: str,
         stage: str,
-        inputs: Iterable["Artifact"] | dict[str, str] = (),
+        inputs: Iterable[Artifact] | dict[str, str] = (),
         settings: Any = None,
         tools: Iterable[str] = (),
         meta: dict[str, Any] | None = None,
         known: dict[str, str] | None = None,
-    ) -> "Artifact":
+    ) -> Artifact:
         """Hash `path` (a file or a folder) and build its record.
 
         `known` maps relative paths to digests already computed (e.g. verified during a download), so
@@ -78,7 +79,14 @@ class Artifact(BaseModel):
             for rel in iter_files(p):
                 f = p / rel
                 size, mtime = stat_key(f)
-                entries.append(FileEntry(path=rel.as_posix(), sha256=known.get(rel.as_posix()) or sha256_file(f), size=size, mtime_ns=mtime))
+                entries.append(
+                    FileEntry(
+                        path=rel.as_posix(),
+                        sha256=known.get(rel.as_posix()) or sha256_file(f),
+                        size=size,
+                        mtime_ns=mtime,
+                    )
+                )
             digest = folder_digest(entries)
             size = sum(e.size for e in entries)
         else:
@@ -133,7 +141,7 @@ def folder_digest(entries: Iterable[FileEntry]) -> str:
     return digest_of([[e.path, e.sha256] for e in sorted(entries, key=lambda e: e.path)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.core.artifacts import Artifact
+from tasks.core.constants import PROJECT_ROOT
 from tasks.core.hashing import canonical_json
 
 log = logging.getLogger("loraship.cache")
@@ -52,42 +53,60 @@ def fingerprint(value: Any) -> Any:
     return repr(value)
 
 
-def _project_imports(module_name: str) -> set[str]:
-    """Modules of the `tasks` package that `module_name` imports (at any depth in its code), by AST.
+# Shared plumbing, not stage logic: a change here does not invalidate every cached result.
+_NOT_STAGE_CODE = ("tasks.core", "tasks.support")
 
-    Stage code is split over helper modules (merge_plan, quantize_plan, gguf_validate, ...); a change
-    in any of them must change the stage's code version. tasks.core and the test-model builders are
-    shared plumbing, not stage logic, and are left out.
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a project module, found on disk (no import: find_spec would import parents)."""
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _family_modules(module_name: str) -> list[str]:
+    """Every module of the stage family (the `tasks.<family>` package) that holds `module_name`."""
+    parts = module_name.split(".")
+    root = PROJECT_ROOT / "tasks" / parts[1] if len(parts) >= 3 and parts[0] == "tasks" else None
+    if root is None or not root.is_dir():
+        return [module_name]
+    names = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).with_suffix("")
+        names.append(".".join([*parts[:2], *[p for p in rel.parts if p != "__init__"]]))
+    return names
+
+
+def _project_imports(module_name: str) -> set[str]:
+    """The stage's package and the project modules it imports (at any depth in its code), by AST.
+
+    A stage is a package by concept (tasks/merge/, tasks/gguf/, ...): every module in it counts, so a
+    helper run as a script (convert_entry) or reached only through a registry counts too. Modules of
+    other packages count when imported. tasks.core and tasks.support are shared plumbing and are left out.
     """
     import ast
-    import importlib.util
 
     found: set[str] = set()
-    todo = [module_name]
+    todo = _family_modules(module_name) if module_name.startswith("tasks.") else [module_name]
     while todo:
         name = todo.pop()
         if name in found:
             continue
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        origin = _module_file(name)
+        if origin is None:
             continue
         found.add(name)
-        origin = Path(spec.origin)
-        if name == module_name and "." in name:  # helpers named <stage>_*.py (e.g. convert_entry, run as a script)
-            pkg = name.rsplit(".", 1)[0]
-            todo += [f"{pkg}.{f.stem}" for f in origin.parent.glob(f"{origin.stem}_*.py")]
         tree = ast.parse(origin.read_text())
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"tasks.{a.name}" for a in node.names] if node.module == "tasks" else [node.module]
+                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for t in targets:
-                if t.startswith("tasks.") and not t.startswith(("tasks.core", "tasks.tiny_models")):
+                if t.startswith("tasks.") and not t.startswith(_NOT_STAGE_CODE):
                     todo.append(t)
     return found
 
@@ -105,7 +124,7 @@ def module_code_version(module_name: str) -> str:
         return _module_code_version(module_name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_code_version(module_name: str) -> str:
     h = hashlib.sha256()
     for name in sorted(_project_imports(module_name)) or [module_name]:
@@ -184,7 +203,9 @@ except ImportError:  # pragma: no cover - prefect is a hard dependency; this kee
 class ArtifactCachePolicy(CachePolicy):  # type: ignore[misc]
     """Key = stage code version + input artifact digests + settings; stale records are dropped."""
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         if task_ctx is None:
             return None
         fn = task_ctx.task.fn

@@ -40,14 +40,16 @@ class Manifest(BaseModel):
     tools: dict[str, str] = Field(default_factory=dict)
     stages: dict[str, StageRecord] = Field(default_factory=dict)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
-    removed: dict[str, str] = Field(default_factory=dict, description="artifacts deleted on purpose (cleanup) -> their sha256")
+    removed: dict[str, str] = Field(
+        default_factory=dict, description="artifacts deleted on purpose (cleanup) -> their sha256"
+    )
 
     def of_kind(self, kind: str) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 class RunFolder:
@@ -61,7 +63,7 @@ class RunFolder:
         self.version = version
 
     @classmethod
-    def for_model(cls, runs_dir: Path | str, model: str, version: str) -> "RunFolder":
+    def for_model(cls, runs_dir: Path | str, model: str, version: str) -> RunFolder:
         return cls(Path(runs_dir) / model / version, model, version)
 
     # Layout: one place that names every folder, so stages agree on it.
@@ -93,7 +95,7 @@ class RunFolder:
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
-    def ensure(self) -> "RunFolder":
+    def ensure(self) -> RunFolder:
         for d in (self.root, self.reports_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
         return self
@@ -113,13 +115,17 @@ class RunFolder:
             atomic_write_json(self.manifest_path, json.loads(m.model_dump_json()))
             return m
 
-    def record(self, stage: str, status: StageStatus, artifacts: list[Artifact] = (), seconds: float = 0.0, message: str = "") -> Manifest:
+    def record(
+        self, stage: str, status: StageStatus, artifacts: list[Artifact] = (), seconds: float = 0.0, message: str = ""
+    ) -> Manifest:
         def apply(m: Manifest) -> None:
             for a in artifacts:
                 m.artifacts[a.name] = a
                 for k, v in a.tools.items():
                     m.tools.setdefault(k, v)
-            m.stages[stage] = StageRecord(status=status, seconds=round(seconds, 3), message=message, artifacts=[a.name for a in artifacts])
+            m.stages[stage] = StageRecord(
+                status=status, seconds=round(seconds, 3), message=message, artifacts=[a.name for a in artifacts]
+            )
 
         return self.update_manifest(apply)
 
@@ -149,5 +155,13 @@ def manifest_table(m: Manifest) -> list[dict[str, Any]]:
     """Rows for the terminal summary and the Prefect table artifact."""
     rows = []
     for a in m.artifacts.values():
-        rows.append({"artifact": a.name, "stage": a.stage, "size_mb": round(a.size / 1e6, 2), "sha256": a.sha256[:16], "path": a.path})
+        rows.append(
+            {
+                "artifact": a.name,
+                "stage": a.stage,
+                "size_mb": round(a.size / 1e6, 2),
+                "sha256": a.sha256[:16],
+                "path": a.path,
+            }
+        )
     return rows

@@ -81,8 +81,13 @@ class SecretRef(BaseModel):
 
             value = load_block_secret(self.name)
         if value is None and required:
-            where = {"env": "environment variable", "secret": "Prefect Secret block", "block": "Prefect block"}[self.source]
-            raise PermanentError(f"the {where} {self.name!r} is not set", hint=f"set it, or point the config at another reference than {self}")
+            where = {"env": "environment variable", "secret": "Prefect Secret block", "block": "Prefect block"}[
+                self.source
+            ]
+            raise PermanentError(
+                f"the {where} {self.name!r} is not set",
+                hint=f"set it, or point the config at another reference than {self}",
+            )
         return SecretStr(value) if value is not None else None
 
     def model_dump_ref(self) -> str:

@@ -7,8 +7,9 @@ without Prefect) and a task made with `stage_task`. The flow binds each task to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from tasks.core.caching import ARTIFACTS
 from tasks.core.errors import retry_if_transient
@@ -16,7 +17,9 @@ from tasks.core.errors import retry_if_transient
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def stage_task(stage: str, *, retries: int = 3, base_delay: float = 2.0, cache: bool = True, **options: Any) -> Callable[[F], Any]:
+def stage_task(
+    stage: str, *, retries: int = 3, base_delay: float = 2.0, cache: bool = True, **options: Any
+) -> Callable[[F], Any]:
     """Make a Prefect task for a stage: cached by content, retried only on transient errors with backoff."""
     from prefect import task
     from prefect.tasks import exponential_backoff

@@ -72,14 +72,23 @@ def respond(message: str, history: list, request: gr.Request):
     history.append({"role": "user", "content": message})
     wait = allowed(getattr(request, "session_hash", None) or "anonymous")
     if wait:
-        history.append({"role": "assistant", "content": f"⚠️ Rate limit: {RATE_LIMIT} messages per minute. Try again in {wait:.0f} s."})
+        history.append(
+            {
+                "role": "assistant",
+                "content": f"⚠️ Rate limit: {RATE_LIMIT} messages per minute. Try again in {wait:.0f} s.",
+            }
+        )
         yield history, "", "rate limited"
         return
     history.append({"role": "assistant", "content": ""})
     yield history, "", "loading the model…" if _llm is None else "thinking…"
     try:
         llm = load_model()
-        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history[:-1] if m.get("role") in ("user", "assistant")]
+        messages = [
+            {"role": m["role"], "content": _text(m["content"])}
+            for m in history[:-1]
+            if m.get("role") in ("user", "assistant")
+        ]
         with _gen_lock:
             started = time.perf_counter()
             first = None
@@ -130,4 +139,7 @@ with gr.Blocks(title=TITLE) as demo:
 demo.queue(default_concurrency_limit=2)
 
 if __name__ == "__main__":
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+    )

@@ -1,0 +1,30 @@
+"""What a run reports: one outcome per stage, links, the artifact table (terminal, UI, notifications)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class StageOutcome(BaseModel):
+    stage: str
+    status: str
+    seconds: float = 0.0
+    message: str = ""
+    artifacts: list[str] = Field(default_factory=list)
+
+
+class RunSummary(BaseModel):
+    model: str
+    version: str
+    run_dir: str
+    manifest: str
+    degraded: bool = False
+    stages: list[StageOutcome] = Field(default_factory=list)
+    artifacts: list[dict[str, Any]] = Field(default_factory=list)
+    links: dict[str, str] = Field(default_factory=dict)
+    task_runners: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per fanned-out stage: the task runner, and on Dask the workers that ran its items",
+    )

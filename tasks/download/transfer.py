@@ -1,0 +1,246 @@
+"""Moving the bytes for the download stage: rsync over ssh, or paramiko SFTP when rsync is missing.
+
+rsync is what users would run by hand and it resumes well: with `--partial-dir` an interrupted file is
+kept, and the next run uses it as the basis of rsync's delta transfer, so only about the remainder
+crosses the wire. It is started as an argument list (never through a shell); its `--info=progress2`
+output feeds tasks.core.progress.Progress and its `--stats` give the bytes actually received.
+
+The SFTP fallback (no rsync on one side, the seed's "SCP fallback") appends to a partial file from its
+byte offset and hashes while it writes, so a resumed file is not read twice. Partial data lives under
+`.partial-rsync/` and `.partial-sftp/` inside the destination: the `.partial-` prefix keeps it out of
+artifact listings (tasks.core.hashing.iter_files) and final names only ever hold complete files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.core.errors import PermanentError, TransientError
+from tasks.core.progress import Progress
+from tasks.download.ssh import RemoteFile, RemoteSession, local_target, parse_rsync_version
+
+log = logging.getLogger("loraship.download")
+
+RSYNC_PARTIAL = ".partial-rsync"
+SFTP_PARTIAL = ".partial-sftp"
+_PROGRESS2 = re.compile(rb"^\s*(\d+)\s+\d+%")
+# rsync exit codes worth a retry: socket/protocol/IPC errors, killed by a signal, timeouts, vanished
+# source files (the box is still writing), and 255 (ssh lost the connection).
+_RSYNC_TRANSIENT = {10, 12, 14, 20, 21, 24, 30, 35, 255}
+
+BytesHook = Callable[[int], None]
+
+
+@dataclass
+class TransferStats:
+    method: str
+    bytes_received: int = 0  # bytes that crossed the wire (rsync --stats "Total bytes received"; SFTP: payload)
+    literal_bytes: int = 0  # file data sent as-is (rsync: not matched against a local basis)
+    matched_bytes: int = 0  # file data rsync reconstructed from a local (partial) basis
+    files: list[str] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # computed while transferring (SFTP)
+    compression: str | None = None
+
+
+def local_rsync_info(binary: str = "rsync") -> dict | None:
+    path = shutil.which(binary)
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"path": path, **parse_rsync_version(out)}
+
+
+def rsync_pull(
+    session: RemoteSession,
+    run_dir: str,
+    files: list[RemoteFile],
+    dest: Path,
+    *,
+    local: dict,
+    remote: dict,
+    remote_rsync: str = "rsync",
+    bwlimit_kbps: int | None = None,
+    compress: bool = False,
+    io_timeout: int = 120,
+    progress: Progress | None = None,
+    on_bytes: BytesHook | None = None,
+) -> TransferStats:
+    """Pull `files` (relative to `run_dir`) into `dest` with rsync over ssh; partial files are kept."""
+    tmp = session.private_dir()
+    listing = tmp / "files-from"
+    listing.write_bytes(b"\0".join(f.rel.encode() for f in files) + b"\0")
+    for f in files:
+        local_target(dest, f.rel)  # refuses names that would land outside dest; drops local symlinks
+    ssh = session.openssh_command(io_timeout)
+    argv = [
+        local["path"], "--from0", f"--files-from={listing}", "--times", "--copy-links", "--ignore-times",
+        f"--partial-dir={RSYNC_PARTIAL}", "--delay-updates", "--no-inc-recursive", "--no-h",
+        "--info=progress2", "--stats", f"--timeout={io_timeout}", "--rsh", _rsh_string(ssh),
+    ]  # fmt: skip
+    if remote_rsync != "rsync":
+        argv.append(f"--rsync-path={remote_rsync}")
+    if bwlimit_kbps:
+        argv.append(f"--bwlimit={bwlimit_kbps}")
+    compression = None
+    if compress:
+        both = set(local.get("compress", [])) & set(remote.get("compress", []))
+        compression = "zstd" if "zstd" in both else "zlib"
+        argv += ["--compress", f"--compress-choice={compression}"]
+    argv += [f"{session.target.host}:{run_dir.rstrip('/')}/", f"{dest}/"]
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "rsync %d file(s) from %s:%s%s",
+        len(files),
+        session.target.label,
+        run_dir,
+        f" (compression {compression})" if compression else "",
+    )
+    env = {**os.environ, "LC_ALL": "C"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    err_chunks: list[bytes] = []
+    err_thread = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    err_thread.start()
+    stats_text = bytearray()
+    buf = b""
+    try:
+        while True:
+            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = re.split(rb"[\r\n]", buf)
+            for line in lines:
+                m = _PROGRESS2.match(line)
+                if m:
+                    done = int(m.group(1))
+                    if progress is not None:
+                        progress.update_to(done)
+                    if on_bytes is not None:
+                        on_bytes(done)
+                elif line.strip():
+                    stats_text += line + b"\n"
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    err_thread.join(timeout=10)
+    stderr = b"".join(err_chunks).decode("utf-8", "replace").strip()
+    text = stats_text.decode("utf-8", "replace")
+    stats = TransferStats(
+        method="rsync",
+        bytes_received=_stat(text, "Total bytes received"),
+        literal_bytes=_stat(text, "Literal data"),
+        matched_bytes=_stat(text, "Matched data"),
+        files=[f.rel for f in files],
+        compression=compression,
+    )
+    if rc != 0:
+        msg = f"rsync from {session.target.label} exited with {rc}: {stderr[-600:] or 'no message'}"
+        if rc in _RSYNC_TRANSIENT:
+            raise TransientError(msg, hint="the partial data is kept; a retry resumes it")
+        raise PermanentError(msg, hint="check source.path, the free space here and the rsync versions")
+    return stats
+
+
+def _rsh_string(argv: list[str]) -> str:
+    """rsync splits --rsh on spaces and honours quotes (not backslashes): quote what needs it."""
+    out = []
+    for a in argv:
+        if not a or any(c in a for c in " \t'\""):
+            if "'" in a:
+                raise PermanentError(
+                    f"cannot pass {a!r} to rsync's ssh command (it holds a quote)", hint="use a key path without quotes"
+                )
+            a = f"'{a}'"
+        out.append(a)
+    return " ".join(out)
+
+
+def _stat(text: str, label: str) -> int:
+    m = re.search(rf"{label}:\s*([\d,]+)", text)
+    return int(m.group(1).replace(",", "")) if m else 0
+
+
+def sftp_pull(
+    session: RemoteSession,
+    run_dir: str,
+    files: list[RemoteFile],
+    dest: Path,
+    *,
+    progress: Progress | None = None,
+    on_bytes: BytesHook | None = None,
+    chunk: int = 1 << 20,
+) -> TransferStats:
+    """Pull `files` with SFTP, resuming each from the size of its partial file; hashes while writing."""
+    stats = TransferStats(method="sftp")
+    done_total = 0
+    for f in files:
+        final = local_target(dest, f.rel)
+        part = dest / SFTP_PARTIAL / f.rel
+        part.parent.mkdir(parents=True, exist_ok=True)
+        offset = part.stat().st_size if part.is_file() else 0
+        h = hashlib.sha256()
+        if offset > f.size:
+            part.unlink()
+            offset = 0
+        elif offset:
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(chunk), b""):
+                    h.update(block)
+            log.info("resuming %s at byte %d of %d over SFTP", f.rel, offset, f.size)
+        done_total += offset
+        try:
+            with session.sftp.open(f"{run_dir}/{f.rel}", "rb") as rf, open(part, "ab") as lf:
+                rf.seek(offset)
+                if f.size > offset:
+                    rf.prefetch(f.size)
+                while True:
+                    data = rf.read(chunk)
+                    if not data:
+                        break
+                    lf.write(data)
+                    h.update(data)
+                    stats.bytes_received += len(data)
+                    done_total += len(data)
+                    if progress is not None:
+                        progress.update_to(done_total)
+                    if on_bytes is not None:
+                        on_bytes(done_total)
+                lf.flush()
+                os.fsync(lf.fileno())
+        except FileNotFoundError:
+            raise PermanentError(
+                f"{run_dir}/{f.rel} vanished from {session.target.host} during the download",
+                hint="is training still writing to that folder?",
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise TransientError(
+                f"SFTP transfer of {f.rel} from {session.target.label} broke off: {exc}",
+                hint="the partial file is kept; a retry resumes it",
+            ) from None
+        os.utime(part, (f.mtime, f.mtime))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        stats.files.append(f.rel)
+        stats.digests[f.rel] = h.hexdigest()
+    return stats
+
+
+def clean_partials(dest: Path) -> None:
+    for name in (RSYNC_PARTIAL, SFTP_PARTIAL):
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for p in dest.rglob(RSYNC_PARTIAL):
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Stages health and evaluate: health verdicts, quality evaluation, KL-divergence."""

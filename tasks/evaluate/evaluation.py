@@ -1,0 +1,341 @@
+"""Stage 11, eval: compare the quantizations against each other and against the F16 GGUF.
+
+For every GGUF (and optionally a second model version, `evaluation.compare_gguf`) a child process
+(tasks/evaluate/worker.py) answers the eval samples (eval_samples.jsonl: prompt, reference, optional
+metric exact|contains) and measures latency p50/p95, tokens/s, accuracy and peak memory, then scores a
+held-out text: perplexity, and against the F16's log-probabilities the mean KL-divergence and top-1
+agreement (tasks/evaluate/kl.py). The F16 runs first so the quants can be compared with it.
+
+The report (reports/eval/: eval.json, eval.md, quality_vs_size.png) is the `report:eval` artifact; its
+`meta.quants` maps each quant to {ppl, ppl_delta, kl_div, top1_agreement, tokens_per_s, accuracy,
+latency_p50_ms, latency_p95_ms, peak_rss_mb, size_mb}: the model card's quant table reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_dir
+from tasks.core.constants import PROJECT_ROOT, TASKS_DATA
+from tasks.core.errors import PermanentError
+from tasks.core.hashing import digest_of
+from tasks.core.progress import Progress
+from tasks.core.settings import StrictModel
+from tasks.core.stage import stage_task
+
+STAGE = "evaluate"
+DATA = TASKS_DATA
+log = logging.getLogger("loraship.evaluate")
+QUANT_ORDER = (
+    "F32",
+    "BF16",
+    "F16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_0",
+    "IQ4_XS",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+)
+
+
+class EvalSettings(StrictModel):
+    """What to evaluate and how."""
+
+    samples: str | None = Field(
+        None,
+        description=(
+            "eval_samples.jsonl (prompt, reference, optional metric exact|contains); default: a small bundled "
+            "set for the demo task"
+        ),
+    )
+    heldout_text: str | None = Field(
+        None, description="a text file for perplexity and KL-divergence; default: a bundled paragraph"
+    )
+    max_tokens: int = Field(32, ge=1, description="tokens generated per sample")
+    default_metric: Literal["exact", "contains"] = Field("contains", description="metric for samples that name none")
+    quants: list[str] | None = Field(None, description="quants to evaluate (None: every GGUF of the run)")
+    compare_gguf: str | None = Field(
+        None, description="a second model version's GGUF to evaluate alongside (row 'compare')"
+    )
+    n_ctx: int = Field(512, ge=16, description="context window for generation and for the perplexity windows")
+    max_heldout_tokens: int = Field(
+        4096, ge=2, description="cap on held-out tokens scored (KL keeps n_tokens x vocab floats on disk)"
+    )
+    threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
+    worker_timeout_s: float = Field(1800.0, gt=0, description="per-quant time limit")
+
+
+def load_samples(settings: EvalSettings) -> list[dict[str, Any]]:
+    path = Path(settings.samples).expanduser() if settings.samples else DATA / "eval_samples.jsonl"
+    if not path.is_file():
+        raise PermanentError(
+            f"evaluation.samples {path} does not exist",
+            hint='point it at a JSONL file with one {"prompt": ..., "reference": ...} per line',
+        )
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise PermanentError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise PermanentError(
+                f'{path}:{n}: needs a "prompt" string',
+                hint='{"prompt": "...", "reference": "...", "metric": "contains"}',
+            )
+        if row.get("metric") not in (None, "exact", "contains"):
+            raise PermanentError(f"{path}:{n}: metric {row['metric']!r} is not exact or contains")
+        out.append(row)
+    if not out:
+        raise PermanentError(f"evaluation.samples {path} has no samples")
+    return out
+
+
+def load_heldout(settings: EvalSettings) -> str:
+    path = Path(settings.heldout_text).expanduser() if settings.heldout_text else DATA / "heldout.txt"
+    if not path.is_file():
+        raise PermanentError(
+            f"evaluation.heldout_text {path} does not exist",
+            hint="point it at a plain text file the model was not trained on",
+        )
+    return path.read_text()
+
+
+def data_digest(settings: EvalSettings) -> str:
+    """Digest of the sample and held-out files' contents (part of the cache key: a path alone is not)."""
+    return digest_of([load_samples(settings), load_heldout(settings)])
+
+
+def _run_worker(job: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    job_path = work / f"job-{job['quant']}.json"
+    result_path = work / f"result-{job['quant']}.json"
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate.worker", str(job_path), str(result_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if proc.returncode != 0 or not result_path.is_file():
+        raise PermanentError(
+            f"evaluating {job['quant']} ({job['model']}) failed (rc {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
+    return json.loads(result_path.read_text())
+
+
+def _order(q: str) -> int:
+    return QUANT_ORDER.index(q) if q in QUANT_ORDER else len(QUANT_ORDER)
+
+
+def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[str, dict[str, Any]]:
+    """Evaluate each GGUF in a child process, F16 first; returns quant -> results."""
+    by_quant = {str(a.meta.get("quant")): a for a in ggufs}
+    if settings.quants:
+        missing = [q for q in settings.quants if q not in by_quant]
+        if missing:
+            raise PermanentError(f"evaluation.quants {missing} were not made in this run (made: {', '.join(by_quant)})")
+        by_quant = {q: by_quant[q] for q in settings.quants}
+        ref = next((a for a in ggufs if a.meta.get("quant") == "F16"), None)
+        if ref is not None:
+            by_quant.setdefault("F16", ref)
+    samples, heldout = load_samples(settings), load_heldout(settings)
+    order = sorted(by_quant, key=_order)
+    base = {
+        "samples": samples,
+        "heldout_text": heldout,
+        "max_tokens": settings.max_tokens,
+        "default_metric": settings.default_metric,
+        "n_ctx": settings.n_ctx,
+        "threads": settings.threads,
+        "max_heldout_tokens": settings.max_heldout_tokens,
+    }
+    ref_lp = work / "f16-logprobs.npy" if "F16" in by_quant else None
+    if ref_lp is None:
+        log.warning("no F16 GGUF in this run: perplexity is reported, KL-divergence is not")
+    jobs = [(q, str(by_quant[q].local_path), by_quant[q].size) for q in order]
+    if settings.compare_gguf:
+        p = Path(settings.compare_gguf).expanduser()
+        if not p.is_file():
+            raise PermanentError(f"evaluation.compare_gguf {p} does not exist")
+        jobs.append(("compare", str(p.resolve()), p.stat().st_size))
+    results: dict[str, dict[str, Any]] = {}
+    with Progress("evaluate quants", len(jobs), unit="quant") as progress:
+        for q, path, size in jobs:
+            job = {**base, "quant": q, "model": path}
+            if q == "F16":
+                job["save_logprobs"] = str(ref_lp)
+            elif ref_lp is not None and q != "compare":
+                job["ref_logprobs"] = str(ref_lp)
+            log.info("evaluating %s (%s)", q, Path(path).name)
+            res = _run_worker(job, work, settings.worker_timeout_s)
+            res["size_mb"] = round(size / 1e6, 3)
+            results[q] = res
+            progress.advance(1)
+    if "F16" in results:
+        f16 = results["F16"]["ppl"]
+        for r in results.values():
+            if "ppl" in r:
+                r["ppl_delta"] = r["ppl"] - f16
+        results["F16"].update(kl_div=0.0, top1_agreement=1.0)
+    return results
+
+
+TABLE_KEYS = (
+    "size_mb",
+    "ppl",
+    "ppl_delta",
+    "kl_div",
+    "top1_agreement",
+    "accuracy",
+    "tokens_per_s",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "peak_rss_mb",
+)
+
+
+def quant_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def r(v: Any) -> Any:
+        return round(v, 6) if isinstance(v, float) else v
+
+    return {q: {k: r(res.get(k)) for k in TABLE_KEYS} for q, res in results.items()}
+
+
+def to_markdown(model: str, table: dict[str, dict[str, Any]], n_samples: int, heldout_tokens: int | None) -> str:
+    lines = [
+        f"# Evaluation of {model}",
+        "",
+        f"{n_samples} eval samples; perplexity and KL-divergence against F16 on {heldout_tokens} held-out tokens.",
+        "",
+    ]
+    lines += ["| quant | " + " | ".join(TABLE_KEYS) + " |", "| --- | " + " | ".join("---:" for _ in TABLE_KEYS) + " |"]
+    for q, row in table.items():
+        lines.append(
+            f"| {q} | "
+            + " | ".join(
+                "" if row[k] is None else (f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]))
+                for k in TABLE_KEYS
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, dict[str, Any]], path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    qs = [q for q in table if table[q].get("ppl") is not None]
+    xs = [table[q]["size_mb"] for q in qs]
+    ax.scatter(xs, [table[q]["ppl"] for q in qs], color="tab:blue", label="perplexity")
+    for q, x in zip(qs, xs):
+        ax.annotate(q, (x, table[q]["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("perplexity on held-out text (lower is better)")
+    kq = [q for q in qs if table[q].get("kl_div") is not None]
+    if kq:
+        ax2 = ax.twinx()
+        ax2.plot(
+            [table[q]["size_mb"] for q in kq],
+            [table[q]["kl_div"] for q in kq],
+            "o--",
+            color="tab:red",
+            label="KL vs F16",
+        )
+        ax2.set_ylabel("mean KL-divergence vs F16", color="tab:red")
+    ax.set_title(f"{model}: quality against file size")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _publish_table(model: str, table: dict[str, dict[str, Any]]) -> None:
+    try:
+        from tasks.core.progress import _in_prefect_run
+
+        if not _in_prefect_run():
+            return
+        from prefect.artifacts import create_table_artifact
+
+        key = "eval-" + "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
+        create_table_artifact(
+            key=key,
+            table=[{"quant": q, **row} for q, row in table.items()],
+            description=f"Quantization comparison of {model}",
+        )
+    except Exception as exc:  # the UI is a nicety
+        log.debug("no table artifact: %s", exc)
+
+
+def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model: str) -> Artifact:
+    """Evaluate every GGUF; write out_dir/{eval.json,eval.md,quality_vs_size.png}; return `report:eval`."""
+    if not ggufs:
+        raise PermanentError("no GGUF files to evaluate", hint="run the convert/quantize stages first")
+    with tempfile.TemporaryDirectory(prefix="loraship-eval-") as work:
+        results = run_eval(ggufs, settings, Path(work))
+    table = quant_table(results)
+    heldout_tokens = next((r.get("heldout_tokens") for r in results.values() if r.get("heldout_tokens")), None)
+    report = {
+        "model": model,
+        "quants": table,
+        "results": results,
+        "settings": settings.model_dump(mode="json"),
+        "note": "timings were measured one quant after another on this machine; CPU load from other work changes them",
+    }
+    md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens)
+    with atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "eval.md").write_text(md)
+        plot(table, tmp / "quality_vs_size.png", model)
+    _publish_table(model, table)
+    return Artifact.from_path(
+        out_dir,
+        name="report:eval",
+        kind="report",
+        stage=STAGE,
+        inputs=ggufs,
+        settings=settings,
+        tools=["llama-cpp-python", "numpy"],
+        meta={
+            "quants": table,
+            "heldout_tokens": heldout_tokens,
+            "samples": len(load_samples(settings)),
+            "json": str(out_dir / "eval.json"),
+            "markdown": str(out_dir / "eval.md"),
+            "plot": str(out_dir / "quality_vs_size.png"),
+        },
+    )
+
+
+@stage_task(STAGE)
+def evaluate_task(
+    ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model: str, data_digest: str
+) -> Artifact:
+    """`data_digest` (of the sample and held-out files) is only there to key the cache on their content."""
+    return evaluate(ggufs, settings, out_dir, model)

@@ -1,0 +1,1 @@
+"""Stages convert and quantize: llama.cpp toolchain, GGUF conversion, the quantize plan, split, validation."""

@@ -1,0 +1,415 @@
+"""Stage 3, convert: merged HF folder -> {model}-F16.gguf with llama.cpp's converter.
+
+The converter is llama.cpp's own `convert_hf_to_gguf.py` from the same commit as the installed
+llama-cpp-python (resolved by tasks/gguf/toolchain.py), run as a subprocess through
+tasks/gguf/convert_entry.py (which adds the `vocab_pre` choice for unknown BPE tokenizers). Its log goes to
+the run log and its last lines into the error on failure. The output is written under a temporary
+name and renamed when complete, then validated with GGUFReader, and (by default) the runtime's
+tokenization of a test sentence is compared with the HF tokenizer's.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_path
+from tasks.core.errors import PermanentError
+from tasks.core.progress import Progress
+from tasks.core.settings import StrictModel
+from tasks.core.stage import stage_task
+
+STAGE = "convert"
+log = logging.getLogger("loraship.convert")
+ENTRY = Path(__file__).with_name("convert_entry.py")
+TOKENIZER_TEXT = "Hello world! The quick brown fox jumps over the lazy dog; 12 cats, 3 owls."
+TOOLS = ("llama-cpp-python", "gguf", "torch", "transformers", "safetensors")
+
+
+class ConvertSettings(StrictModel):
+    """The `convert:` section: how the merged model becomes one GGUF file."""
+
+    outtype: Literal["f16", "bf16", "f32", "q8_0"] = Field(
+        "f16", description="tensor type of the converted file (the input of quantize)"
+    )
+    vocab_pre: str | None = Field(
+        None,
+        description=(
+            "pre-tokenizer to use when llama.cpp does not recognise a BPE tokenizer (e.g. gpt-2, llama-bpe, qwen2)"
+        ),
+    )
+    llama_cpp_dir: str | None = Field(
+        None,
+        description=(
+            "a llama.cpp checkout to take convert_hf_to_gguf.py from (else LLAMA_CPP_DIR, else the sdist of the "
+            "installed llama-cpp-python)"
+        ),
+    )
+    check_tokenizer: bool = Field(
+        True,
+        description=(
+            "compare llama.cpp's tokenization of a test sentence with the HF tokenizer's (a mismatch fails the stage)"
+        ),
+    )
+    timeout_s: int = Field(7200, ge=60, description="give up on the converter after this many seconds")
+    lora_adapter: bool = Field(
+        False,
+        description=(
+            "also convert the adapter alone to a GGUF LoRA ({model}-LoRA-F16.gguf) for runtimes that apply adapters"
+        ),
+    )
+
+
+_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 1.0625}
+_SRC_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def gguf_name(model: str, quant: str) -> str:
+    return f"{model}-{quant.upper()}.gguf"
+
+
+def estimate_gguf_bytes(merged_dir: Path, outtype: str) -> int:
+    """Expected size of the converted file, from the safetensors sizes and the source dtype."""
+    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors")) or sum(
+        p.stat().st_size for p in merged_dir.glob("*.bin")
+    )
+    src = 2
+    cfg = merged_dir / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        src = _SRC_BYTES.get(str(data.get("torch_dtype") or data.get("dtype") or "float16"), 2)
+    return int(weights * _BYTES[outtype] / src) + 16 * 1024 * 1024
+
+
+def disk_preflight(folder: Path, need: int, what: str) -> None:
+    """Fail before the work when the disk cannot hold the result (with a 10% margin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.1:
+        raise PermanentError(
+            f"not enough disk space in {folder} for {what}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free",
+            hint="free some space, point pipeline.runs_dir at a bigger disk, or enable pipeline.cleanup",
+        )
+
+
+@contextlib.contextmanager
+def file_progress(path: Path, total: int, description: str, interval: float = 0.5) -> Iterator[Progress]:
+    """Report a growing output file's size as progress while the block runs (llama.cpp has no callback)."""
+    progress = Progress(description, total)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            try:
+                progress.update_to(min(path.stat().st_size, total))
+            except OSError:
+                pass
+
+    t = threading.Thread(target=watch, name=f"progress-{path.name}", daemon=True)
+    t.start()
+    try:
+        yield progress
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    progress.close()
+
+
+@contextlib.contextmanager
+def converter_view(src: Path) -> Iterator[Path]:
+    """The model folder as llama.cpp's converter should see it (usually `src` itself).
+
+    transformers 5 keeps added tokens (chat markup such as <|im_start|>) only in tokenizer.json, while
+    this converter's SentencePiece path learns which tokens are special from tokenizer_config.json's
+    `added_tokens_decoder` (or added_tokens.json): without it they are written as normal text tokens and
+    llama.cpp tokenizes the chat markup as text. Then the converter gets a temporary folder of links to
+    `src` with a tokenizer_config.json that carries `added_tokens_decoder` from tokenizer.json; `src`
+    (an artifact with a digest) is never changed.
+    """
+    cfg, tj = src / "tokenizer_config.json", src / "tokenizer.json"
+    if not ((src / "tokenizer.model").is_file() and cfg.is_file() and tj.is_file()):
+        yield src
+        return
+    data = json.loads(cfg.read_text())
+    added = json.loads(tj.read_text()).get("added_tokens") or []
+    if data.get("added_tokens_decoder") or (src / "added_tokens.json").is_file() or not added:
+        yield src
+        return
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    data["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
+    with tempfile.TemporaryDirectory(prefix="loraship-convert-view-") as tmpd:
+        view = Path(tmpd) / src.name
+        view.mkdir()
+        for p in src.iterdir():
+            if p.name != cfg.name:
+                (view / p.name).symlink_to(p.resolve())
+        (view / cfg.name).write_text(json.dumps(data, indent=2))
+        log.info("added tokens of %s passed to the converter from tokenizer.json (%d tokens)", src.name, len(added))
+        yield view
+
+
+def _run_converter(cmd: list[str], env: dict[str, str], timeout_s: int) -> tuple[int, list[str], bool]:
+    """Run the converter, streaming its log to ours; return (exit code, last lines, unknown-BPE flag)."""
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    unknown_bpe = False
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            if "LORASHIP_UNKNOWN_BPE_PRE" in line or "BPE pre-tokenizer was not recognized" in line:
+                unknown_bpe = True
+            if line.startswith("ERROR") or "Traceback" in line or "Error" in line.split(":", 1)[0]:
+                log.warning("converter: %s", line)
+            elif line.startswith("WARNING"):  # upstream's notes (unknown RoPE type, separators): informative
+                log.info("converter: %s", line)
+            else:
+                log.debug("converter: %s", line)
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    return rc, list(tail), unknown_bpe
+
+
+def hf_tokenize(model_dir: Path, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_name: str) -> Artifact:
+    """Convert the merged HF folder `merged` into `out_dir/{model_name}-{OUTTYPE}.gguf` and validate it."""
+    from tasks.gguf.toolchain import resolve_converter
+    from tasks.gguf.validate import generate_check, llama_tokenize, validate_gguf
+
+    src = Path(merged.path)
+    if not (src / "config.json").is_file():
+        raise PermanentError(
+            f"{src} has no config.json: it is not a Hugging Face model folder",
+            hint="the merge stage must write a full HF model folder (config, safetensors, tokenizer)",
+        )
+    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
+        raise PermanentError(f"{src} has no *.safetensors weights", hint="re-run the merge stage")
+    quant = settings.outtype.upper()
+    final = Path(out_dir) / gguf_name(model_name, quant)
+    expected = estimate_gguf_bytes(src, settings.outtype)
+    disk_preflight(Path(out_dir), expected, final.name)
+    conv = resolve_converter(settings.llama_cpp_dir)
+    log.info("converting %s with %s", src, conv.describe())
+    # The HF side of the tokenizer check needs transformers (~5 s to import and load): do it while the
+    # converter subprocess runs, on the core it leaves idle.
+    hf_ids = (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokenize").submit(
+            hf_tokenize, src, TOKENIZER_TEXT
+        )
+        if settings.check_tokenizer
+        else None
+    )
+    started = time.monotonic()
+    with atomic_path(final) as tmp:
+        cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
+        if settings.vocab_pre:
+            cmd += ["--vocab-pre", settings.vocab_pre]
+        with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
+            cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype, "--model-name", model_name]
+            rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
+        if rc != 0:
+            raise _converter_error(rc, tail, unknown_bpe, src, settings)
+    seconds = time.monotonic() - started
+    info = validate_gguf(final)
+    log.info(
+        "converted %s: %d tensors, %.1f MB in %.1fs (%.0f MB/s)",
+        final.name,
+        info["tensor_count"],
+        info["size"] / 1e6,
+        seconds,
+        info["size"] / 1e6 / max(seconds, 1e-6),
+    )
+    meta = {
+        "quant": quant,
+        "outtype": settings.outtype,
+        "llama_cpp_commit": conv.commit,
+        "converter_origin": conv.origin,
+        "architecture": info["architecture"],
+        "tensor_count": info["tensor_count"],
+        "tensor_types": info["tensor_types"],
+        "n_params": info["n_params"],
+        "bits_per_weight": info["bits_per_weight"],
+        "has_chat_template": info["has_chat_template"],
+        "tokenizer_model": info["tokenizer_model"],
+        "tokenizer_pre": info["tokenizer_pre"],
+        "vocab_pre_used": bool(settings.vocab_pre) and info["tokenizer_pre"] == settings.vocab_pre,
+        "seconds": round(seconds, 2),
+        "notes": list(conv.notes),
+    }
+    if settings.check_tokenizer:
+        ours, theirs = llama_tokenize(final, TOKENIZER_TEXT), hf_ids.result()
+        meta["tokenizer_check"] = {"text": TOKENIZER_TEXT, "matches": ours == theirs}
+        if ours != theirs:
+            final.unlink(missing_ok=True)
+            hint = (
+                (
+                    "set convert.vocab_pre to the pre-tokenizer your tokenizer was built like (gpt-2, llama-bpe, "
+                    "qwen2, ...)"
+                )
+                if info["tokenizer_model"] == "gpt2"
+                else "check the tokenizer files in the merged folder"
+            )
+            at = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+            raise PermanentError(
+                f"llama.cpp tokenizes {TOKENIZER_TEXT!r} differently from the HF tokenizer (pre-tokenizer "
+                f"{info['tokenizer_pre']!r}): "
+                f"from token {at}: {ours[at : at + 6]} vs {theirs[at : at + 6]}",
+                hint=hint,
+            )
+    meta["generation"] = generate_check(final)
+    return Artifact.from_path(
+        final,
+        name=f"gguf:{quant}",
+        kind="gguf",
+        stage=STAGE,
+        inputs=[merged],
+        settings=settings,
+        tools=TOOLS,
+        meta=meta,
+    )
+
+
+def _converter_error(
+    rc: int, tail: list[str], unknown_bpe: bool, src: Path, settings: ConvertSettings
+) -> PermanentError:
+    last = "\n    ".join(tail[-12:])
+    if unknown_bpe:
+        return PermanentError(
+            f"llama.cpp does not recognise the BPE pre-tokenizer of {src} (BPE pre-tokenizer was not recognized)",
+            hint=(
+                "set convert.vocab_pre to the pre-tokenizer the tokenizer was built like, e.g. 'gpt-2' "
+                "(byte-level BPE), 'llama-bpe' (Llama 3) or 'qwen2'; "
+                "the convert stage then checks llama.cpp's tokenization against the HF tokenizer"
+            ),
+        )
+    m = next((re.search(r"Model (\S+) is not supported", line) for line in tail if "is not supported" in line), None)
+    if m:
+        return PermanentError(
+            f"llama.cpp's converter cannot convert the architecture {m.group(1)} (from {src / 'config.json'})",
+            hint=(
+                "use a model architecture llama.cpp supports, or a llama.cpp checkout that adds it "
+                "(convert.llama_cpp_dir)"
+            ),
+        )
+    if rc in (-9, 137):
+        return PermanentError(
+            (
+                f"the converter was killed (exit {rc}): out of memory or past convert.timeout_s "
+                f"({settings.timeout_s}s)\n    {last}"
+            ),
+            hint="free memory, or raise convert.timeout_s",
+        )
+    return PermanentError(
+        f"llama.cpp's converter failed (exit {rc}); its last lines:\n    {last}", hint="see the converter's log above"
+    )
+
+
+def convert_lora(
+    adapter: Artifact, base_dir: Path, settings: ConvertSettings, out_dir: Path, model_name: str
+) -> Artifact:
+    """The peft adapter alone -> `{model}-LoRA-F16.gguf` with llama.cpp's convert_lora_to_gguf.py.
+
+    `base_dir` only lends the model's config (the merged folder has the base's config).
+    """
+    from tasks.gguf.toolchain import resolve_converter
+    from tasks.gguf.validate import read_gguf
+
+    src = Path(adapter.path)
+    if not (src / "adapter_config.json").is_file():
+        raise PermanentError(
+            f"{src} has no adapter_config.json: not a peft LoRA adapter",
+            hint="convert.lora_adapter needs the downloaded adapter folder",
+        )
+    outtype = "f16" if settings.outtype == "q8_0" else settings.outtype
+    final = Path(out_dir) / f"{model_name}-LoRA-{outtype.upper()}.gguf"
+    disk_preflight(Path(out_dir), sum(f.size for f in adapter.files) + 16 * 2**20, final.name)
+    conv = resolve_converter(settings.llama_cpp_dir)
+    started = time.monotonic()
+    with atomic_path(final) as tmp:
+        cmd = [
+            sys.executable,
+            str(ENTRY),
+            "--llama-cpp",
+            str(conv.root),
+            "--script",
+            "convert_lora_to_gguf.py",
+            "--",
+            str(src),
+            "--base",
+            str(base_dir),
+            "--outfile",
+            str(tmp),
+            "--outtype",
+            outtype,
+        ]
+        rc, tail, _ = _run_converter(cmd, conv.env(), settings.timeout_s)
+        if rc != 0:
+            raise PermanentError(
+                "llama.cpp's convert_lora_to_gguf failed (exit %d); its last lines:\n    %s"
+                % (rc, "\n    ".join(tail[-12:])),
+                hint="see the converter's log above",
+            )
+    info = read_gguf(final)
+    if not info["tensor_count"]:
+        final.unlink(missing_ok=True)
+        raise PermanentError(f"{final.name} holds no LoRA tensors")
+    meta = {
+        "quant": outtype.upper(),
+        "llama_cpp_commit": conv.commit,
+        "architecture": info["architecture"],
+        "tensor_count": info["tensor_count"],
+        "tensor_types": info["tensor_types"],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    return Artifact.from_path(
+        final,
+        name=f"gguf-lora:{outtype.upper()}",
+        kind="gguf-lora",
+        stage=STAGE,
+        inputs=[adapter],
+        settings=settings,
+        tools=TOOLS,
+        meta=meta,
+    )
+
+
+@stage_task(STAGE)
+def convert_lora_task(
+    adapter: Artifact, base_dir: Path, settings: ConvertSettings, out_dir: Path, model_name: str
+) -> Artifact:
+    """Prefect task: the adapter alone to a GGUF LoRA (cached by the adapter's digest and the settings)."""
+    return convert_lora(adapter, base_dir, settings, out_dir, model_name)
+
+
+@stage_task(STAGE)
+def convert_task(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_name: str) -> Artifact:
+    """Prefect task: the merged folder to one GGUF (cached by the merged folder's digest and the settings)."""
+    return convert(merged, settings, out_dir, model_name)

@@ -1,0 +1,82 @@
+"""Subprocess entry point that runs llama.cpp's convert_hf_to_gguf.py, with a chosen BPE pre-tokenizer.
+
+Run as a script (not imported by the pipeline): `python convert_entry.py --llama-cpp DIR [--vocab-pre
+NAME] [--script convert_lora_to_gguf.py] -- <converter arguments>`.
+It only uses the standard library and the converter's own modules.
+
+Why a wrapper: upstream's converter identifies a BPE tokenizer's pre-tokenizer by hashing how it
+tokenizes a fixed text, and refuses any hash it does not know ("BPE pre-tokenizer was not recognized")
+- every brand-new model and every home-trained tokenizer. It has no option to name one. This wrapper
+imports the converter's `conversion.base`, wraps `TextModel.get_vocab_base_pre` so that when the hash
+is unknown it returns the configured name (e.g. `gpt-2`, `llama-bpe`, `qwen2`) instead of raising, and
+then runs the unmodified converter script in this process. A known hash keeps upstream's answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+UNKNOWN_MARK = "LORASHIP_UNKNOWN_BPE_PRE"
+
+
+def _install_vocab_pre(name: str | None) -> None:
+    import conversion.base as base  # the converter's own package (on sys.path below)
+
+    original = base.TextModel.get_vocab_base_pre
+    log = logging.getLogger("loraship-convert-entry")
+
+    def get_vocab_base_pre(self, tokenizer):  # noqa: ANN001 - signature of the upstream method
+        # Upstream logs a loud warning block before raising; keep its log quiet while we decide.
+        conv_log = logging.getLogger("hf-to-gguf")
+        level = conv_log.level
+        conv_log.setLevel(logging.ERROR)
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            if not name:
+                print(
+                    f"{UNKNOWN_MARK}: this BPE tokenizer's pre-tokenizer hash is unknown to llama.cpp",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise
+            log.warning("unknown BPE pre-tokenizer hash: using the configured vocab_pre %r", name)
+            return name
+        finally:
+            conv_log.setLevel(level)
+
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        ours, theirs = argv[:i], argv[i + 1 :]
+    else:
+        ours, theirs = argv, []
+    p = argparse.ArgumentParser(prog="convert_entry")
+    p.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp tree holding convert_hf_to_gguf.py")
+    p.add_argument("--vocab-pre", default=None, help="pre-tokenizer name for an unknown BPE hash")
+    p.add_argument(
+        "--script",
+        default="convert_hf_to_gguf.py",
+        choices=["convert_hf_to_gguf.py", "convert_lora_to_gguf.py"],
+        help="which converter to run",
+    )
+    args = p.parse_args(ours)
+    root = args.llama_cpp.resolve()
+    sys.path[:0] = [str(root / "gguf-py"), str(root)]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+    _install_vocab_pre(args.vocab_pre)
+    script = root / args.script
+    sys.argv = [str(script), *theirs]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage local_deploy: LM Studio and Ollama targets."""

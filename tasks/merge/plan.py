@@ -1,0 +1,521 @@
+"""What a LoRA merge will do to each base tensor, worked out and checked before any heavy work.
+
+Reads the adapter (adapter_config.json + its weights, small enough to hold) and the base's safetensors
+headers (never its data), and maps every adapter tensor onto the base tensor it changes:
+`lora_A/lora_B` pairs on linear weights (with `fan_in_fan_out`), `lora_embedding_A/B` on embeddings,
+DoRA magnitude vectors, `lora_bias`, and whole tensors the adapter carries (modules_to_save, saved
+embedding layers) that replace the base's. Scaling is `lora_alpha / r` or, with rsLoRA,
+`lora_alpha / sqrt(r)`, honouring `alpha_pattern`; `r` is read from the tensors themselves.
+
+Every mismatch is reported before the merge starts: a target module the base does not have, or a
+shape that does not fit, names the adapter tensor, the base tensor and both shapes. Also here: the
+QLoRA detection and the NF4 round trip of the base (hand-written: bitsandbytes' CPU support varies by
+version and platform, and the round trip is a few lines of torch), and the disk preflight.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.errors import PermanentError
+from tasks.merge.safetensors_io import TensorInfo, read_header
+
+log = logging.getLogger("loraship.merge")
+
+PREFIX = "base_model.model."
+WEIGHTS_INDEX = "model.safetensors.index.json"
+_LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+_LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
+_MAGNITUDE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_SAVED_COPY = re.compile(r"\.(?:modules_to_save\.[^.]+|base_layer|original_module)(?=\.)")
+
+
+@dataclass
+class LoraOp:
+    """One low-rank update of a base tensor: W += scaling * B @ A (transposed as the layer needs)."""
+
+    module: str
+    kind: str  # "linear" | "embedding"
+    A: Any
+    B: Any
+    scaling: float
+    fan_in_fan_out: bool = False
+    magnitude: Any = None  # DoRA
+    bias: Any = None  # lora_B bias (lora_bias=True), added to the module's bias
+
+    @property
+    def r(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class MergePlan:
+    base_tensors: dict[str, TensorInfo]
+    shards: list[Path]
+    indexed: bool
+    ops: dict[str, list[LoraOp]] = field(default_factory=dict)  # base tensor name -> updates
+    replace: dict[str, Any] = field(default_factory=dict)  # base tensor name -> tensor from the adapter
+    bias_adds: dict[str, list[LoraOp]] = field(default_factory=dict)  # base bias name -> updates
+    tied_to: str | None = None  # lm_head is tied to this embedding tensor (absent from the files)
+    dora: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> set[str]:
+        return set(self.ops) | set(self.replace) | set(self.bias_adds)
+
+    def base_bytes(self) -> int:
+        return sum(t.nbytes for t in self.base_tensors.values())
+
+
+# --- reading the inputs -------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PermanentError(f"{path} is missing", hint=f"point the setting at a folder that has {path.name}") from None
+    except json.JSONDecodeError as exc:
+        raise PermanentError(f"{path} is not valid JSON ({exc})", hint="the file is damaged: copy it again") from None
+
+
+def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config, tensors by key) of a peft LoRA adapter folder."""
+    cfg = read_json(adapter_dir / "adapter_config.json")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise PermanentError(
+            f"{adapter_dir}/adapter_config.json: peft_type {peft_type} is not a LoRA adapter",
+            hint="only LoRA (and DoRA, rsLoRA) adapters can be merged; use peft directly for other methods",
+        )
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.exists():
+        read_header(st)  # a truncated adapter fails with the file's name
+        from safetensors.torch import load_file
+
+        return cfg, load_file(str(st))
+    binf = adapter_dir / "adapter_model.bin"
+    if binf.exists():
+        import torch
+
+        return cfg, torch.load(binf, map_location="cpu", weights_only=True)
+    raise PermanentError(
+        f"{adapter_dir} has no adapter_model.safetensors",
+        hint="point source at the folder peft's save_pretrained wrote",
+    )
+
+
+def base_shards(base_dir: Path) -> tuple[list[Path], bool]:
+    """The base model's safetensors files (from the index when there is one) and whether it is indexed."""
+    index = base_dir / WEIGHTS_INDEX
+    if index.exists():
+        weight_map = read_json(index).get("weight_map", {})
+        files = sorted({base_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise PermanentError(
+                f"{base_dir}: {WEIGHTS_INDEX} names shards that are missing: {', '.join(missing[:5])}",
+                hint="download the base model completely",
+            )
+        return files, True
+    if (base_dir / "model.safetensors").exists():
+        return [base_dir / "model.safetensors"], False
+    any_st = sorted(base_dir.glob("*.safetensors"))
+    if any_st:
+        return any_st, len(any_st) > 1
+    if list(base_dir.glob("*.bin")) or list(base_dir.glob("*.pt")):
+        raise PermanentError(
+            f"{base_dir} has PyTorch .bin weights, not safetensors",
+            hint="the streaming backend reads safetensors; set merge.backend: peft for this base",
+        )
+    raise PermanentError(
+        f"{base_dir} holds no model weights (*.safetensors)",
+        hint="point merge.base_model (or model.base_model) at the base model's folder or Hub id",
+    )
+
+
+def read_base_headers(shards: list[Path]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in read_header(shard).tensors.items():
+            if name in tensors:
+                raise PermanentError(
+                    f"tensor {name!r} is in both {tensors[name].file.name} and {shard.name}",
+                    hint="the base model's files are inconsistent: download it again",
+                )
+            tensors[name] = info
+    return tensors
+
+
+# --- mapping the adapter onto the base -------------------------------------------------------------------
+
+
+def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
+    """peft's rank/alpha pattern lookup: a key matches a module name or a dotted suffix of it."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def scaling_for(cfg: dict[str, Any], module: str, r: int) -> float:
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module)
+    alpha = float(alpha if alpha is not None else cfg.get("lora_alpha", 8))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _find_base(name: str, base: dict[str, TensorInfo]) -> str | None:
+    if name in base:
+        return name
+    for alt in (name.removeprefix("model."), f"model.{name}"):
+        if alt in base:
+            return alt
+    return None
+
+
+def _unknown(adapter_key: str, want: str, base: dict[str, TensorInfo]) -> PermanentError:
+    close = difflib.get_close_matches(want, list(base), n=2, cutoff=0.5)
+    near = f"; closest base tensors: {', '.join(close)}" if close else ""
+    return PermanentError(
+        f"adapter tensor {adapter_key!r} targets {want!r}, which the base model does not have{near}",
+        hint=(
+            "the adapter was trained on a different architecture: check merge.base_model (or model.base_model) "
+            "against the adapter's base_model_name_or_path"
+        ),
+    )
+
+
+def _shape_error(adapter_key: str, a_shape: Any, base_name: str, b_shape: Any, why: str) -> PermanentError:
+    return PermanentError(
+        (
+            f"shape mismatch: adapter tensor {adapter_key!r} has shape {list(a_shape)} but base tensor "
+            f"{base_name!r} has shape {list(b_shape)} ({why})"
+        ),
+        hint=(
+            "the adapter was trained on a different model size or vocabulary: check merge.base_model against the "
+            "adapter's base_model_name_or_path"
+        ),
+    )
+
+
+def _input_embedding(base: dict[str, TensorInfo]) -> str | None:
+    for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight"):
+        hits = [n for n in base if n.endswith(suffix)]
+        if hits:
+            return sorted(hits, key=len)[0]
+    return None
+
+
+def build_plan(
+    base_dir: Path, base_config: dict[str, Any], adapter_cfg: dict[str, Any], adapter: dict[str, Any]
+) -> MergePlan:
+    """Map every adapter tensor onto the base; raise a PermanentError naming the first mismatch."""
+    shards, indexed = base_shards(base_dir)
+    base = read_base_headers(shards)
+    plan = MergePlan(base_tensors=base, shards=shards, indexed=indexed)
+    tied = "lm_head.weight" not in base and bool(base_config.get("tie_word_embeddings", True))
+    if tied:
+        plan.tied_to = _input_embedding(base)
+
+    def resolve(key: str, module_weight: str) -> str:
+        if tied and plan.tied_to and module_weight == "lm_head.weight":
+            plan.notes.append(
+                f"{key}: lm_head is tied to {plan.tied_to}; the update changes that shared tensor (as peft's "
+                "merge does)"
+            )
+            return plan.tied_to
+        found = _find_base(module_weight, base)
+        if found is None:
+            raise _unknown(key, module_weight, base)
+        return found
+
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    magnitudes: dict[str, Any] = {}
+    for key, tensor in adapter.items():
+        short = key.removeprefix(PREFIX)
+        if m := _LORA.match(short):
+            slot = pairs.setdefault((m["mod"], "linear"), {"keys": {}})
+            slot[m["ab"] + ("_bias" if m["param"] == "bias" else "")] = tensor
+            slot["keys"][m["ab"]] = key
+        elif m := _LORA_EMB.match(short):
+            slot = pairs.setdefault((m["mod"], "embedding"), {"keys": {}})
+            slot[m["ab"]] = tensor
+            slot["keys"][m["ab"]] = key
+        elif m := _MAGNITUDE.match(short):
+            magnitudes[m["mod"]] = tensor
+        elif "trainable_tokens" in short or "token_adapter" in short:
+            raise PermanentError(
+                f"adapter tensor {key!r}: trainable-token adapters are not supported by the merge stage",
+                hint="merge with peft directly, or train without trainable_token_indices",
+            )
+        else:
+            target = _SAVED_COPY.sub("", short)
+            if tied and target == "lm_head.weight":
+                raise PermanentError(
+                    f"adapter tensor {key!r} replaces lm_head, but the base ties lm_head to its input embeddings",
+                    hint=(
+                        "untie the embeddings when training (or save embed_tokens too), or merge with "
+                        "merge.backend: peft"
+                    ),
+                )
+            name = resolve(key, target)
+            info = base[name]
+            if tuple(tensor.shape) != info.shape:
+                raise _shape_error(
+                    key,
+                    tensor.shape,
+                    name,
+                    info.shape,
+                    "a saved module must have the base's shape; a resized vocabulary is not supported",
+                )
+            plan.replace[name] = tensor
+
+    fifo = bool(adapter_cfg.get("fan_in_fan_out"))
+    for (module, kind), slot in sorted(pairs.items()):
+        keys = slot["keys"]
+        if "A" not in slot or "B" not in slot:
+            have = ", ".join(keys.values())
+            raise PermanentError(
+                f"adapter for {module!r} has only {have}: lora_A and lora_B come in pairs",
+                hint="the adapter file is incomplete: copy it again",
+            )
+        A, B = slot["A"], slot["B"]
+        name = resolve(keys["A"], f"{module}.weight")
+        info = base[name]
+        if kind == "linear":
+            if A.dim() != 2 or B.dim() != 2:
+                raise PermanentError(
+                    (
+                        f"adapter tensor {keys['A']!r} is {A.dim()}-D: only linear and embedding LoRA layers can "
+                        "be merged (not convolutions)"
+                    ),
+                    hint="merge with peft directly",
+                )
+            r = A.shape[0]
+            if len(info.shape) != 2:
+                raise _shape_error(keys["A"], A.shape, name, info.shape, "LoRA applies to 2-D weights")
+            out_f, in_f = (info.shape[1], info.shape[0]) if fifo else (info.shape[0], info.shape[1])
+            if A.shape[1] != in_f:
+                raise _shape_error(
+                    keys["A"],
+                    A.shape,
+                    name,
+                    info.shape,
+                    f"lora_A must be [r, in_features={in_f}]" + (" with fan_in_fan_out" if fifo else ""),
+                )
+            if B.shape != (out_f, r):
+                raise _shape_error(
+                    keys["B"], B.shape, name, info.shape, f"lora_B must be [out_features={out_f}, r={r}]"
+                )
+        else:
+            r = A.shape[0]
+            if len(info.shape) != 2 or A.shape[1] != info.shape[0] or B.shape != (info.shape[1], r):
+                raise _shape_error(
+                    keys["A"],
+                    A.shape,
+                    name,
+                    info.shape,
+                    (
+                        f"lora_embedding_A must be [r, {info.shape[0]}] and lora_embedding_B "
+                        f"[{info.shape[1] if len(info.shape) > 1 else '?'}, r]"
+                    ),
+                )
+        expected_r = _pattern_value(adapter_cfg.get("rank_pattern") or {}, module) or adapter_cfg.get("r")
+        if expected_r and int(expected_r) != r:
+            log.warning(
+                "adapter %s: tensors have rank %d, adapter_config says %s; using the tensors' rank",
+                module,
+                r,
+                expected_r,
+            )
+        op = LoraOp(
+            module=module,
+            kind=kind,
+            A=A,
+            B=B,
+            scaling=scaling_for(adapter_cfg, module, r),
+            fan_in_fan_out=fifo and kind == "linear",
+        )
+        if module in magnitudes:
+            mag = magnitudes.pop(module)
+            if kind != "linear":
+                raise PermanentError(
+                    (
+                        f"adapter tensor {module}.lora_magnitude_vector: DoRA on embeddings is not supported by "
+                        "the merge stage"
+                    ),
+                    hint="merge this adapter with merge.backend: peft",
+                )
+            if mag.shape != (B.shape[0],):
+                raise _shape_error(
+                    f"{PREFIX}{module}.lora_magnitude_vector",
+                    mag.shape,
+                    name,
+                    info.shape,
+                    "the DoRA magnitude has one value per output feature",
+                )
+            op.magnitude = mag
+            plan.dora = True
+        if "B_bias" in slot:
+            bias_name = _find_base(f"{module}.bias", base)
+            if bias_name is None:
+                raise PermanentError(
+                    (
+                        f"adapter tensor {keys['B'].replace('.weight', '.bias')!r} (lora_bias) needs a bias in "
+                        f"the base, and {module} has none"
+                    ),
+                    hint="the adapter was trained on a different base model",
+                )
+            op.bias = slot["B_bias"]
+            plan.bias_adds.setdefault(bias_name, []).append(op)
+        plan.ops.setdefault(name, []).append(op)
+    if magnitudes:
+        raise PermanentError(
+            f"adapter has DoRA magnitudes without lora_A/lora_B for: {', '.join(sorted(magnitudes)[:3])}",
+            hint="the adapter file is incomplete: copy it again",
+        )
+    if plan.dora and any(len(v) > 1 for v in plan.ops.values()):
+        raise PermanentError("DoRA updates of a tied tensor cannot be merged", hint="merge with merge.backend: peft")
+    _check_targets(adapter_cfg, base, plan)
+    return plan
+
+
+def _check_targets(cfg: dict[str, Any], base: dict[str, TensorInfo], plan: MergePlan) -> None:
+    """Every module name in target_modules must exist in the base (a typo'd target trains nothing)."""
+    targets = cfg.get("target_modules")
+    if not plan.ops and not plan.replace:
+        raise PermanentError(
+            "the adapter holds no LoRA tensors that apply to this base",
+            hint="check that source points at the adapter folder the training saved",
+        )
+    if not isinstance(targets, list):
+        return  # a regex string or "all-linear": peft resolved it at training time
+    modules = {n.rsplit(".", 1)[0] for n in base} | {n.rsplit(".", 2)[0] for n in base}
+    for t in targets:
+        if not any(m == t or m.endswith("." + t) for m in modules) and not (t == "lm_head" and plan.tied_to):
+            raise PermanentError(
+                f"adapter_config.json target_modules names {t!r}, which the base model does not have",
+                hint="the adapter was trained on a different architecture: check merge.base_model",
+            )
+
+
+# --- the adapter's base vs the configured base -------------------------------------------------------------
+
+
+def _model_key(ref: str) -> str:
+    """A comparable name for a Hub id or a local folder (a Hub cache snapshot resolves to its repo id)."""
+    ref = ref.strip().rstrip("/")
+    m = re.search(r"models--([^/]+)--([^/]+)/snapshots/", ref)
+    if m:
+        return f"{m[1]}/{m[2]}".lower()
+    return ref.lower()
+
+
+def same_base(adapter_base: str, configured: str, resolved: Path) -> bool:
+    if not adapter_base:
+        return True
+    a, c = _model_key(adapter_base), _model_key(configured)
+    if a == c or a == _model_key(str(resolved)):
+        return True
+    try:
+        if Path(adapter_base).exists() and Path(adapter_base).resolve() == resolved.resolve():
+            return True
+    except OSError:
+        pass
+    # a Hub id against a local folder of the same name: 'org/Model' vs '/models/Model'
+    return a.split("/")[-1] == c.split("/")[-1] == resolved.name.lower()
+
+
+# --- QLoRA --------------------------------------------------------------------------------------------------
+
+_QLORA_NAME = re.compile(r"(bnb[-_]?4bit|[-_]4bit|nf4)", re.I)
+_QLORA_TEXT = re.compile(r'"(load_in_4bit|bnb_4bit_quant_type)"\s*:\s*(true|"nf4"|"fp4")', re.I)
+NF4 = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+
+def detect_qlora(adapter_dir: Path, adapter_cfg: dict[str, Any]) -> str | None:
+    """Why we think the adapter was trained on a 4-bit base (None: no sign of it)."""
+    name = str(adapter_cfg.get("base_model_name_or_path") or "")
+    if _QLORA_NAME.search(name):
+        return f"the adapter's base_model_name_or_path {name!r} is a 4-bit model"
+    for meta in ("training_args.json", "trainer_state.json", "train_config.json", "config.json"):
+        p = adapter_dir / meta
+        if p.is_file() and p.stat().st_size < 10_000_000 and _QLORA_TEXT.search(p.read_text(errors="replace")):
+            return f"{meta} records a 4-bit (bitsandbytes) base"
+    return None
+
+
+def base_is_quantized(base_config: dict[str, Any]) -> str | None:
+    q = base_config.get("quantization_config")
+    if not q:
+        return None
+    return str(q.get("quant_method") or ("bitsandbytes 4-bit" if q.get("load_in_4bit") else "quantized"))
+
+
+def nf4_roundtrip_applies(name: str, shape: tuple[int, ...]) -> bool:
+    """bitsandbytes quantizes the linear layers, not embeddings, norms or the output head."""
+    return len(shape) == 2 and not any(s in name for s in ("embed", "lm_head", "wte", "wpe", "norm", "output.weight"))
+
+
+def nf4_roundtrip(w: Any, blocksize: int = 64) -> Any:
+    """W -> dequantize(quantize_nf4(W)): the weights a QLoRA adapter saw during training.
+
+    Block-wise absmax NF4 as bitsandbytes does it (block of 64, the QLoRA code book); the absmax is kept
+    in float32 (no double quantization), so this matches bitsandbytes up to that second rounding.
+    """
+    import torch
+
+    flat = w.reshape(-1).float()
+    pad = (-flat.numel()) % blocksize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    code = torch.tensor(NF4, dtype=torch.float32)
+    mids = (code[1:] + code[:-1]) / 2
+    idx = torch.bucketize(blocks / absmax, mids)
+    out = (code[idx] * absmax).reshape(-1)
+    return out[: w.numel()].view(w.shape).to(w.dtype)
+
+
+# --- disk ----------------------------------------------------------------------------------------------------
+
+
+def disk_preflight(dest_parent: Path, needed: int, free: int | None = None, margin: int = 64 * 1024 * 1024) -> None:
+    """Fail before writing when the output (plus a margin) will not fit."""
+    dest_parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest_parent).free if free is None else free
+    if needed + margin > free:
+        raise PermanentError(
+            (
+                f"not enough disk space for the merged model in {dest_parent}: it needs about {needed / 1e9:.2f} "
+                f"GB (+{margin / 1e6:.0f} MB margin), {free / 1e9:.2f} GB is free"
+            ),
+            hint="free some space, or set pipeline.runs_dir to a bigger disk",
+        )

@@ -1,0 +1,248 @@
+"""Reading and writing safetensors files one tensor at a time (for the streaming merge).
+
+Why hand-written: the `safetensors` library writes a file from a complete dict of tensors
+(`save_file`/`save`), so writing a shard means holding the whole shard, plus its merged copy, in memory;
+that is exactly the memory peak the streaming merge exists to avoid (measured in the issue: a
+shard-by-shard merge peaked as high as peft itself). The format is simple and stable: an 8-byte
+little-endian header length, a JSON header naming each tensor's dtype, shape and byte range, then the
+raw bytes. Knowing every output tensor's dtype and shape up front (they are the base's), we write the
+header first and then each tensor's bytes as soon as it is made, so only one tensor is ever in memory.
+
+Reading goes through plain `read()` into a buffer rather than `safe_open`'s memory map, so the memory a
+merge uses is visible as the process's own (anonymous) memory and nothing is hidden in mapped pages;
+tensors that the merge leaves unchanged are copied byte for byte without being decoded at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tasks.core.errors import PermanentError
+
+COPY_CHUNK = 8 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024
+
+# safetensors dtype names -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor in a safetensors file: where its bytes are and what they mean."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsFile:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 0
+
+
+def read_header(path: Path | str) -> SafetensorsFile:
+    """Parse a safetensors header and check that the file holds every byte it promises.
+
+    A truncated or corrupt file fails here, naming the file, before any heavy work starts.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    hint = f"the file {path.name} is damaged or incomplete: download or copy it again"
+    if size < 8:
+        raise PermanentError(f"{path} is not a safetensors file ({size} bytes)", hint=hint)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise PermanentError(
+                f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})", hint=hint
+            )
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PermanentError(f"{path}: unreadable safetensors header ({exc})", hint=hint) from None
+    start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        dtype = entry.get("dtype")
+        if dtype not in DTYPES:
+            raise PermanentError(
+                f"{path}: tensor {name!r} has unsupported dtype {dtype!r}", hint="merge it with merge.backend: peft"
+            )
+        b, e = entry["data_offsets"]
+        shape = tuple(int(s) for s in entry["shape"])
+        if e - b != math.prod(shape) * DTYPES[dtype][1]:
+            raise PermanentError(
+                f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}", hint=hint
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, start + b, start + e)
+        data_end = max(data_end, e)
+    if start + data_end > size:
+        raise PermanentError(
+            f"{path} is truncated: its header needs {start + data_end} bytes, the file has {size}",
+            hint=hint,
+        )
+    return SafetensorsFile(path, tensors, metadata, start)
+
+
+def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> Any:
+    """The tensor's values, read (not mapped) into memory of this process."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[info.dtype][0])
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = bytearray(info.nbytes)
+    own = fh is None
+    fh = fh or open(info.file, "rb")
+    try:
+        fh.seek(info.start)
+        got = fh.readinto(buf)
+    finally:
+        if own:
+            fh.close()
+    if got != info.nbytes:
+        raise PermanentError(
+            f"{info.file}: tensor {info.name!r} is cut short ({got} of {info.nbytes} bytes)",
+            hint="the file is damaged: copy it again",
+        )
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: Any) -> memoryview:
+    """The raw little-endian bytes of a tensor (no copy for a contiguous CPU tensor)."""
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+class StreamingWriter:
+    """Write one safetensors file tensor by tensor, in the order the entries were given.
+
+    The header (every tensor's dtype, shape and byte range) is written first; `write`/`copy_raw` then
+    append each tensor's bytes and check they are the promised size; `close` checks all were written.
+    """
+
+    def __init__(self, path: Path | str, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.entries = list(entries)
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for e in self.entries:
+            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        self.data_size = offset
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, like the library's own files
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._next = 0
+
+    @property
+    def total_size(self) -> int:
+        return self.data_size
+
+    def _expect(self, name: str) -> OutEntry:
+        if self._next >= len(self.entries) or self.entries[self._next].name != name:
+            want = self.entries[self._next].name if self._next < len(self.entries) else "nothing"
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} written out of order (expected {want})")
+        e = self.entries[self._next]
+        self._next += 1
+        return e
+
+    def write(self, name: str, tensor: Any) -> None:
+        e = self._expect(name)
+        if tuple(tensor.shape) != e.shape or TORCH_TO_ST.get(str(tensor.dtype).removeprefix("torch."), None) not in (
+            e.dtype,
+            None,
+        ):
+            raise RuntimeError(
+                f"{self.path.name}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, header says "
+                f"{e.shape} {e.dtype}"
+            )
+        data = tensor_bytes(tensor) if e.nbytes else memoryview(b"")
+        if data.nbytes != e.nbytes:
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {data.nbytes} bytes, header says {e.nbytes}")
+        self._fh.write(data)
+
+    def copy_raw(self, name: str, src: TensorInfo, fh: BinaryIO) -> None:
+        """Copy a tensor's bytes from another safetensors file unchanged, in bounded chunks."""
+        e = self._expect(name)
+        if src.nbytes != e.nbytes:
+            raise RuntimeError(
+                f"{self.path.name}: tensor {name!r} has {src.nbytes} bytes in {src.file.name}, header says {e.nbytes}"
+            )
+        fh.seek(src.start)
+        left = src.nbytes
+        while left:
+            chunk = fh.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise PermanentError(
+                    f"{src.file}: tensor {name!r} is cut short", hint="the file is damaged: copy it again"
+                )
+            self._fh.write(chunk)
+            left -= len(chunk)
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            self._fh.close()
+            raise RuntimeError(f"{self.path.name}: only {self._next} of {len(self.entries)} tensors were written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()

@@ -1,0 +1,504 @@
+"""Stage 6, model card: README.md for the model repo, rendered from the run's artifacts.
+
+Where the card comes from: the GGUF artifacts (file, quant type, size, sha256, bits per weight read
+from the GGUF header), the adapter artifact's training metadata (adapter_config.json: LoRA r, alpha,
+target modules; trainer_state.json: steps, final loss), and, when the evaluate stage ran, the
+`report:eval` artifact (per-quant numbers, also written to the YAML `model-index`). Sections with no
+data are left out.
+
+The YAML header is built by huggingface_hub's `ModelCardData` (yaml.dump), never by the template, so
+no user text (description, names) can break it; the rendered card is parsed back with `ModelCard` and
+checked against the data we meant to write (`validate_card`). The body is templates/model_card.md.j2
+(or a user template, `card.template`). We render with our own jinja2 Environment instead of
+`ModelCard.from_template` because that one uses a bare `jinja2.Template` without trim_blocks, which
+leaves blank lines inside Markdown tables; the variables a template gets are the same (`card_data` is
+the YAML text, plus every metadata field).
+
+Order in the pipeline: the card must be in the ONE commit that carries the GGUFs, so hub_push renders
+it with `render_card` and puts it in that commit. This stage runs after the push: it re-renders the card
+from everything known now (e.g. eval numbers when run again after the evaluate stage), writes it to
+reports/README.md, validates it, and when a real push happened and the text changed it commits the
+README alone (an unchanged card sends nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_write_text
+from tasks.core.constants import TEMPLATES_DIR
+from tasks.core.errors import PermanentError
+from tasks.core.settings import StrictModel
+from tasks.publish.hub_io import update_readme
+
+STAGE = "card"
+log = logging.getLogger("loraship.card")
+
+DEFAULT_TEMPLATE = TEMPLATES_DIR / "model_card.md.j2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_QUANT_ORDER = ["Q4_K_M", "Q5_K_M", "Q4_0", "Q8_0", "Q6_K", "Q5_0", "Q3_K_M", "Q2_K", "F16", "BF16", "F32"]
+
+
+class CardSettings(StrictModel):
+    template: str | None = Field(
+        None, description="a user template path (jinja2) that overrides templates/model_card.md.j2"
+    )
+    license: str = Field(
+        "apache-2.0", description="license id for the YAML header (e.g. apache-2.0, mit, llama3.1, other)"
+    )
+    language: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes for the YAML header")
+    description: str = Field("", description="the card's opening paragraph; empty: model.description")
+    tags: list[str] = Field(
+        default_factory=list, description="extra tags (gguf, llama.cpp, lora and the quant types are always added)"
+    )
+    datasets: list[str] = Field(
+        default_factory=list, description="training dataset ids for the YAML header and training section"
+    )
+    pipeline_tag: str = Field("text-generation", description="the Hub's pipeline tag")
+
+
+# --- what the card says ---------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def gguf_param_count(path: Path) -> int | None:
+    """Number of weights in a GGUF file (from its tensor table), or None when it cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        return int(sum(int(t.n_elements) for t in reader.tensors))
+    except Exception as exc:  # a card without bits-per-weight is still a card
+        log.debug("cannot read %s: %s", path, exc)
+        return None
+
+
+def _quant_key(q: str) -> tuple[int, str]:
+    return (_QUANT_ORDER.index(q) if q in _QUANT_ORDER else len(_QUANT_ORDER), q)
+
+
+def _read_json(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def training_rows(adapter: Artifact | None, base_model: str, datasets: list[str]) -> list[dict[str, str]]:
+    """Training-details rows from the adapter's metadata files (only rows with data)."""
+    rows: list[dict[str, str]] = []
+    files = (adapter.meta.get("metadata_files") or {}) if adapter else {}
+    cfg = _read_json(files.get("adapter_config.json"))
+    state = _read_json(files.get("trainer_state.json"))
+    results = _read_json(files.get("all_results.json")) or _read_json(files.get("train_results.json"))
+    base = base_model or cfg.get("base_model_name_or_path") or ""
+    if base:
+        rows.append({"label": "base model", "value": f"`{base}`"})
+    if cfg:
+        if cfg.get("peft_type"):
+            rows.append({"label": "method", "value": str(cfg["peft_type"])})
+        if cfg.get("r") is not None:
+            rows.append({"label": "LoRA r / alpha", "value": f"{cfg.get('r')} / {cfg.get('lora_alpha')}"})
+        targets = cfg.get("target_modules")
+        if targets:
+            rows.append(
+                {"label": "target modules", "value": ", ".join(f"`{t}`" for t in sorted(targets))}
+                if isinstance(targets, list)
+                else {"label": "target modules", "value": f"`{targets}`"}
+            )
+        if cfg.get("lora_dropout") is not None:
+            rows.append({"label": "LoRA dropout", "value": str(cfg["lora_dropout"])})
+    if state:
+        if state.get("global_step") is not None:
+            rows.append({"label": "steps", "value": str(state["global_step"])})
+        if state.get("epoch") is not None:
+            rows.append({"label": "epochs", "value": f"{float(state['epoch']):.2f}"})
+        losses = [
+            h["loss"]
+            for h in state.get("log_history") or []
+            if isinstance(h, dict) and isinstance(h.get("loss"), (int, float))
+        ]
+        if losses:
+            rows.append({"label": "training loss (first → last)", "value": f"{losses[0]:.4f} → {losses[-1]:.4f}"})
+        evals = [
+            h["eval_loss"]
+            for h in state.get("log_history") or []
+            if isinstance(h, dict) and isinstance(h.get("eval_loss"), (int, float))
+        ]
+        if evals:
+            rows.append({"label": "eval loss (last)", "value": f"{evals[-1]:.4f}"})
+    if results.get("train_runtime") is not None:
+        rows.append({"label": "training time", "value": f"{float(results['train_runtime']):.0f} s"})
+    if datasets:
+        rows.append({"label": "datasets", "value": ", ".join(datasets)})
+    return rows
+
+
+def eval_by_quant(report: Artifact | None) -> dict[str, dict[str, Any]]:
+    """Per-quant numbers from the eval report's meta (`quants`, `per_quant` or `results`: {quant: {metric: value}})."""
+    if report is None:
+        return {}
+    for key in ("quants", "per_quant", "results"):
+        value = report.meta.get(key)
+        if isinstance(value, dict):
+            return {
+                str(q): {k: v for k, v in (m or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                for q, m in value.items()
+                if isinstance(m, dict)
+            }
+        if isinstance(value, list):
+            out = {}
+            for row in value:
+                if isinstance(row, dict) and row.get("quant"):
+                    out[str(row["quant"])] = {
+                        k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    }
+            if out:
+                return out
+    return {}
+
+
+_METRIC_LABELS = {
+    "perplexity": "perplexity",
+    "ppl": "perplexity",
+    "ppl_delta": "Δ perplexity vs F16",
+    "perplexity_delta": "Δ perplexity vs F16",
+    "kl_divergence": "KL divergence vs F16",
+    "kld": "KL divergence vs F16",
+    "kl_div": "KL divergence vs F16",
+    "tokens_per_s": "tokens/s",
+    "accuracy": "accuracy",
+    "top1_agreement": "top-1 agreement",
+    "tokens_per_second": "tokens/s",
+}
+
+
+def build_card(
+    ggufs: list[Artifact],
+    *,
+    model_name: str,
+    version: str,
+    repo_id: str,
+    settings: CardSettings,
+    base_model: str = "",
+    description: str = "",
+    adapter: Artifact | None = None,
+    eval_report: Artifact | None = None,
+    extra_files: list[dict[str, str]] | None = None,
+    endpoint: str = "https://huggingface.co",
+    splits: list[Artifact] | None = None,
+) -> str:
+    """The README.md text for the model repo (rendered and validated).
+
+    A GGUF published as llama.cpp shards (`splits`, the quantize stage's `gguf-split` artifacts) is listed
+    by its first shard inside its folder, which is what the repo holds and what llama.cpp loads."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    metrics = eval_by_quant(eval_report)
+    split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
+    base_url = f"{endpoint.rstrip('/')}/{repo_id}"
+    quants = []
+    for a in sorted(ggufs, key=lambda a: _quant_key(str(a.meta.get("quant", "")))):
+        path = Path(a.path)
+        quant = str(a.meta.get("quant") or path.stem.rsplit("-", 1)[-1])
+        n_params = a.meta.get("n_params") or gguf_param_count(path)
+        bpw = round(a.size * 8 / n_params, 2) if n_params else None
+        m = {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in metrics.get(quant, {}).items()}
+        row = {
+            "file": path.name,
+            "quant": quant,
+            "size": a.size,
+            "size_h": human_size(a.size),
+            "bpw": bpw,
+            "sha256": a.sha256,
+            "url": f"{base_url}/blob/main/{path.name}",
+            "metrics": m,
+            "shards": 0,
+        }
+        split = split_of.get(path.name)
+        if split is not None:
+            folder = Path(split.path).name
+            first = str(split.meta.get("first_shard"))
+            digest = next((f.sha256 for f in split.files if f.path == first), split.sha256)
+            row |= {
+                "file": f"{folder}/{first}",
+                "url": f"{base_url}/tree/main/{folder}",
+                "sha256": digest,
+                "shards": int(split.meta.get("split_count") or len(split.files)),
+                "size": split.size,
+                "size_h": human_size(split.size),
+            }
+        quants.append(row)
+    metric_keys = sorted(
+        {k for q in quants for k in q["metrics"]},
+        key=lambda k: (list(_METRIC_LABELS).index(k) if k in _METRIC_LABELS else 99, k),
+    )
+    metric_columns = [{"key": k, "label": _METRIC_LABELS.get(k, k.replace("_", " "))} for k in metric_keys]
+
+    hub_base = base_model if _HUB_ID.match(base_model or "") and not Path(base_model).exists() else ""
+    cfg = _read_json((adapter.meta.get("metadata_files") or {}).get("adapter_config.json")) if adapter else {}
+    if (
+        not hub_base
+        and _HUB_ID.match(str(cfg.get("base_model_name_or_path") or ""))
+        and not Path(str(cfg["base_model_name_or_path"])).exists()
+    ):
+        hub_base = str(cfg["base_model_name_or_path"])
+    tags = list(dict.fromkeys(["gguf", "llama.cpp", "lora", "loraship", *[q["quant"] for q in quants], *settings.tags]))
+    eval_results = []
+    for q in quants:
+        for k, v in metrics.get(q["quant"], {}).items():
+            if k in ("perplexity", "ppl", "kl_divergence", "kld", "kl_div"):
+                eval_results.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type="loraship-eval",
+                        dataset_name="loraship eval prompts",
+                        metric_type="perplexity" if k in ("perplexity", "ppl") else "kl_divergence",
+                        metric_name=f"{_METRIC_LABELS[k]} ({q['quant']})",
+                        metric_value=v,
+                    )
+                )
+    data = ModelCardData(
+        base_model=hub_base or None,
+        base_model_relation="quantized" if hub_base else None,
+        library_name="gguf",
+        license=settings.license,
+        language=settings.language or None,
+        pipeline_tag=settings.pipeline_tag,
+        tags=tags,
+        datasets=settings.datasets or None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    recommended = None
+    names = {q["quant"]: q for q in quants}
+    for pick, why in (
+        ("Q4_K_M", "the usual balance of size and quality"),
+        ("Q5_K_M", "close to full quality at a third of the F16 size"),
+        ("Q8_0", "near-lossless"),
+    ):
+        if pick in names:
+            recommended = {"file": names[pick]["file"], "why": why}
+            break
+    example = recommended["file"] if recommended else (quants[0]["file"] if quants else f"{model_name}-Q4_K_M.gguf")
+    example_quant = next((q["quant"] for q in quants if q["file"] == example), "Q4_K_M")
+    eval_note = ""
+    if metrics:
+        eval_note = (
+            "Numbers from loraship's evaluate stage: each quantization against the F16 GGUF on the same prompts."
+        )
+    context = {
+        "title": model_name,
+        "model_name": model_name,
+        "version": version,
+        "repo_id": repo_id,
+        "description": (description or "").strip(),
+        "base_model": hub_base or base_model,
+        "base_model_link": f"[{hub_base}]({endpoint.rstrip('/')}/{hub_base})"
+        if hub_base
+        else (f"`{Path(base_model).name}`" if base_model else ""),
+        "quants": quants,
+        "metric_columns": metric_columns,
+        "recommended": recommended,
+        "example_file": example,
+        "example_quant": example_quant,
+        "eval_note": eval_note,
+        "training": training_rows(adapter, hub_base or base_model, settings.datasets),
+        "extra_files": extra_files or [],
+    }
+    template_path = Path(settings.template).expanduser() if settings.template else DEFAULT_TEMPLATE
+    if not template_path.is_file():
+        raise PermanentError(
+            f"card.template {template_path} does not exist",
+            hint="point card.template at a jinja2 file, or remove it to use the built-in template",
+        )
+    text = render_template(template_path, data, context)
+    validate_card(text, data)
+    return text
+
+
+def render_template(template_path: Path, data: Any, context: dict[str, Any]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    try:
+        template = env.from_string(template_path.read_text(encoding="utf-8"))
+        variables = {**data.to_dict(), **context, "card_data": data.to_yaml()}
+        text = template.render(**variables)
+    except jinja2.TemplateError as exc:
+        raise PermanentError(
+            f"the card template {template_path} failed to render: {exc}",
+            hint="fix the template (jinja2 syntax; variables: card_data, title, quants, training, ...)",
+        ) from exc
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.rstrip() + "\n"
+
+
+def validate_card(text: str, expected: Any | None = None) -> None:
+    """The card parses as a model card and its YAML header says what we meant (local checks).
+
+    The Hub's own validation (`/api/validate-yaml`) runs in hub_push before the commit.
+    """
+    from huggingface_hub import ModelCard
+
+    if not text.startswith("---\n"):
+        raise PermanentError(
+            "the model card does not start with a YAML header ('---')",
+            hint="a custom card template must begin with '---\\n{{ card_data }}\\n---'",
+        )
+    try:
+        card = ModelCard(text)
+    except Exception as exc:
+        raise PermanentError(
+            f"the model card's YAML header does not parse: {exc}",
+            hint="a custom card template must put '{{ card_data }}' alone between the '---' lines",
+        ) from exc
+    got = card.data.to_dict()
+    for key in ("library_name", "license"):
+        if not got.get(key):
+            raise PermanentError(
+                f"the model card has no {key!r} in its YAML header",
+                hint="use '{{ card_data }}' in the template's header",
+            )
+    if expected is not None:
+        want = expected.to_dict()
+        for key in ("base_model", "base_model_relation", "library_name", "license", "tags", "language", "pipeline_tag"):
+            if want.get(key) != got.get(key):
+                raise PermanentError(
+                    f"the model card's YAML header has {key}={got.get(key)!r}, expected {want.get(key)!r}",
+                    hint="the header must come from '{{ card_data }}' only; put text in the body",
+                )
+        if want.get("eval_results") and not got.get("eval_results"):
+            raise PermanentError(
+                "the model card lost its model-index (eval results)", hint="keep '{{ card_data }}' in the header"
+            )
+    if "gguf" not in (got.get("tags") or []):
+        raise PermanentError("the model card has no 'gguf' tag", hint="keep the tags from '{{ card_data }}'")
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def card(
+    ggufs: list[Artifact],
+    settings: CardSettings,
+    out_path: Path,
+    *,
+    model_name: str,
+    version: str,
+    repo_id: str,
+    base_model: str = "",
+    description: str = "",
+    adapter: Artifact | None = None,
+    eval_report: Artifact | None = None,
+    pushed: Artifact | None = None,
+    endpoint: str | None = None,
+    token: Any = None,
+    splits: list[Artifact] | None = None,
+) -> Artifact:
+    """Render README.md to `out_path`; when `pushed` (a real push record) is given and the card changed, commit it."""
+    if not ggufs:
+        raise PermanentError(
+            "the card stage needs GGUF artifacts and none were made",
+            hint="enable the convert/quantize stages or run with --from card after a run that made them",
+        )
+    text = build_card(
+        ggufs,
+        model_name=model_name,
+        version=version,
+        repo_id=repo_id,
+        settings=settings,
+        base_model=base_model,
+        description=description or settings.description,
+        adapter=adapter,
+        eval_report=eval_report,
+        extra_files=(pushed.meta.get("extra_files") if pushed else None),
+        endpoint=(endpoint or "https://huggingface.co"),
+        splits=splits,
+    )
+    atomic_write_text(out_path, text)
+    meta: dict[str, Any] = {
+        "repo_id": repo_id,
+        "has_eval": eval_report is not None,
+        "quants": sorted(str(a.meta.get("quant")) for a in ggufs),
+    }
+    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed) if x is not None)]
+    if pushed is not None and not pushed.meta.get("dry_run") and token is not None:
+        commit = update_readme(
+            repo_id,
+            out_path,
+            endpoint=pushed.meta.get("endpoint") or endpoint,
+            token=token.get_secret_value(),
+            expected_sha256=pushed.meta.get("card_sha256"),
+        )
+        meta["commit"] = commit
+    return Artifact.from_path(
+        out_path,
+        name="card",
+        kind="report",
+        stage=STAGE,
+        inputs=inputs,
+        settings=settings,
+        tools=["huggingface_hub", "jinja2"],
+        meta=meta,
+    )
+
+
+def _card_task_fn(
+    ggufs: list[Artifact],
+    settings: CardSettings,
+    out_path: Path,
+    model_name: str,
+    version: str,
+    repo_id: str,
+    base_model: str = "",
+    description: str = "",
+    adapter: Artifact | None = None,
+    eval_report: Artifact | None = None,
+    pushed: Artifact | None = None,
+    endpoint: str | None = None,
+    _token: Any = None,
+    splits: list[Artifact] | None = None,
+) -> Artifact:
+    return card(
+        ggufs,
+        settings,
+        out_path,
+        model_name=model_name,
+        version=version,
+        repo_id=repo_id,
+        base_model=base_model,
+        description=description,
+        adapter=adapter,
+        eval_report=eval_report,
+        pushed=pushed,
+        endpoint=endpoint,
+        token=_token,
+        splits=splits,
+    )
+
+
+def _make_task() -> Any:
+    from tasks.core.stage import stage_task
+
+    return stage_task(STAGE)(_card_task_fn)
+
+
+card_task = _make_task()

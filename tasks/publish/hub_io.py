@@ -1,0 +1,291 @@
+"""The Hub client as the publishing stages use it: one HfApi per endpoint+token, and errors translated.
+
+huggingface_hub does the protocol (preupload, LFS batch, NDJSON commits, Space settings); this module
+only decides what an error means for the pipeline. 401/403/404 and bad names fail at once with a message
+that says what to change (a read-only token, a wrong namespace, a typo in the repo id); 5xx, 429 and
+timeouts are `TransientError`s that the stage task retries with backoff. The token never appears in a
+message: huggingface_hub does not echo it, and `_scrub` removes it from anything we re-raise.
+
+The endpoint is passed explicitly to every HfApi (settings or the HubCredentials block), because the
+module-level helpers of huggingface_hub read HF_ENDPOINT once, at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tasks.core.errors import PermanentError, TransientError, is_transient
+from tasks.core.hashing import iter_files, sha256_file
+from tasks.core.progress import Progress
+
+log = logging.getLogger("loraship.hub")
+
+
+def hub_api(endpoint: str | None, token: str | None) -> Any:
+    """An HfApi for `endpoint` (None: HF_ENDPOINT or huggingface.co) authenticated with `token`."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=(endpoint or None), token=token or False, library_name="loraship")
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+def translate(
+    exc: BaseException, *, what: str, repo_id: str, token: str | None = None, repo_type: str = "model"
+) -> Exception:
+    """The pipeline error for a failed Hub call `what` on `repo_id` (raise it `from exc`)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, (PermanentError, TransientError)):
+        return exc
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    detail = _scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, token)
+    kind = "Space" if repo_type == "space" else "repo"
+    if isinstance(exc, HfHubHTTPError) or status is not None:
+        if status == 401:
+            return PermanentError(
+                f"{what} {repo_id}: the Hub refused the token (401: {detail})",
+                hint=(
+                    "the token is invalid or expired: create a new one at https://huggingface.co/settings/tokens "
+                    "and update the secret it is read from"
+                ),
+            )
+        if status == 403:
+            return PermanentError(
+                f"{what} {repo_id}: the token has no write access here (403: {detail})",
+                hint=(
+                    f"use a token with write access to the namespace {repo_id.split('/')[0]!r} (a fine-grained "
+                    "token needs 'write' on it), and keep the read-only token for the Space"
+                ),
+            )
+        if status == 404:
+            return PermanentError(
+                f"{what} {repo_id}: {kind} not found (404: {detail})",
+                hint=f"check the {kind} id (owner/name) and that the token's user can see it",
+            )
+        if status in (400, 422):
+            return PermanentError(
+                f"{what} {repo_id}: the Hub rejected the request ({status}: {detail})",
+                hint=f"check the {kind} name: letters, digits, '-', '_' and '.' only, at most 96 characters",
+            )
+        if status == 409:
+            return PermanentError(
+                f"{what} {repo_id}: conflict (409: {detail})",
+                hint="another commit or tag with that name exists; re-run to pick up the new state",
+            )
+        if status == 412:
+            return TransientError(f"{what} {repo_id}: the repo changed during the push (412); retrying on the new head")
+        if status is not None and (status >= 500 or status in (408, 429)):
+            return TransientError(f"{what} {repo_id}: the Hub answered {status} ({detail}); retrying")
+
+    if is_transient(exc):
+        return TransientError(f"{what} {repo_id}: {type(exc).__name__}: {detail}; retrying")
+    return PermanentError(f"{what} {repo_id}: {type(exc).__name__}: {detail}")
+
+
+def whoami(api: Any, token: str) -> dict[str, Any]:
+    """The token's user, checked once before any upload (a bad token fails here, not mid-upload)."""
+    try:
+        return api.whoami(token=token)
+    except Exception as exc:
+        raise translate(exc, what="whoami", repo_id="(token check)", token=token) from exc
+
+
+def validate_card_remote(api: Any, content: str, token: str | None, repo_type: str = "model") -> None:
+    """Ask the Hub to validate a README's YAML header (the same check the Hub runs on push)."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    headers = api._build_hf_headers(token=token) if token else {}
+    resp = get_session().post(
+        f"{api.endpoint}/api/validate-yaml", json={"content": content, "repoType": repo_type}, headers=headers
+    )
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code == 400:
+        errors = "; ".join(e.get("message", "") for e in body.get("errors", []))
+        raise PermanentError(
+            f"the Hub rejected the model card's metadata: {errors}",
+            hint="fix the card template or the card settings (license, language, tags)",
+        )
+    try:
+        hf_raise_for_status(resp)
+    except Exception as exc:
+        raise translate(exc, what="validate card for", repo_id="(card)", token=token) from exc
+    for w in body.get("warnings", []):
+        log.warning("model card: %s", w.get("message"))
+
+
+# --- folders to repos: one commit, only changed files ---------------------------------------------
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob id of a file (what the Hub lists as the oid of a non-LFS file)."""
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_files(api: Any, repo_id: str, token: str, repo_type: str = "model") -> dict[str, Any]:
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        return {
+            f.path: f
+            for f in api.list_repo_tree(repo_id, recursive=True, token=token, repo_type=repo_type)
+            if isinstance(f, RepoFile)
+        }
+    except Exception as exc:
+        raise translate(exc, what="list files of", repo_id=repo_id, token=token, repo_type=repo_type) from exc
+
+
+def _unchanged(local: Path, sha256: str, remote: Any) -> bool:
+    if remote is None or remote.size != local.stat().st_size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == sha256
+    return remote.blob_id == git_blob_sha1(local)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    token: str,
+    endpoint: str | None,
+    private: bool,
+    commit_message: str,
+    commit_description: str = "",
+    tag: str | None = None,
+    known: dict[str, str] | None = None,
+    repo_type: str = "model",
+    space_sdk: str | None = None,
+) -> dict[str, Any]:
+    """Create the repo if needed and upload `folder` in one commit, sending only changed files."""
+    from huggingface_hub import CommitOperationAdd
+
+    known = known or {}
+    api = hub_api(endpoint, token)
+
+    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except Exception as exc:
+            raise translate(exc, what=what, repo_id=repo_id, token=token, repo_type=repo_type) from exc
+
+    url = str(
+        call(
+            "create repo" if repo_type == "model" else "create Space",
+            api.create_repo,
+            repo_id,
+            private=private,
+            exist_ok=True,
+            repo_type=repo_type,
+            space_sdk=space_sdk,
+        )
+    )
+    readme = folder / "README.md"
+    if readme.is_file():
+        validate_card_remote(api, readme.read_text(encoding="utf-8"), token, repo_type=repo_type)
+    remote = remote_files(api, repo_id, token, repo_type)
+    changed: list[CommitOperationAdd] = []
+    skipped: list[str] = []
+    sizes: dict[str, int] = {}
+    for rel in iter_files(folder):
+        path_in_repo = rel.as_posix()
+        local = folder / rel
+        digest = known.get(path_in_repo) or sha256_file(local)
+        sizes[path_in_repo] = local.stat().st_size
+        if _unchanged(local, digest, remote.get(path_in_repo)):
+            skipped.append(path_in_repo)
+        else:
+            changed.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
+    commit_oid = None
+    if changed:
+        total = sum(sizes[op.path_in_repo] for op in changed)
+        log.info(
+            "uploading %d changed file(s), %.1f MB, to %s (%d unchanged)",
+            len(changed),
+            total / 1e6,
+            repo_id,
+            len(skipped),
+        )
+        with Progress(f"upload to {repo_id}", total) as progress:
+            for op in changed:  # one at a time: progress per file, and a retry resumes after the last stored file
+                call(
+                    f"upload {op.path_in_repo} to",
+                    api.preupload_lfs_files,
+                    repo_id,
+                    additions=[op],
+                    repo_type=repo_type,
+                    free_memory=False,
+                )
+                progress.advance(sizes[op.path_in_repo])
+        info = call(
+            "commit to",
+            api.create_commit,
+            repo_id,
+            operations=changed,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            repo_type=repo_type,
+        )
+        commit_oid = info.oid
+    else:
+        log.info("%s already has every file (%d unchanged): nothing to send", repo_id, len(skipped))
+        commit_oid = call("read", api.repo_info, repo_id, repo_type=repo_type).sha
+    tagged = None
+    if tag:
+        call(
+            f"tag {tag} on",
+            api.create_tag,
+            repo_id,
+            tag=tag,
+            revision=commit_oid,
+            tag_message=commit_message,
+            exist_ok=True,
+            repo_type=repo_type,
+        )
+        tagged = tag
+    return {
+        "repo_id": repo_id,
+        "url": url,
+        "commit": commit_oid,
+        "uploaded": [op.path_in_repo for op in changed],
+        "skipped": skipped,
+        "tag": tagged,
+        "bytes_uploaded": sum(sizes[op.path_in_repo] for op in changed),
+    }
+
+
+def update_readme(
+    repo_id: str, readme: Path, *, endpoint: str | None, token: str, expected_sha256: str | None = None
+) -> str | None:
+    """Commit README.md alone when it differs from what the repo has (the card stage, after eval)."""
+    if expected_sha256 and sha256_file(readme) == expected_sha256:
+        return None
+    folder = readme.parent
+    tmp = folder / ".card-push"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shutil.copy2(readme, tmp / "README.md")
+        result = push_folder(
+            tmp, repo_id, token=token, endpoint=endpoint, private=False, commit_message="loraship: update model card"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result["commit"] if result["uploaded"] else None

@@ -1,0 +1,390 @@
+"""Stage 7, Space deploy: a Gradio chat demo (templates/spaces/gguf_chat) for one GGUF of the model repo.
+
+The Space folder (app.py, requirements.txt, README.md with the Spaces YAML header) is rendered under
+publish/space/<owner>__<name>/. app.py is a plain file configured by Space variables (MODEL_REPO,
+MODEL_FILE, TITLE, EXAMPLES, ...), so the same app serves any model; only README.md is a template, and
+its YAML header is made by huggingface_hub's SpaceCardData (user titles cannot break it).
+
+Deploy: create the Space (sdk gradio), upload the folder in one commit (unchanged files are not sent),
+set the variables (add_space_variable) and the read-only token as the HF_TOKEN secret (add_space_secret;
+never a variable, never a file, never the write token), request hardware and sleep time, then wait for
+RUNNING while streaming the build logs into the run log. BUILD_ERROR / RUNTIME_ERROR: show the logs,
+restart (a bounded number of times), then fail with the last log lines.
+
+No write token, --dry-run, or a model repo that was itself only a dry run: the folder is rendered and
+the variables it would set are written to publish/space.json; nothing is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from tasks.core.artifacts import Artifact
+from tasks.core.atomic import atomic_dir, atomic_write_json
+from tasks.core.constants import TEMPLATES_DIR
+from tasks.core.errors import PermanentError
+from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
+
+STAGE = "space"
+log = logging.getLogger("loraship.space")
+
+TEMPLATE_DIR = TEMPLATES_DIR / "spaces" / "gguf_chat"
+GRADIO_VERSION = "6.31.0"  # the version the browser test ran the app with (pyproject test extra)
+FAILED_STAGES = ("BUILD_ERROR", "RUNTIME_ERROR", "CONFIG_ERROR", "NO_APP_FILE")
+
+
+class SpaceSettings(StrictModel):
+    space_id: str = Field("", description="owner/name of the Space; empty: <model repo owner>/<model>-demo")
+    quant: str = Field("Q4_K_M", description="which GGUF the demo runs (must be one of the pushed quant types)")
+    hardware: str = Field("cpu-basic", description="Space hardware flavor, e.g. cpu-basic, cpu-upgrade, t4-small")
+    sleep_time: int | None = Field(
+        None, description="seconds of inactivity before the Space sleeps (not configurable on cpu-basic)"
+    )
+    read_token: SecretRef | None = Field(
+        None, description="read-only token given to the Space as the HF_TOKEN secret (needed for a private model repo)"
+    )
+    private: bool = Field(False, description="create the Space private")
+    title: str = Field("", description="the page title; empty: the model name")
+    emoji: str = Field("🦙", description="the Space's emoji")
+    examples: list[str] = Field(
+        default_factory=lambda: [
+            "Hello! Who are you?",
+            "Write a haiku about the sea.",
+            "Explain LoRA in one sentence.",
+        ],
+        description="example prompts shown under the chat",
+    )
+    max_tokens: int = Field(256, ge=1, description="the answer length limit")
+    rate_limit_per_minute: int = Field(10, ge=1, description="messages per minute per browser session")
+    wait: bool = Field(True, description="wait until the Space is RUNNING")
+    timeout: float = Field(1800, gt=0, description="seconds to wait for RUNNING")
+    poll_interval: float = Field(10.0, gt=0, description="seconds between runtime checks")
+    max_restarts: int = Field(2, ge=0, description="restarts after BUILD_ERROR/RUNTIME_ERROR before the stage fails")
+
+    @field_validator("space_id")
+    @classmethod
+    def _space_id(cls, v: str) -> str:
+        return check_hub_id(v, "space_id", "the model repo")
+
+
+def space_variables(settings: SpaceSettings, model_repo: str, model_file: str, title: str) -> dict[str, str]:
+    """The Space variables (public configuration; never a secret)."""
+    return {
+        "MODEL_REPO": model_repo,
+        "MODEL_FILE": model_file,
+        "TITLE": title,
+        "EXAMPLES": json.dumps(settings.examples),
+        "MAX_TOKENS": str(settings.max_tokens),
+        "RATE_LIMIT_PER_MINUTE": str(settings.rate_limit_per_minute),
+    }
+
+
+def render_space(
+    dest: Path, *, settings: SpaceSettings, model_repo: str, model_file: str, model_url: str, title: str, license: str
+) -> Path:
+    """Write the Space folder (atomically): app.py and requirements.txt as they are, README.md rendered."""
+    import jinja2
+    from huggingface_hub import SpaceCardData
+
+    header = SpaceCardData(
+        title=title[:60],
+        emoji=settings.emoji,
+        colorFrom="indigo",
+        colorTo="blue",
+        sdk="gradio",
+        sdk_version=GRADIO_VERSION,
+        app_file="app.py",
+        license=license,
+        models=[model_repo],
+        pinned=False,
+        short_description=f"Chat with {model_file}"[:60],
+    )
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    readme = env.from_string((TEMPLATE_DIR / "README.md.j2").read_text(encoding="utf-8")).render(
+        space_header=header.to_yaml(), title=title, model_repo=model_repo, model_file=model_file, model_url=model_url
+    )
+    with atomic_dir(dest) as tmp:
+        shutil.copyfile(TEMPLATE_DIR / "app.py", tmp / "app.py")
+        shutil.copyfile(TEMPLATE_DIR / "requirements.txt", tmp / "requirements.txt")
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+    from huggingface_hub import SpaceCard
+
+    data = SpaceCard((dest / "README.md").read_text(encoding="utf-8")).data.to_dict()
+    if data.get("sdk") != "gradio" or data.get("app_file") != "app.py" or data.get("models") != [model_repo]:
+        raise PermanentError(
+            f"the rendered Space README.md header is wrong: {data}",
+            hint="check templates/spaces/gguf_chat/README.md.j2",
+        )
+    return dest
+
+
+def _pick_file(pushed: Artifact, ggufs: list[Artifact], quant: str) -> str:
+    names = {str(g.meta.get("quant")): Path(g.path).name for g in ggufs}
+    if quant not in names:
+        raise PermanentError(
+            f"space.quant {quant!r} is not among this run's GGUFs ({', '.join(sorted(names)) or 'none'})",
+            hint="set space.quant to one of the quantization.types",
+        )
+    return names[quant]
+
+
+def wait_until_running(
+    api: Any, space_id: str, settings: SpaceSettings, token: str, sleep: Any = time.sleep
+) -> dict[str, Any]:
+    """Poll the runtime until RUNNING; stream build logs; restart on errors up to max_restarts."""
+
+    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except Exception as exc:
+            raise translate(exc, what=what, repo_id=space_id, token=token, repo_type="space") from exc
+
+    started = time.monotonic()
+    restarts = 0
+    seen_logs = 0
+    stages: list[str] = []
+    while True:
+        runtime = call("read the runtime of", api.get_space_runtime, space_id)
+        stage = runtime.stage
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+            log.info("Space %s: %s", space_id, stage)
+        if stage == "RUNNING":
+            return {"stage": stage, "stages": stages, "restarts": restarts, "hardware": runtime.hardware}
+        if stage in ("BUILDING", "RUNNING_BUILDING", "APP_STARTING"):
+            lines = _logs(api, space_id, build=True)
+            for line in lines[seen_logs:]:
+                log.info("[build] %s", line)
+            seen_logs = max(seen_logs, len(lines))
+        elif stage in FAILED_STAGES:
+            lines = _logs(api, space_id, build=stage != "RUNTIME_ERROR")
+            tail = lines[-20:]
+            for line in tail:
+                log.warning("[%s] %s", stage, line)
+            if restarts >= settings.max_restarts:
+                raise PermanentError(
+                    f"Space {space_id} ended in {stage} after {restarts} restart(s); last log lines:\n  "
+                    + "\n  ".join(tail or ["(no logs)"]),
+                    hint="fix the app or its requirements (see the logs above), then run the space stage again",
+                )
+            restarts += 1
+            log.warning("Space %s: %s, restarting (%d/%d)", space_id, stage, restarts, settings.max_restarts)
+            call("restart", api.restart_space, space_id, factory_reboot=stage == "BUILD_ERROR")
+            seen_logs = 0
+        elif stage in ("PAUSED", "STOPPED", "SLEEPING"):
+            call("restart", api.restart_space, space_id)
+        if time.monotonic() - started > settings.timeout:
+            raise PermanentError(
+                f"Space {space_id} was not RUNNING after {settings.timeout:.0f} s (stages: {' -> '.join(stages)})",
+                hint="raise space.timeout, or look at the Space's logs",
+            )
+        sleep(settings.poll_interval)
+
+
+def _logs(api: Any, space_id: str, build: bool) -> list[str]:
+    try:
+        return [line.rstrip("\n") for line in api.fetch_space_logs(space_id, build=build)]
+    except Exception as exc:  # logs are for the user; a missing log must not fail the deploy
+        log.debug("no %s logs for %s: %s", "build" if build else "run", space_id, exc)
+        return []
+
+
+def space(
+    pushed: Artifact,
+    ggufs: list[Artifact],
+    settings: SpaceSettings,
+    publish_dir: Path,
+    *,
+    model_name: str,
+    license: str = "apache-2.0",
+    token: Any = None,
+    read_token: Any = None,
+    dry_run: bool = False,
+    sleep: Any = time.sleep,
+) -> Artifact:
+    """Render the Space folder and (with a write token, after a real push) deploy it. Returns 'publish:space'."""
+    model_repo = str(pushed.meta.get("repo_id") or "")
+    if not model_repo:
+        raise PermanentError("the Hub push record has no repo_id", hint="run the hub_push stage first")
+    endpoint = str(pushed.meta.get("endpoint") or "https://huggingface.co").rstrip("/")
+    model_file = _pick_file(pushed, ggufs, settings.quant)
+    space_id = settings.space_id or f"{model_repo.split('/')[0]}/{model_name}-demo"
+    title = settings.title or model_name
+    folder = publish_dir / "space" / space_id.replace("/", "__")
+    render_space(
+        folder,
+        settings=settings,
+        model_repo=model_repo,
+        model_file=model_file,
+        model_url=f"{endpoint}/{model_repo}",
+        title=title,
+        license=license,
+    )
+    variables = space_variables(settings, model_repo, model_file, title)
+    secret = token.get_secret_value() if token is not None else None
+    read = read_token.get_secret_value() if read_token is not None else None
+    if read and secret and read == secret:
+        raise PermanentError(
+            "space.read_token resolves to the same token as hub.token",
+            hint="give the Space a separate read-only token: the write token must never reach a Space",
+        )
+    reasons = [
+        r
+        for r, on in (
+            ("no hub.token configured", not secret),
+            ("the model repo was not pushed (dry run)", bool(pushed.meta.get("dry_run"))),
+        )
+        if on
+    ]
+    if dry_run and not reasons:
+        reasons = ["--dry-run"]
+    meta: dict[str, Any] = {
+        "space_id": space_id,
+        "model_repo": model_repo,
+        "model_file": model_file,
+        "variables": variables,
+        "secrets": ["HF_TOKEN"] if read else [],
+        "hardware": settings.hardware,
+        "sleep_time": settings.sleep_time,
+        "url": f"{endpoint}/spaces/{space_id}",
+        "staged": str(folder),
+        "dry_run": bool(reasons),
+    }
+    if reasons:
+        meta["reason"] = "; ".join(reasons)
+        atomic_write_json(publish_dir / "space.json", meta)
+        log.info(
+            "dry run (%s): the Space folder for %s is %s; it would set variables %s%s",
+            meta["reason"],
+            space_id,
+            folder,
+            ", ".join(variables),
+            " and the HF_TOKEN secret" if read else "",
+        )
+        return Artifact.from_path(
+            folder,
+            name="publish:space",
+            kind="publish",
+            stage=STAGE,
+            inputs=[pushed],
+            settings=settings,
+            tools=["huggingface_hub"],
+            meta=meta,
+        )
+
+    settings_endpoint = endpoint
+    api = hub_api(settings_endpoint, secret)
+    if read:
+        role = (whoami(hub_api(settings_endpoint, read), read).get("auth", {}).get("accessToken", {}) or {}).get("role")
+        if role == "write":
+            raise PermanentError(
+                "space.read_token is a write token",
+                hint=(
+                    "create a read-only token (role 'read') for the Space: Space secrets are readable by the "
+                    "Space's code"
+                ),
+            )
+    elif pushed.meta.get("private"):
+        log.warning(
+            "the model repo is private and no space.read_token is set: the Space will not be able to download %s",
+            model_file,
+        )
+
+    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except Exception as exc:
+            raise translate(exc, what=what, repo_id=space_id, token=secret, repo_type="space") from exc
+
+    result = push_folder(
+        folder,
+        space_id,
+        token=secret,
+        endpoint=settings_endpoint,
+        private=settings.private,
+        commit_message=f"loraship: demo for {model_repo} ({model_file})",
+        repo_type="space",
+        space_sdk="gradio",
+    )
+    for key, value in variables.items():
+        call(f"set variable {key} on", api.add_space_variable, space_id, key, value)
+    if read:
+        call(
+            "set the HF_TOKEN secret on",
+            api.add_space_secret,
+            space_id,
+            "HF_TOKEN",
+            read,
+            description="read-only token for the model repo (set by loraship)",
+        )
+    sleep_time = settings.sleep_time if settings.hardware != "cpu-basic" else None
+    call("request hardware for", api.request_space_hardware, space_id, settings.hardware, sleep_time=sleep_time)
+    if not result["uploaded"]:
+        # nothing changed in the files: a Space only rebuilds on a commit, so restart to pick up new variables
+        call("restart", api.restart_space, space_id)
+    meta.update(
+        {
+            "commit": result["commit"],
+            "uploaded": result["uploaded"],
+            "skipped": result["skipped"],
+            "url": result["url"] or meta["url"],
+        }
+    )
+    if settings.wait:
+        meta.update(wait_until_running(api, space_id, settings, secret, sleep=sleep))
+    atomic_write_json(publish_dir / "space.json", meta)
+    log.info("Space %s: %s (%s)", space_id, meta.get("stage", "deployed"), meta["url"])
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    meta["record_sha256"] = digest
+    return Artifact.from_path(
+        folder,
+        name="publish:space",
+        kind="publish",
+        stage=STAGE,
+        inputs=[pushed],
+        settings=settings,
+        tools=["huggingface_hub", "gradio"],
+        meta=meta,
+    )
+
+
+def _space_task_fn(
+    pushed: Artifact,
+    ggufs: list[Artifact],
+    settings: SpaceSettings,
+    publish_dir: Path,
+    model_name: str,
+    license: str = "apache-2.0",
+    dry_run: bool = False,
+    _token: Any = None,
+    _read_token: Any = None,
+) -> Artifact:
+    return space(
+        pushed,
+        ggufs,
+        settings,
+        publish_dir,
+        model_name=model_name,
+        license=license,
+        token=_token,
+        read_token=_read_token,
+        dry_run=dry_run,
+    )
+
+
+def _make_task() -> Any:
+    from tasks.core.stage import stage_task
+
+    return stage_task(STAGE)(_space_task_fn)
+
+
+space_task = _make_task()

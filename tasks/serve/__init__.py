@@ -1,0 +1,1 @@
+"""Stage serve: OpenAI-compatible servers for GGUFs (engines)."""
