@@ -46,10 +46,9 @@ def task_runner_for(cfg: PipelineConfig) -> Any | None:
             kwargs["n_workers"] = perf.parallelism
         if not _api_url():
             log.warning(
-                "performance.dask_processes without a Prefect server (PREFECT_API_URL unset): every Dask worker "(
-                    "process starts its own temporary API, which is slow; run `prefect server start` and export "
-                    "PREFECT_API_URL"
-                )
+                "performance.dask_processes without a Prefect server (PREFECT_API_URL unset): every Dask worker "
+                "process starts its own temporary API, which is slow; run `prefect server start` and export "
+                "PREFECT_API_URL"
             )
     else:
         kwargs["n_workers"] = 1  # threads of this process (llama.cpp releases the GIL), like the default runner
