@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import machine, save, table
+from tasks.merge.backends import DEFAULT_BACKEND, MERGE_BACKENDS
 
 SIZES = {
     # Llama-2-7B shapes
@@ -184,7 +185,7 @@ def gpu_info() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="7b")
-    ap.add_argument("--merge-backend", choices=["streaming", "peft", "unsloth"], default="streaming")
+    ap.add_argument("--merge-backend", choices=list(MERGE_BACKENDS), default=DEFAULT_BACKEND)
     ap.add_argument(
         "--work",
         type=Path,

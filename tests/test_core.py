@@ -104,7 +104,7 @@ def test_code_version_covers_helper_modules():
     from tasks.core.caching import _project_imports
 
     merge = _project_imports("tasks.merge.stage")
-    assert {"tasks.merge.plan", "tasks.merge.streaming", "tasks.merge.safetensors_io"} <= merge
+    assert {"tasks.merge.plan", "tasks.merge.backends.streaming", "tasks.merge.safetensors_io"} <= merge
     assert not any(m.startswith("tasks.core") for m in merge)
     assert "tasks.gguf.convert_entry" in _project_imports("tasks.gguf.convert")
 

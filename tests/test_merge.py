@@ -296,7 +296,7 @@ def test_verification_catches_a_missing_adapter_but_tolerates_rounding(llama_bas
     """A merged folder that is really the base (adapter lost) fails the logit check; the real merge passes;
     a difference above the tolerance but small against the adapter's effect (16-bit rounding) passes."""
     from tasks.merge.stage import verification_problem
-    from tasks.merge.torch_backends import verify_logits
+    from tasks.merge.verify import verify_logits
 
     good = _merge(llama_adapter, llama_base, tmp_path / "good", verify="always")
     assert good.meta["verify_passed"] and good.meta["max_abs_logit_diff"] < 1e-3

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import PermanentError
-from tasks.merge.safetensors_io import TensorInfo, read_header
+from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, TensorInfo, read_header
 
 log = logging.getLogger("loraship.merge")
 
@@ -74,6 +74,16 @@ class MergePlan:
 
     def base_bytes(self) -> int:
         return sum(t.nbytes for t in self.base_tensors.values())
+
+
+def out_dtype_of(src_dtype: str, target: str | None) -> str:
+    """The safetensors dtype a base tensor is written in: `target` for float tensors, else its own."""
+    return target if (target and src_dtype in FLOAT_DTYPES) else src_dtype
+
+
+def output_bytes(plan: MergePlan, target: str | None) -> int:
+    """Bytes of the merged weights: the base's tensors in their output dtypes."""
+    return sum(t.numel * DTYPES[out_dtype_of(t.dtype, target)][1] for t in plan.base_tensors.values())
 
 
 # --- reading the inputs -------------------------------------------------------------------------------

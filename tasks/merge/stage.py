@@ -3,9 +3,9 @@
 The order of work: resolve the base model (a folder, or a Hub id through huggingface_hub's cache), read
 the adapter and the base's safetensors headers and check they fit (tasks/merge/plan.py) before any
 heavy work, check the disk, then merge into a temporary folder beside merged/ with the chosen backend
-(tasks/merge/streaming.py: one tensor at a time; tasks/merge/torch_backends.py: peft, unsloth), copy the
-config, tokenizer, generation config and chat template, verify the merged model's logits against
-PeftModel(base, adapter) on a fixed prompt, and only then rename the folder to merged/. A failure at
+(the table in tasks/merge/backends/: streaming, peft, unsloth), copy the config, tokenizer, generation
+config and chat template, verify the merged model's logits against PeftModel(base, adapter) on a fixed
+prompt (tasks/merge/verify.py), and only then rename the folder to merged/. A failure at
 any step leaves no merged/ (or the previous one) behind.
 """
 
@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
@@ -29,6 +29,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.merge.backends import DEFAULT_BACKEND, MERGE_BACKENDS, MergeBackend, MergeJob
 from tasks.merge.plan import (
     MergePlan,
     base_is_quantized,
@@ -36,10 +37,12 @@ from tasks.merge.plan import (
     detect_qlora,
     disk_preflight,
     load_adapter,
+    output_bytes,
     read_json,
     same_base,
 )
 from tasks.merge.safetensors_io import DTYPES, TORCH_TO_ST
+from tasks.merge.verify import verification_problem
 
 STAGE = "merge"
 log = logging.getLogger("loraship.merge")
@@ -69,12 +72,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class MergeSettings(StrictModel):
     """How the adapter is folded into the base model."""
 
-    backend: Literal["streaming", "peft", "unsloth"] = Field(
-        "streaming",
-        description=(
-            "streaming: tensor by tensor, low memory, no GPU (default); peft: merge_and_unload on the whole "
-            "model; unsloth: GPU only"
-        ),
+    backend: str = Field(
+        DEFAULT_BACKEND,
+        description="; ".join(f"{b.name}: {b.description}" for b in MERGE_BACKENDS.values()),
     )
     base_model: str = Field(
         "",
@@ -117,6 +117,11 @@ class MergeSettings(StrictModel):
     max_shard_size: str = Field(
         "5GB", description="shard size for the peft backend's save_pretrained (streaming keeps the base's shards)"
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str) -> str:
+        return MERGE_BACKENDS.check(v)
 
 
 # --- the base model -------------------------------------------------------------------------------------
@@ -219,24 +224,8 @@ def _dir_size(folder: Path) -> int:
 # --- the stage ------------------------------------------------------------------------------------------------
 
 
-def merge(
-    adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = ""
-) -> Artifact:
-    """Merge `adapter` into its base model; write merged/ atomically; return the 'merged' artifact."""
-    started = time.monotonic()
-    adapter_dir = adapter.local_path
-    if settings.backend == "unsloth":
-        import torch
-
-        if not torch.cuda.is_available():  # fail before any work
-            raise PermanentError(
-                "merge.backend: unsloth needs a CUDA GPU, and none is available on this machine",
-                hint="use merge.backend: streaming (the default: low memory, no GPU) or merge.backend: peft",
-            )
-    adapter_cfg, tensors = load_adapter(adapter_dir)
-    ref = base_reference(settings, default_base, adapter_cfg)
-    base_dir = resolve_base(ref)
-    assert base_dir is not None
+def _check_base(settings: MergeSettings, ref: str, base_dir: Path, adapter_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The base's config, after refusing a quantized base and judging a base the adapter was not trained on."""
     base_config = read_json(base_dir / "config.json")
     quantized = base_is_quantized(base_config)
     if quantized:
@@ -244,7 +233,6 @@ def merge(
             f"the base model {ref} is stored quantized ({quantized}); merging needs its 16-bit weights",
             hint="point merge.base_model at the original (unquantized) base model",
         )
-
     adapter_base = str(adapter_cfg.get("base_model_name_or_path") or "")
     if not same_base(adapter_base, ref, base_dir):
         msg = f"the adapter was trained on {adapter_base!r} but the configured base is {ref!r}"
@@ -253,7 +241,11 @@ def merge(
                 msg, hint="set merge.base_model to the adapter's base, or merge.strict_base: false to merge anyway"
             )
         log.warning("%s; merging anyway (shapes are checked; set merge.strict_base: true to refuse)", msg)
+    return base_config
 
+
+def _qlora_choice(settings: MergeSettings, adapter_dir: Path, adapter_cfg: dict[str, Any]) -> tuple[str | None, bool]:
+    """(why the adapter looks like QLoRA or None, whether to merge into NF4-round-tripped weights)."""
     qlora_reason = detect_qlora(adapter_dir, adapter_cfg)
     roundtrip = settings.qlora == "roundtrip" or (settings.qlora == "auto" and qlora_reason is not None)
     if qlora_reason:
@@ -266,37 +258,68 @@ def merge(
         )
     elif roundtrip:
         log.info("merge.qlora: roundtrip: merging into NF4-dequantized base weights")
+    return qlora_reason, roundtrip
 
-    plan: MergePlan | None = None
+
+def _plan(
+    backend: MergeBackend, base_dir: Path, base_config: dict[str, Any], adapter_cfg: dict[str, Any], tensors: Any
+) -> MergePlan | None:
+    """The header-level plan; None for a .bin base when the backend reads those (the checks are skipped)."""
     try:
         plan = build_plan(base_dir, base_config, adapter_cfg, tensors)
     except PermanentError as exc:
-        if settings.backend == "peft" and "PyTorch .bin weights" in str(exc):
-            log.info("base has .bin weights: the peft backend loads them; the tensor-level checks are skipped")
-        else:
-            raise
-    if plan is not None:
-        for note in plan.notes:
-            log.warning(note)
+        if backend.reads_bin_weights and "PyTorch .bin weights" in str(exc):
+            log.info(
+                "base has .bin weights: the %s backend loads them; the tensor-level checks are skipped", backend.name
+            )
+            return None
+        raise
+    for note in plan.notes:
+        log.warning(note)
+    return plan
 
-    base_dtype = _base_dtype(plan, base_config)
-    out_dtype_name = base_dtype if settings.dtype == "auto" else settings.dtype
-    target_st = None if settings.dtype == "auto" else TORCH_TO_ST[settings.dtype]
-    base_bytes = plan.base_bytes() if plan is not None else sum(f.stat().st_size for f in base_dir.glob("*.bin"))
-    from tasks.merge.streaming import output_bytes
 
-    needed = (output_bytes(plan, target_st) if plan is not None else base_bytes) + _dir_size(base_dir) - base_bytes
-    disk_preflight(out_dir.parent, max(needed, 0))
+def available_backend(name: str) -> MergeBackend:
+    """The registered backend `name`, after checking it can run here (else: why, and the ones that can)."""
+    backend = MERGE_BACKENDS.lookup(name)
+    reason = backend.unavailable()
+    if reason:
+        others = [b for b in MERGE_BACKENDS.values() if b.name != name and not b.unavailable()]
+        raise PermanentError(
+            f"merge.backend: {name} {reason}",
+            hint="use "
+            + " or ".join(f"merge.backend: {b.name} ({b.description})" for b in others)
+            + ("" if others else "another backend once its requirements are installed"),
+        )
+    return backend
 
-    do_verify = settings.verify == "always" or (
-        settings.verify == "auto" and base_bytes <= settings.verify_max_gb * 1e9
-    )
+
+def _verify(settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes: int) -> dict[str, Any]:
+    """The logits check's meta; raises when the merged model does not reproduce PeftModel(base, adapter)."""
+    if not (settings.verify == "always" or (settings.verify == "auto" and base_bytes <= settings.verify_max_gb * 1e9)):
+        skipped = (
+            f"base weights {base_bytes / 1e9:.2f} GB > merge.verify_max_gb {settings.verify_max_gb}"
+            if settings.verify == "auto"
+            else "merge.verify: never"
+        )
+        return {"max_abs_logit_diff": None, "verify_skipped": skipped}
+    from tasks.merge.verify import verify_logits
+
+    result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.qlora_roundtrip)
+    problem = verification_problem(result, settings.verify_tolerance)
+    if problem:
+        raise PermanentError(
+            f"{problem}; merged/ was not written",
+            hint=(
+                "try merge.backend: peft and report the adapter; or raise merge.verify_tolerance if a "
+                "lower merge.dtype explains it"
+            ),
+        )
+    return {**result, "verify_passed": True}
+
+
+def _adapter_meta(adapter_cfg: dict[str, Any], plan: MergePlan | None) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "backend": settings.backend,
-        "base_model": ref,
-        "base_dir": str(base_dir),
-        "adapter_base_model": adapter_base,
-        "dtype": out_dtype_name,
         "r": adapter_cfg.get("r"),
         "lora_alpha": adapter_cfg.get("lora_alpha"),
         "use_rslora": bool(adapter_cfg.get("use_rslora")),
@@ -304,52 +327,60 @@ def merge(
         "fan_in_fan_out": bool(adapter_cfg.get("fan_in_fan_out")),
         "modules_to_save": adapter_cfg.get("modules_to_save") or [],
         "tied_embeddings": bool(plan and plan.tied_to),
-        "qlora_detected": qlora_reason,
-        "qlora_base": "nf4-roundtrip" if roundtrip else "original",
     }
     if plan is not None:
         meta["scalings"] = sorted({round(op.scaling, 6) for ops in plan.ops.values() for op in ops})
+    return meta
+
+
+def merge(
+    adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = ""
+) -> Artifact:
+    """Merge `adapter` into its base model; write merged/ atomically; return the 'merged' artifact."""
+    started = time.monotonic()
+    backend = available_backend(settings.backend)  # fail before any work
+    adapter_dir = adapter.local_path
+    adapter_cfg, tensors = load_adapter(adapter_dir)
+    ref = base_reference(settings, default_base, adapter_cfg)
+    base_dir = resolve_base(ref)
+    assert base_dir is not None
+    base_config = _check_base(settings, ref, base_dir, adapter_cfg)
+    qlora_reason, roundtrip = _qlora_choice(settings, adapter_dir, adapter_cfg)
+    plan = _plan(backend, base_dir, base_config, adapter_cfg, tensors)
+
+    base_dtype = _base_dtype(plan, base_config)
+    job = MergeJob(
+        adapter_dir=adapter_dir,
+        base_dir=base_dir,
+        base_ref=ref,
+        plan=plan,
+        dtype=base_dtype if settings.dtype == "auto" else settings.dtype,
+        target_st=None if settings.dtype == "auto" else TORCH_TO_ST[settings.dtype],
+        qlora_roundtrip=roundtrip,
+        max_shard_size=settings.max_shard_size,
+    )
+    base_bytes = plan.base_bytes() if plan is not None else sum(f.stat().st_size for f in base_dir.glob("*.bin"))
+    needed = (output_bytes(plan, job.target_st) if plan is not None else base_bytes) + _dir_size(base_dir) - base_bytes
+    disk_preflight(out_dir.parent, max(needed, 0))
+
+    meta: dict[str, Any] = {
+        "backend": backend.name,
+        "base_model": ref,
+        "base_dir": str(base_dir),
+        "adapter_base_model": str(adapter_cfg.get("base_model_name_or_path") or ""),
+        "dtype": job.dtype,
+        **_adapter_meta(adapter_cfg, plan),
+        "qlora_detected": qlora_reason,
+        "qlora_base": "nf4-roundtrip" if roundtrip else "original",
+    }
     with atomic_dir(out_dir) as tmp:
-        with Progress(f"merge ({settings.backend})", max(base_bytes, 1)) as progress:
-            if settings.backend == "streaming":
-                from tasks.merge.streaming import stream_merge
-
-                assert plan is not None
-                meta.update(stream_merge(plan, tmp, target_st, roundtrip, progress))
-            elif settings.backend == "peft":
-                from tasks.merge.torch_backends import peft_merge
-
-                meta.update(peft_merge(base_dir, adapter_dir, tmp, out_dtype_name, settings.max_shard_size, roundtrip))
-            else:
-                from tasks.merge.torch_backends import unsloth_merge
-
-                meta.update(unsloth_merge(adapter_dir, tmp, ref))
+        with Progress(f"merge ({backend.name})", max(base_bytes, 1)) as progress:
+            meta.update(backend.run(job, tmp, progress))
         meta["tokenizer_from"] = copy_side_files(
-            base_dir, adapter_dir, tmp, None if settings.dtype == "auto" else out_dtype_name
+            base_dir, adapter_dir, tmp, None if settings.dtype == "auto" else job.dtype
         )
         meta["merge_seconds"] = round(time.monotonic() - started, 3)
-        if do_verify:
-            from tasks.merge.torch_backends import verify_logits
-
-            result = verify_logits(base_dir, adapter_dir, tmp, roundtrip)
-            meta.update(result)
-            problem = verification_problem(result, settings.verify_tolerance)
-            meta["verify_passed"] = problem is None
-            if problem:
-                raise PermanentError(
-                    f"{problem}; merged/ was not written",
-                    hint=(
-                        "try merge.backend: peft and report the adapter; or raise merge.verify_tolerance if a "
-                        "lower merge.dtype explains it"
-                    ),
-                )
-        else:
-            meta["max_abs_logit_diff"] = None
-            meta["verify_skipped"] = (
-                f"base weights {base_bytes / 1e9:.2f} GB > merge.verify_max_gb {settings.verify_max_gb}"
-                if settings.verify == "auto"
-                else "merge.verify: never"
-            )
+        meta.update(_verify(settings, job, tmp, base_bytes))
     meta["seconds"] = round(time.monotonic() - started, 3)
     inputs = {adapter.name: adapter.sha256, "base": base_key or ref}
     return Artifact.from_path(
@@ -361,48 +392,6 @@ def merge(
         settings=settings,
         tools=["torch", "safetensors", "transformers", "peft"],
         meta=meta,
-    )
-
-
-def verification_problem(result: dict[str, Any], tolerance: float) -> str | None:
-    """Judge the logit check: None when the merged model reproduces PeftModel(base, adapter).
-
-    Rounding the merged weights to a 16-bit dtype moves logits too, and on deep models the move can
-    exceed a fixed fraction of the logits while the merge is right. A wrong merge (adapter missing,
-    wrong scale, transposed) leaves the merged model about as far from the reference as the adapter's
-    own effect. So the check fails only when the difference is above the tolerance AND above a quarter
-    of the adapter's effect; a difference above the tolerance alone is logged as rounding noise.
-    """
-    diff = result["max_abs_logit_diff"]
-    limit = tolerance * max(result["reference_max_abs_logit"], 1.0)
-    effect = result["adapter_effect_max_abs_logit"]
-    log.info(
-        (
-            "verification: max |logit difference| %.3g against PeftModel(base, adapter) (limit %.3g; the adapter "
-            "changes logits by up to %.3g)"
-        ),
-        diff,
-        limit,
-        effect,
-    )
-    if not diff == diff:  # NaN
-        return "the merged model's logits are NaN"
-    if diff <= limit:
-        return None
-    if diff < 0.25 * effect:
-        log.warning(
-            (
-                "logit difference %.3g is above merge.verify_tolerance (%.3g) but small against the adapter's "
-                "effect (%.3g): dtype rounding, not a wrong merge"
-            ),
-            diff,
-            limit,
-            effect,
-        )
-        return None
-    return (
-        f"the merged model's logits differ from PeftModel(base, adapter) by {diff:.4g} "
-        f"(limit {limit:.4g}; the adapter itself changes them by {effect:.4g})"
     )
 
 

@@ -1,4 +1,4 @@
-"""The streaming merge backend: one tensor in memory at a time, whatever the model's size.
+"""The `streaming` merge backend (the default): one tensor in memory at a time, whatever the model's size.
 
 For each base shard, the output shard's header is written first (same tensor names, shapes and order;
 the output dtype), then each tensor: unchanged ones are copied byte for byte, targeted ones are read,
@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.progress import Progress
-from tasks.merge.plan import WEIGHTS_INDEX, LoraOp, MergePlan, nf4_roundtrip, nf4_roundtrip_applies
+from tasks.merge.backends.base import MergeBackend, MergeJob
+from tasks.merge.plan import (
+    WEIGHTS_INDEX,
+    LoraOp,
+    MergePlan,
+    nf4_roundtrip,
+    nf4_roundtrip_applies,
+    out_dtype_of,
+)
 from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, OutEntry, StreamingWriter, read_tensor
 
 log = logging.getLogger("loraship.merge")
-
-
-def out_dtype_of(src_dtype: str, target: str | None) -> str:
-    return target if (target and src_dtype in FLOAT_DTYPES) else src_dtype
-
-
-def output_bytes(plan: MergePlan, target: str | None) -> int:
-    return sum(t.numel * DTYPES[out_dtype_of(t.dtype, target)][1] for t in plan.base_tensors.values())
 
 
 def apply_ops(w: Any, ops: list[LoraOp]) -> Any:
@@ -194,3 +194,17 @@ def stream_merge(
         "shards": len(plan.shards),
         "weights_bytes": total,
     }
+
+
+class StreamingBackend(MergeBackend):
+    name = "streaming"
+    description = "tensor by tensor, low memory, no GPU; the default"
+
+    def unavailable(self) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec("torch") else "needs torch, which is not installed"
+
+    def run(self, job: MergeJob, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        assert job.plan is not None, "the streaming backend reads the base's safetensors headers"
+        return stream_merge(job.plan, out_dir, job.target_st, job.qlora_roundtrip, progress)
