@@ -13,3 +13,6 @@ def prepare_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A local run with no Prefect server configured uses Prefect's ephemeral API (started on demand).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from tasks.core.scrub import install_log_scrubbing
+
+    install_log_scrubbing()  # every log record, also those Prefect sends to its UI, without credentials

@@ -34,6 +34,7 @@ from flows.summary import RunSummary, StageOutcome  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
+from tasks.core.scrub import scrub  # noqa: E402
 
 
 def select_stages(
@@ -140,7 +141,7 @@ def full(
             continue
         except Exception as exc:
             seconds = time.monotonic() - started
-            message = f"{type(exc).__name__}: {exc}"
+            message = scrub(f"{type(exc).__name__}: {exc}")
             if stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error:
                 run.record(stage, "failed", seconds=seconds, message=message)
                 summary.stages.append(StageOutcome(stage=stage, status="failed", seconds=seconds, message=message))

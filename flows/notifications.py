@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.core.scrub import scrub
 
 if TYPE_CHECKING:
     from flows.config import NotificationSettings
@@ -25,7 +26,7 @@ Event = Literal["completed", "degraded", "failed"]
 
 def _redacted(exc: BaseException) -> str:
     """An error without URLs in it: a webhook URL is a secret (Slack, Discord, Teams put the key in it)."""
-    return f"{type(exc).__name__}: " + re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", "<url>", str(exc))[:300]
+    return f"{type(exc).__name__}: " + scrub(exc, urls=True)[:300]
 
 
 def events_for(summary: RunSummary, failed: bool) -> list[Event]:
@@ -75,7 +76,7 @@ def compose(summary: RunSummary, event: Event, error: str = "", run_url: str = "
     links.setdefault("manifest", summary.manifest)
     lines.append("")
     lines += [f"{k}: {v}" for k, v in links.items()]
-    return subject, "\n".join(lines)
+    return scrub(subject), scrub("\n".join(lines))
 
 
 def load_notification_block(name: str) -> Any:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from tasks.core.artifacts import Artifact, tool_versions
 from tasks.core.atomic import atomic_write_json
+from tasks.core.scrub import scrub
 
 StageStatus = Literal["done", "cached", "skipped", "dry-run", "failed", "degraded"]
 
@@ -124,7 +125,7 @@ class RunFolder:
                 for k, v in a.tools.items():
                     m.tools.setdefault(k, v)
             m.stages[stage] = StageRecord(
-                status=status, seconds=round(seconds, 3), message=message, artifacts=[a.name for a in artifacts]
+                status=status, seconds=round(seconds, 3), message=scrub(message), artifacts=[a.name for a in artifacts]
             )
 
         return self.update_manifest(apply)

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
 
 from tasks.core.errors import PermanentError
+from tasks.core.scrub import register_secret
 
 
 def check_hub_id(value: str, field: str, derived_from: str) -> str:
@@ -88,7 +89,10 @@ class SecretRef(BaseModel):
                 f"the {where} {self.name!r} is not set",
                 hint=f"set it, or point the config at another reference than {self}",
             )
-        return SecretStr(value) if value is not None else None
+        if value is None:
+            return None
+        register_secret(value)  # from now on scrubbed from every message, log and notification
+        return SecretStr(value)
 
     def model_dump_ref(self) -> str:
         return str(self)

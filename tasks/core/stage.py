@@ -7,12 +7,14 @@ without Prefect) and a task made with `stage_task`. The flow binds each task to 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tasks.core.caching import ARTIFACTS
 from tasks.core.errors import retry_if_transient
+from tasks.core.scrub import install_log_scrubbing, scrub_exception
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,6 +25,8 @@ def stage_task(
     """Make a Prefect task for a stage: cached by content, retried only on transient errors with backoff."""
     from prefect import task
     from prefect.tasks import exponential_backoff
+
+    install_log_scrubbing()
 
     def deco(fn: F) -> Any:
         kw: dict[str, Any] = dict(
@@ -40,9 +44,26 @@ def stage_task(
 
             kw["cache_policy"] = NO_CACHE
         kw.update(options)
-        return task(**kw)(fn)
+        return task(**kw)(_scrubbed(fn))
 
     return deco
+
+
+def _scrubbed(fn: F) -> F:
+    """`fn` whose exceptions leave it scrubbed of credentials (tasks.core.scrub), before Prefect stores
+    their text as the task run's state message (the UI) or the flow records it in the manifest."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            clean = scrub_exception(exc)
+            if clean is exc:
+                raise
+            raise clean from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def bind(task: Any, cache_dir: Path, refresh: bool = False) -> Any:

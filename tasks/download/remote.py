@@ -22,6 +22,7 @@ from tasks.core.atomic import atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
 from tasks.core.progress import Progress
+from tasks.core.scrub import register_secret
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
 from tasks.download.settings import METADATA_FILES, STAGE, BytesHook, DownloadSettings
 from tasks.download.ssh import ADAPTER_MARKER, RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
@@ -63,6 +64,7 @@ def resolve_target(settings: DownloadSettings) -> tuple[SshTarget, str, dict[str
         key_text = settings.private_key.resolve()
     elif not settings.key_file and block is not None and block.private_key is not None:
         key_text = block.private_key
+        register_secret(key_text)
     entries = [e for e in (settings.known_hosts_entry, block.known_hosts_entry if block else None) if e]
     target = SshTarget(
         host=host,
