@@ -34,6 +34,7 @@ from flows.summary import RunSummary, StageOutcome  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
+from tasks.core.runlock import RUN_FOLDER_HOOKS, open_run_folder  # noqa: E402
 from tasks.core.scrub import scrub  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None,
     return notify_run(settings, summary, failed=True, error=f"before the first stage: {type(exc).__name__}: {exc}")
 
 
-@flow(name="loraship-full", log_prints=True)
+@flow(name="loraship-full", log_prints=True, **RUN_FOLDER_HOOKS)  # the hooks release the run folder
 def full(
     config: dict[str, Any] | None = None,
     config_path: str | None = None,
@@ -112,6 +113,7 @@ def full(
         stages = select_stages(cfg.pipeline.stages, only, skip, from_stage)
         apply_log_level(cfg.logging.level)
         run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
+        open_run_folder(run)  # one run per run folder: locked, cleared of a killed run's leftovers
         run.set_config_digest(digest_of(cfg))
         ctx = RunContext(
             config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run)

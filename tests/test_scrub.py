@@ -92,3 +92,11 @@ def test_stage_task_errors_reach_prefect_scrubbed(prefect_api):
         state.result()
     assert HF not in str(err.value) and "pw-in-url" not in str(err.value)
     assert HF not in (state.message or "") and "pw-in-url" not in (state.message or "")
+
+
+def test_a_registered_key_does_not_hide_the_shape_of_another_key():
+    scrubber.register_secret(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAB3NzaC1yc2EAAAADAQABAAABAQ\n-----END OPENSSH PRIVATE KEY-----"
+    )
+    out = scrubber.scrub("-----BEGIN OPENSSH PRIVATE KEY-----\nzzzzOtherKeyBody1234\n-----END OPENSSH PRIVATE KEY-----")
+    assert out == "<private key>"

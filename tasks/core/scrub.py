@@ -86,7 +86,7 @@ def register_secret(value: Any) -> None:
     with _known_lock:
         _known.add(text)
         for line in text.splitlines():  # a key's lines can show up one at a time (a traceback, a diff)
-            if len(line.strip()) >= 16:
+            if len(line.strip()) >= 16 and not line.startswith("-----"):  # not the BEGIN/END armour
                 _known.add(line.strip())
 
 
@@ -100,11 +100,11 @@ def scrub(text: Any, *, urls: bool = False) -> str:
     """`text` without the secrets this module knows about; `urls=True` also replaces every URL by `<url>`
     (for webhook errors: Slack, Discord and Teams put the key in the URL's path)."""
     out = str(text)
+    for p in PATTERNS:
+        out = p.regex.sub(p.replacement, out)
     for secret in known_secrets():
         if secret in out:
             out = out.replace(secret, "<secret>")
-    for p in PATTERNS:
-        out = p.regex.sub(p.replacement, out)
     if urls:
         out = _URL.sub("<url>", out)
     return out

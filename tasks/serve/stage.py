@@ -14,6 +14,7 @@ import argparse
 import atexit
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -161,6 +162,11 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
                 if requests.get(f"{base}/health", timeout=2).status_code == 200:
                     record = {
                         "pid": proc.pid,
+                        # pid + start time name this very process (a restart of the flow finds it again,
+                        # tasks/core/runlock.py stops it when the run that started it was killed)
+                        "process_started": _create_time(proc.pid),
+                        "owner_pid": os.getpid(),
+                        "keep": settings.keep_running,
                         "port": port,
                         "host": settings.host,
                         "base_url": f"{base}/v1",
@@ -196,6 +202,15 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
             hint=f"see {log_path}",
         )
     raise TransientError("could not bind a port from serving.port_range")  # pragma: no cover
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> str:
