@@ -9,7 +9,8 @@ no such table, so this script measures it: each type quantizes the same random F
 4 layers, vocab 8000: about 67M weights, the shapes of a real model's matrices) with one thread, in a
 fresh child process, and the CPU seconds of the `llama_model_quantize` call are divided by the weights.
 Types that llama.cpp refuses without an importance matrix (IQ1/IQ2) are measured with a flat one.
-`--write` stores the relative costs (Q8_0 = 1.0) in tasks/data/quantize_costs.json, which the plan reads.
+`--write` stores the relative costs (Q8_0 = 1.0) in the `cpu_cost` column of the quant-type table,
+tasks/data/quant_types.json (tasks/gguf/quant_types.py), which the plan reads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COSTS = ROOT / "tasks" / "data" / "quantize_costs.json"
 
 
 def build_f16(work: Path) -> Path:
@@ -64,12 +64,12 @@ def child(src: str, quant: str, out: str) -> None:
     import llama_cpp
     import llama_cpp._logger  # noqa: F401
 
-    from tasks.gguf.quantize import _imatrix_struct, ftype_names
+    from tasks.gguf.quantize import _imatrix_struct, runtime_ftype
 
     result: dict = {"quant": quant}
     for with_imatrix in (False, True):
         p = llama_cpp.llama_model_quantize_default_params()
-        p.ftype = ftype_names()[quant]
+        p.ftype = runtime_ftype(quant)
         p.nthread = 1
         keep = None
         if with_imatrix:
@@ -96,15 +96,15 @@ def child(src: str, quant: str, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", nargs="+", default=None, help="default: every type of the runtime except F32/F16/BF16")
+    ap.add_argument("--types", nargs="+", default=None, help="default: every quantized type of the table")
     ap.add_argument("--work", default=None, help="cache folder (default: ~/.cache/loraship/bench)")
-    ap.add_argument("--write", action="store_true", help=f"store the relative costs in {COSTS.relative_to(ROOT)}")
+    ap.add_argument("--write", action="store_true", help="store the relative costs in tasks/data/quant_types.json")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(*a.child)
         return
-    from tasks.gguf.quantize import ftype_names
+    from tasks.gguf.quant_types import parse_quant, quant_types, save_cpu_costs
     from tasks.support.tiny_models import cache_root
 
     work = Path(a.work) if a.work else cache_root() / "bench"
@@ -112,7 +112,11 @@ def main() -> None:
     import gguf
 
     weights = sum(int(t.n_elements) for t in gguf.GGUFReader(str(src), "r").tensors)
-    types = a.types or sorted(q for q in ftype_names() if q not in ("F32", "F16", "BF16"))
+    types = (
+        [parse_quant(q) for q in a.types]
+        if a.types
+        else sorted(q.name for q in quant_types().values() if not q.is_float)
+    )
     rows = {}
     for q in types:
         out = subprocess.run(
@@ -140,22 +144,17 @@ def main() -> None:
     if a.write:
         if not base:
             raise SystemExit("Q8_0 must be measured to normalise the costs")
-        data = json.loads(COSTS.read_text()) if COSTS.exists() else {}
-        costs = data.get("relative_cpu", {})
-        costs.update({q: round(r["ns_per_weight"] / base, 2) for q, r in rows.items() if "ns_per_weight" in r})
         from benchmarks.harness import machine
 
-        data = {
-            "what": (
-                "CPU seconds of llama_model_quantize per weight, one thread, relative to Q8_0 (measured by "
-                "python -m benchmarks.quant_costs --write)"
-            ),
+        costs = {q: round(r["ns_per_weight"] / base, 2) for q, r in rows.items() if "ns_per_weight" in r}
+        measured = {
+            "command": "python -m benchmarks.quant_costs --write",
+            "how": "CPU seconds of llama_model_quantize per weight, one thread, relative to Q8_0",
             "machine": machine(),
             "q8_0_ns_per_weight": base,
-            "relative_cpu": dict(sorted(costs.items())),
         }
-        COSTS.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {COSTS}")
+        path = save_cpu_costs(costs, measured)
+        print(f"wrote the cpu_cost column of {path}")
 
 
 if __name__ == "__main__":

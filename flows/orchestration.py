@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.summary import RunSummary
+from tasks.gguf import quant_types
 
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
@@ -146,7 +147,7 @@ def cleanup_intermediates(cfg: PipelineConfig, artifacts: dict[str, Artifact]) -
     """
     removed: list[str] = []
     ggufs = [a for a in artifacts.values() if a.kind == "gguf"]
-    f16 = [a for a in ggufs if str(a.meta.get("quant", a.name.partition(":")[2])).upper() in ("F16", "BF16", "F32")]
+    f16 = [a for a in ggufs if quant_types.is_float(str(a.meta.get("quant", a.name.partition(":")[2])))]
     quants = [a for a in ggufs if a not in f16]
     if cfg.pipeline.cleanup.delete_merged and ggufs:
         for a in (a for a in artifacts.values() if a.kind == "merged"):

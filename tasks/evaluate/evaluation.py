@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
@@ -32,28 +32,11 @@ from tasks.core.hashing import digest_of
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.gguf import quant_types
 
 STAGE = "evaluate"
 DATA = TASKS_DATA
 log = logging.getLogger("loraship.evaluate")
-QUANT_ORDER = (
-    "F32",
-    "BF16",
-    "F16",
-    "Q8_0",
-    "Q6_K",
-    "Q5_K_M",
-    "Q5_K_S",
-    "Q5_0",
-    "Q4_K_M",
-    "Q4_K_S",
-    "Q4_0",
-    "IQ4_XS",
-    "Q3_K_L",
-    "Q3_K_M",
-    "Q3_K_S",
-    "Q2_K",
-)
 
 
 class EvalSettings(StrictModel):
@@ -81,6 +64,11 @@ class EvalSettings(StrictModel):
     )
     threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
     worker_timeout_s: float = Field(1800.0, gt=0, description="per-quant time limit")
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, v: list[str] | None) -> list[str] | None:
+        return quant_types.check_quants(v)
 
 
 def load_samples(settings: EvalSettings) -> list[dict[str, Any]]:
@@ -145,8 +133,9 @@ def _run_worker(job: dict[str, Any], work: Path, timeout: float) -> dict[str, An
     return json.loads(result_path.read_text())
 
 
-def _order(q: str) -> int:
-    return QUANT_ORDER.index(q) if q in QUANT_ORDER else len(QUANT_ORDER)
+def _order(q: str) -> tuple[bool, tuple[float, int, str]]:
+    """The reference (F16) first, since its logprobs feed the others' KL; then the most precise types first."""
+    return (q != "F16", quant_types.precision_key(q))
 
 
 def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[str, dict[str, Any]]:

@@ -14,8 +14,8 @@ alone would use (and at most half the available memory); when even small slabs w
 run at once, costliest first; on a single core, one at a time (there is no idle time to fill).
 
 Threads: the types differ a lot in CPU work (Q4_K_M 8-12x Q8_0, the IQ types far more; measured per
-type by benchmarks/quant_costs.py into tasks/data/quantize_costs.json), and the OS shares the cores
-among runnable threads. Equal thread counts would let the cheap jobs finish early
+type by benchmarks/quant_costs.py into the cpu_cost column of tasks/data/quant_types.json), and the OS
+shares the cores among runnable threads. Equal thread counts would let the cheap jobs finish early
 and leave the costliest one alone at the end, where its serial parts idle the cores; so each job gets
 threads in proportion to its CPU work (rounded up), out of about twice the cores (the surplus fills the
 serial gaps), and the jobs finish at about the same time; the costliest job gets every core, since it
@@ -25,39 +25,18 @@ file's tensor shapes and the measured cost table.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.core.constants import TASKS_DATA
+from tasks.gguf.quant_types import cpu_cost
 
 MIN_SLAB = 16 * 1024 * 1024  # below this a slab has too few rows to keep the threads busy
 BASE_RSS = 64 * 1024 * 1024  # the process itself (llama.cpp runtime + Python) counted once
 OVERSUBSCRIBE = 2  # threads of all jobs at once per core: the surplus runs while other jobs are in serial parts
-COSTS_FILE = TASKS_DATA / "quantize_costs.json"
-
-
-@lru_cache(maxsize=1)
-def relative_costs() -> dict[str, float]:
-    """CPU work of each llama.cpp type relative to Q8_0 (tasks/data/quantize_costs.json, measured here)."""
-    try:
-        return {k.upper(): float(v) for k, v in json.loads(COSTS_FILE.read_text())["relative_cpu"].items()}
-    except (OSError, ValueError, KeyError):
-        return {}
-
-
-def type_cost(quant: str) -> float:
-    """A type's relative CPU cost; a type missing from the table costs what a K-quant mixture does."""
-    costs = relative_costs()
-    q = quant.upper()
-    if q in costs:
-        return costs[q]
-    return costs.get("Q4_K_M", 6.0)
 
 
 @dataclass(frozen=True)
@@ -173,7 +152,7 @@ def plan_jobs(
         max_buf = int(per_job * (buf_full + src_bytes) / max(buf_full, 1))
         reason += f"; buffers capped at {per_job / 1e6:.0f} MB per job to stay within {budget / 1e6:.0f} MB"
     peak = BASE_RSS + k * (src_bytes + per_job)
-    cost = {q: type_cost(q) if not isinstance(jobs, int) else 1.0 for q in names}
+    cost = {q: cpu_cost(q) if not isinstance(jobs, int) else 1.0 for q in names}
     order = tuple(sorted(names, key=lambda q: -cost[q]))  # costliest first: a queue then ends with cheap jobs
     if threads:
         by_type = {q: threads for q in names}

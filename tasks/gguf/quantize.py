@@ -28,6 +28,7 @@ from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
 from tasks.gguf.convert import disk_preflight, file_progress, gguf_name
 from tasks.gguf.plan import QuantPlan, plan_jobs
+from tasks.gguf.quant_types import bits_per_weight, parse_quant, quant_types, recommended
 
 STAGE = "quantize"
 log = logging.getLogger("loraship.quantize")
@@ -35,17 +36,13 @@ TOOLS = ("llama-cpp-python", "gguf")
 
 
 def ftype_names() -> dict[str, int]:
-    """llama.cpp's file type names (Q4_K_M, Q8_0, F16, ...) -> llama_ftype value, from the runtime itself."""
-    try:
-        import llama_cpp
-    except ImportError:  # validation of a config on a machine without the runtime: gguf knows the names too
-        import gguf
+    """The installed llama.cpp's file type names (Q4_K_M, Q8_0, F16, ...) -> llama_ftype value.
 
-        return {
-            n.removeprefix("MOSTLY_").removeprefix("ALL_"): int(v)
-            for n, v in gguf.LlamaFileType.__members__.items()
-            if n != "GUESSED"
-        }
+    The runtime's own view, for checking the table (tasks/gguf/quant_types.py) against it; everything else
+    asks the table.
+    """
+    import llama_cpp
+
     out: dict[str, int] = {}
     for attr in dir(llama_cpp):
         for prefix in ("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"):
@@ -65,17 +62,17 @@ def tensor_type_names() -> dict[str, int]:
     }
 
 
-def parse_quant(name: str) -> str:
-    """Canonical upper-case ftype name; unknown names are refused with the list of valid ones."""
-    names = ftype_names()
-    q = str(name).strip().upper()
-    if q not in names:
-        import difflib
-
-        close = difflib.get_close_matches(q, list(names), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown quantization type {name!r}{hint}; valid types: {', '.join(sorted(names))}")
-    return q
+def runtime_ftype(quant: str) -> int:
+    """The table's llama_ftype value for `quant`, checked against the installed llama.cpp's own numbering."""
+    qt = quant_types()[quant]
+    runtime = ftype_names().get(quant)
+    if runtime != qt.ftype:
+        problem = "does not know it" if runtime is None else f"numbers it {runtime}, the table {qt.ftype}"
+        raise PermanentError(
+            f"quantization type {quant}: the installed llama.cpp {problem}",
+            hint="install the pinned llama-cpp-python (./setup.sh), or correct tasks/data/quant_types.json",
+        )
+    return qt.ftype
 
 
 def parse_tensor_type(name: str, field: str) -> str:
@@ -90,15 +87,18 @@ class QuantizeSettings(StrictModel):
     """The `quantization:` section: which llama.cpp types to make from the F16, and how."""
 
     types: list[str] = Field(
-        default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"],
-        description="llama.cpp file types (any case), e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS",
+        default_factory=recommended,
+        description=(
+            "llama.cpp file types (any case), e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS; the valid ones and advice "
+            "on each: tasks/data/quant_types.json"
+        ),
     )
     threads: int | None = Field(
         None,
         ge=1,
         description=(
             "threads per job; None: each job gets threads in proportion to its type's CPU work "
-            "(tasks/data/quantize_costs.json), about twice the cores in all"
+            "(cpu_cost in tasks/data/quant_types.json), about twice the cores in all"
         ),
     )
     parallel: int | None = Field(
@@ -290,14 +290,12 @@ def quantize(
         )
     reference = read_gguf(src)
     final = Path(out_dir) / gguf_name(model_name, q)
-    from tasks.gguf.validate import base_type, nominal_bpw
-
-    bpw = nominal_bpw(base_type(q) or "Q8_0") or 8.5
+    bpw = bits_per_weight(q) or bits_per_weight("Q8_0") or 8.5
     expected = int(reference["size"] * min(1.0, (bpw + 1.0) / (reference["bits_per_weight"] or 16.0)))
     disk_preflight(Path(out_dir), expected, final.name)
     n_threads = threads or settings.threads or os.cpu_count() or 1
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype_names()[q]
+    params.ftype = runtime_ftype(q)
     params.nthread = n_threads
     params.max_buf_size = max(0, int(max_buf_size))
     params.pure = settings.pure

@@ -12,12 +12,12 @@ generated through `llama_cpp.Llama` (the runtime that serves it).
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import PermanentError
+from tasks.gguf.quant_types import base_type, bits_per_weight
 
 log = logging.getLogger("loraship.quantize")
 
@@ -90,36 +90,6 @@ def read_gguf(path: Path | str) -> dict[str, Any]:
     return info
 
 
-def base_type(quant: str) -> str | None:
-    """The ggml tensor type a llama.cpp ftype name is built on: Q4_K_M -> Q4_K, Q8_0 -> Q8_0, F16 -> F16."""
-    import gguf
-
-    names = gguf.GGMLQuantizationType.__members__
-    q = quant.upper()
-    if q in names:
-        return q
-    m = re.fullmatch(r"(.+)_(XXS|XS|S|M|L|NL)", q)
-    if m and m.group(1) in names:
-        return m.group(1)
-    if q in ("IQ2_M",):
-        return "IQ2_S"
-    if q in ("IQ3_M", "IQ3_XS"):
-        return "IQ3_S"
-    if q == "MXFP4_MOE":
-        return "MXFP4"
-    return None
-
-
-def nominal_bpw(ggml_type: str) -> float | None:
-    import gguf
-
-    try:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-    except KeyError:
-        return None
-    return 8.0 * size / block
-
-
 def validate_gguf(
     path: Path | str,
     *,
@@ -165,7 +135,7 @@ def validate_gguf(
                 )
         if reference and want:
             ref_size = reference["size"]
-            bpw = nominal_bpw(want)
+            bpw = bits_per_weight(quant)
             ref_bpw = reference.get("bits_per_weight") or 16.0
             if bpw:
                 low = 0.7 * ref_size * bpw / ref_bpw

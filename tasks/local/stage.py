@@ -18,13 +18,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json, atomic_write_text
 from tasks.core.errors import PermanentError
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.gguf import quant_types
 from tasks.local import lmstudio, ollama
 
 STAGE = "local_deploy"
@@ -61,24 +62,36 @@ class LocalDeploySettings(StrictModel):
     lms_load: bool = Field(
         True, description="when the `lms` CLI is found, load the model in LM Studio and read the server status"
     )
-    lms_load_quant: str = Field("Q4_K_M", description="which quant `lms load` loads")
+    lms_load_quant: str = Field(default_factory=quant_types.default_quant, description="which quant `lms load` loads")
     lms_path: str | None = Field(None, description="the `lms` executable (default: PATH, then <home>/bin/lms)")
     ollama_enabled: bool = Field(
         True, description="render an Ollama Modelfile (and `ollama create` when the CLI is found)"
     )
-    ollama_quant: str = Field("Q4_K_M", description="the quant the Modelfile points at")
+    ollama_quant: str = Field(
+        default_factory=quant_types.default_quant, description="the quant the Modelfile points at"
+    )
     ollama_name: str | None = Field(None, description="Ollama model name (default: <model>:<quant in lower case>)")
     ollama_parameters: dict[str, str | int | float | list[str]] = Field(
         default_factory=lambda: {"temperature": 0.7}, description="PARAMETER lines of the Modelfile"
     )
     ollama_path: str | None = Field(None, description="the `ollama` executable (default: PATH)")
 
+    @field_validator("lms_load_quant", "ollama_quant")
+    @classmethod
+    def _known_quant(cls, v: str) -> str:
+        return quant_types.check_quant(v)
+
+    @field_validator("lmstudio_quants")
+    @classmethod
+    def _known_quants(cls, v: list[str] | None) -> list[str] | None:
+        return quant_types.check_quants(v)
+
 
 def _pick(ggufs: list[Artifact], quant: str) -> Artifact:
     by_quant = {a.meta.get("quant"): a for a in ggufs}
     if quant in by_quant:
         return by_quant[quant]
-    quantized = [a for a in ggufs if a.meta.get("quant") != "F16"]
+    quantized = [a for a in ggufs if not quant_types.is_float(str(a.meta.get("quant", "")))]
     chosen = (quantized or ggufs)[-1]
     log.warning("quant %s was not made in this run; using %s", quant, chosen.meta.get("quant"))
     return chosen
@@ -89,9 +102,11 @@ def deploy_lmstudio(
 ) -> dict[str, Any]:
     home = lmstudio.lmstudio_home(settings.lmstudio_home)
     wanted = settings.lmstudio_quants
-    chosen = [a for a in ggufs if (a.meta.get("quant") in wanted if wanted else a.meta.get("quant") != "F16")] or (
-        [] if wanted else ggufs
-    )
+    chosen = [
+        a
+        for a in ggufs
+        if (a.meta.get("quant") in wanted if wanted else not quant_types.is_float(str(a.meta.get("quant", ""))))
+    ] or ([] if wanted else ggufs)
     if wanted and not chosen:
         raise PermanentError(
             (

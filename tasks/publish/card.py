@@ -36,6 +36,7 @@ from tasks.core.atomic import atomic_write_text
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import StrictModel
+from tasks.gguf import quant_types
 from tasks.publish.hub_io import update_readme
 
 STAGE = "card"
@@ -43,7 +44,6 @@ log = logging.getLogger("loraship.card")
 
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "model_card.md.j2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-_QUANT_ORDER = ["Q4_K_M", "Q5_K_M", "Q4_0", "Q8_0", "Q6_K", "Q5_0", "Q3_K_M", "Q2_K", "F16", "BF16", "F32"]
 
 
 class CardSettings(StrictModel):
@@ -85,10 +85,6 @@ def gguf_param_count(path: Path) -> int | None:
     except Exception as exc:  # a card without bits-per-weight is still a card
         log.debug("cannot read %s: %s", path, exc)
         return None
-
-
-def _quant_key(q: str) -> tuple[int, str]:
-    return (_QUANT_ORDER.index(q) if q in _QUANT_ORDER else len(_QUANT_ORDER), q)
 
 
 def _read_json(path: str | Path | None) -> dict[str, Any]:
@@ -215,7 +211,7 @@ def build_card(
     split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
     base_url = f"{endpoint.rstrip('/')}/{repo_id}"
     quants = []
-    for a in sorted(ggufs, key=lambda a: _quant_key(str(a.meta.get("quant", "")))):
+    for a in sorted(ggufs, key=lambda a: quant_types.display_key(str(a.meta.get("quant", "")))):
         path = Path(a.path)
         quant = str(a.meta.get("quant") or path.stem.rsplit("-", 1)[-1])
         n_params = a.meta.get("n_params") or gguf_param_count(path)
@@ -289,16 +285,14 @@ def build_card(
     )
     recommended = None
     names = {q["quant"]: q for q in quants}
-    for pick, why in (
-        ("Q4_K_M", "the usual balance of size and quality"),
-        ("Q5_K_M", "close to full quality at a third of the F16 size"),
-        ("Q8_0", "near-lossless"),
-    ):
-        if pick in names:
-            recommended = {"file": names[pick]["file"], "why": why}
-            break
-    example = recommended["file"] if recommended else (quants[0]["file"] if quants else f"{model_name}-Q4_K_M.gguf")
-    example_quant = next((q["quant"] for q in quants if q["file"] == example), "Q4_K_M")
+    pick = next((q for q in quant_types.recommended() if q in names), None)
+    if pick is not None:
+        recommended = {"file": names[pick]["file"], "why": quant_types.quant_types()[pick].advice}
+    default_quant = quant_types.default_quant()
+    example = (
+        recommended["file"] if recommended else (quants[0]["file"] if quants else f"{model_name}-{default_quant}.gguf")
+    )
+    example_quant = next((q["quant"] for q in quants if q["file"] == example), default_quant)
     eval_note = ""
     if metrics:
         eval_note = (

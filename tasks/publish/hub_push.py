@@ -33,6 +33,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.gguf import quant_types
 from tasks.publish.card import build_card
 from tasks.publish.hub_io import hub_api, push_folder, whoami
 
@@ -192,9 +193,7 @@ def hub_push(
 ) -> Artifact:
     """Stage the repo folder and (with a token, not dry_run) push it in one commit. Returns the 'publish:hub' record."""
 
-    ggufs = [
-        g for g in ggufs if settings.include_f16 or str(g.meta.get("quant", "")).upper() not in ("F16", "BF16", "F32")
-    ]
+    ggufs = [g for g in ggufs if settings.include_f16 or not quant_types.is_float(str(g.meta.get("quant", "")))]
     if not ggufs:
         raise PermanentError(
             "nothing to push: no GGUF artifacts in this run",

@@ -32,6 +32,7 @@ from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
 
 STAGE = "space"
@@ -44,7 +45,10 @@ FAILED_STAGES = ("BUILD_ERROR", "RUNTIME_ERROR", "CONFIG_ERROR", "NO_APP_FILE")
 
 class SpaceSettings(StrictModel):
     space_id: str = Field("", description="owner/name of the Space; empty: <model repo owner>/<model>-demo")
-    quant: str = Field("Q4_K_M", description="which GGUF the demo runs (must be one of the pushed quant types)")
+    quant: str = Field(
+        default_factory=quant_types.default_quant,
+        description="which GGUF the demo runs (must be one of the pushed quant types)",
+    )
     hardware: str = Field("cpu-basic", description="Space hardware flavor, e.g. cpu-basic, cpu-upgrade, t4-small")
     sleep_time: int | None = Field(
         None, description="seconds of inactivity before the Space sleeps (not configurable on cpu-basic)"
@@ -74,6 +78,11 @@ class SpaceSettings(StrictModel):
     @classmethod
     def _space_id(cls, v: str) -> str:
         return check_hub_id(v, "space_id", "the model repo")
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, v: str) -> str:
+        return quant_types.check_quant(v)
 
 
 def space_variables(settings: SpaceSettings, model_repo: str, model_file: str, title: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
@@ -33,6 +33,7 @@ from tasks.core.constants import PROJECT_ROOT
 from tasks.core.errors import PermanentError, TransientError
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.gguf import quant_types
 
 STAGE = "serve"
 log = logging.getLogger("loraship.serve")
@@ -41,7 +42,7 @@ log = logging.getLogger("loraship.serve")
 class ServeSettings(StrictModel):
     """Which GGUFs to serve and where."""
 
-    quant: str = Field("Q4_K_M", description="the quant to serve (health checks it)")
+    quant: str = Field(default_factory=quant_types.default_quant, description="the quant to serve (health checks it)")
     extra_quants: list[str] = Field(
         default_factory=list, description="more quants served at the same time, each on its own port"
     )
@@ -55,6 +56,16 @@ class ServeSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
     start_timeout_s: float = Field(180.0, gt=0, description="how long to wait for a server to answer /health")
     stop_timeout_s: float = Field(15.0, gt=0, description="grace period after SIGTERM before SIGKILL")
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, v: str) -> str:
+        return quant_types.check_quant(v)
+
+    @field_validator("extra_quants")
+    @classmethod
+    def _known_quants(cls, v: list[str]) -> list[str]:
+        return quant_types.check_quants(v) or []
 
     @model_validator(mode="after")
     def _ports(self) -> ServeSettings:
