@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.hashing import iter_files
-from tasks.download.settings import METADATA_FILES
+from tasks.download.vocab import METADATA_FILES
 
 log = logging.getLogger("loraship.download")
 

@@ -15,7 +15,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
@@ -24,9 +24,12 @@ from tasks.core.hashing import sha256_file
 from tasks.core.progress import Progress
 from tasks.core.scrub import register_secret
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
-from tasks.download.settings import METADATA_FILES, STAGE, BytesHook, DownloadSettings
-from tasks.download.ssh import ADAPTER_MARKER, RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
+from tasks.download.ssh import RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
 from tasks.download.transfer import SFTP_PARTIAL, TransferStats, clean_partials, local_rsync_info, rsync_pull, sftp_pull
+from tasks.download.vocab import ADAPTER_MARKER, METADATA_FILES, STAGE, BytesHook
+
+if TYPE_CHECKING:
+    from tasks.download.settings import DownloadSettings
 
 log = logging.getLogger("loraship.download")
 DEFAULT_REMOTE_PATH = "/workspace/output"

@@ -1,29 +1,39 @@
-"""The download stage's settings (`source:` in the config) and the vocabulary its modules share.
+"""The download stage's settings (`source:` in the config), validated against the sources registry.
 
-Its own module so that the stage, the remote pull and the sources can all import it at the top.
+`source.kind` names a registered source (tasks/download/sources/) and the entry checks the rest of the
+section. The vocabulary the modules share (STAGE, METADATA_FILES, NEVER_FETCH, ...) is in vocab.py and
+re-exported here for the modules that import it from this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.core.settings import SecretRef, StrictModel
-
-STAGE = "download"
-METADATA_FILES = (
-    "adapter_config.json", "trainer_state.json", "training_args.json", "training_args.bin",
-    "all_results.json", "train_results.json", "eval_results.json", "results.json",
-)  # fmt: skip
-DEFAULT_EXCLUDE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "global_step*/*"]
+from tasks.download.sources import SOURCES
+from tasks.download.vocab import (  # noqa: F401 - re-exported
+    ADAPTER_MARKER,
+    DEFAULT_EXCLUDE,
+    METADATA_FILES,
+    NEVER_FETCH,
+    STAGE,
+    BytesHook,
+    wanted,
+)
 
 
 class DownloadSettings(StrictModel):
     """Where the finished training run is: `local` (a folder here), `ssh` (a host) or `vastai` (an instance)."""
 
-    kind: Literal["local", "ssh", "vastai"] = Field("local", description="local folder, SSH host, or vast.ai instance")
+    kind: str = Field(
+        "local",
+        description=(
+            f"where the run is: one of the registered sources ({', '.join(SOURCES.names())}; see "
+            "tasks/download/sources/)"
+        ),
+    )
     path: str = Field(
         "",
         description=(
@@ -106,17 +116,16 @@ class DownloadSettings(StrictModel):
         ),
     )
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return SOURCES.check(v)
+
     @model_validator(mode="after")
     def _check(self) -> DownloadSettings:
-        if self.kind == "local" and not self.path:
-            raise ValueError("source.path is required for kind: local (the folder holding adapter_config.json)")
-        if self.kind == "ssh" and not (self.host or self.host_block):
-            raise ValueError("kind: ssh needs source.host or source.host_block (a saved TrainingHost block)")
-        if self.kind == "vastai" and self.instance_id is None:
-            raise ValueError("kind: vastai needs source.instance_id")
+        problems = SOURCES[self.kind].check(self)
         if self.private_key is not None and self.key_file:
-            raise ValueError("give source.private_key or source.key_file, not both")
+            problems.append("give source.private_key or source.key_file, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
-
-
-BytesHook = Callable[[int], None]

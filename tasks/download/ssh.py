@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import re
 import shlex
+import shutil
 import socket
 import stat
 import tempfile
@@ -30,10 +32,10 @@ from typing import Any
 from pydantic import SecretStr
 
 from tasks.core.errors import PermanentError, TransientError
+from tasks.download.vocab import ADAPTER_MARKER, wanted
 
 log = logging.getLogger("loraship.download")
 
-ADAPTER_MARKER = "adapter_config.json"
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/]")
 _HASH_BATCH = 200
 # Used when the remote has no sha256sum: reads each named file and prints "<hex>" per line, in order.
@@ -173,33 +175,33 @@ class RemoteSession:
 
     # -- connection ---------------------------------------------------------------------------
     def __enter__(self) -> RemoteSession:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:  # auth failure, refused host key, timeout, Ctrl-C: nothing may stay behind
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def _load_key(self) -> Any:
+        """The private key for paramiko, from memory (`private_key`) or its file (`key_file`): paramiko
+        alone never needs the key on disk; only rsync's ssh does (`openssh_command` writes it then)."""
         import paramiko
 
         t = self.target
         if t.key_text is None and t.key_file is None:
             return None
-        path = t.key_file
-        if t.key_text is not None:
-            path = self.private_dir() / "id"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                text = t.key_text.get_secret_value()
-                fh.write(text if text.endswith("\n") else text + "\n")
-        assert path is not None
-        if not path.is_file():
+        if t.key_file is not None and t.key_text is None and not t.key_file.is_file():
             raise PermanentError(
-                f"source.key_file {path} does not exist",
+                f"source.key_file {t.key_file} does not exist",
                 hint="point source.key_file at the private key, or use source.private_key: env:VAR / secret:NAME",
             )
         try:
-            return paramiko.PKey.from_path(path)
+            if t.key_text is None:
+                return paramiko.PKey.from_path(t.key_file)
+            return _key_from_text(t.key_text.get_secret_value())
         except paramiko.PasswordRequiredException:
             raise PermanentError(
                 "the SSH private key is protected by a passphrase",
@@ -281,17 +283,17 @@ class RemoteSession:
         log.info("connected to %s (host key %s %s)", t.label, self.host_key.get_name(), fingerprint(self.host_key))
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-            self._sftp = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._tmp is not None:
-            for p in self._tmp.iterdir():
-                p.unlink(missing_ok=True)
-            self._tmp.rmdir()
-            self._tmp = None
+        """Close the connection and delete the private folder (key file, known_hosts), whatever happened."""
+        try:
+            if self._sftp is not None:
+                self._sftp.close()
+            if self.client is not None:
+                self.client.close()
+        finally:
+            self._sftp = self.client = None
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
 
     def private_dir(self) -> Path:
         """A 0700 temporary folder for the key and known_hosts handed to OpenSSH; removed on close."""
@@ -351,7 +353,14 @@ class RemoteSession:
             "-o",
             "LogLevel=ERROR",
         ]
-        key = d / "id" if (d / "id").exists() else t.key_file
+        key = t.key_file
+        if t.key_text is not None:  # rsync's ssh reads keys from files only: 0600 in the 0700 folder, for now
+            key = d / "id"
+            if not key.exists():
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    text = t.key_text.get_secret_value()
+                    fh.write(text if text.endswith("\n") else text + "\n")
         if key is not None:
             cmd += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
         return cmd
@@ -523,6 +532,21 @@ class RemoteSession:
         return parse_rsync_version(stdout)
 
 
+def _key_from_text(text: str) -> Any:
+    """A paramiko key from its OpenSSH/PEM text, in memory (ed25519, ecdsa or rsa)."""
+    import paramiko
+
+    last: Exception | None = None
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except paramiko.PasswordRequiredException:
+            raise
+        except (paramiko.SSHException, ValueError) as exc:
+            last = exc
+    raise paramiko.SSHException(f"not a key paramiko can read ({type(last).__name__})")
+
+
 def parse_rsync_version(text: str) -> dict[str, Any]:
     m = re.search(r"version\s+(\S+)", text)
     comp = re.search(r"Compress list:\s*\n\s*(.+)", text)
@@ -530,8 +554,7 @@ def parse_rsync_version(text: str) -> dict[str, Any]:
 
 
 def selected(rel: str, include: list[str], exclude: list[str]) -> bool:
-    p = PurePosixPath(rel)
-    return any(p.match(g) for g in include) and not any(p.match(g) for g in exclude)
+    return wanted(rel, include, exclude)
 
 
 def _step_of(rel: str) -> int:

@@ -37,13 +37,13 @@ from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import StrictModel
 from tasks.gguf import quant_types
+from tasks.publish.allowlist import is_hub_id
 from tasks.publish.hub_io import update_readme
 
 STAGE = "card"
 log = logging.getLogger("loraship.card")
 
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "model_card.md.j2"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 class CardSettings(StrictModel):
@@ -62,6 +62,13 @@ class CardSettings(StrictModel):
         default_factory=list, description="training dataset ids for the YAML header and training section"
     )
     pipeline_tag: str = Field("text-generation", description="the Hub's pipeline tag")
+    base_model_name: str = Field(
+        "",
+        description=(
+            "how the card names a base model that has no Hub id (a local folder); empty: the folder's name. The "
+            "card never shows a local path"
+        ),
+    )
 
 
 # --- what the card says ---------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def training_rows(adapter: Artifact | None, base_model: str, datasets: list[str]
     cfg = _read_json(files.get("adapter_config.json"))
     state = _read_json(files.get("trainer_state.json"))
     results = _read_json(files.get("all_results.json")) or _read_json(files.get("train_results.json"))
-    base = base_model or cfg.get("base_model_name_or_path") or ""
+    base = base_model or (cfg.get("base_model_name_or_path") if is_hub_id(cfg.get("base_model_name_or_path")) else "")
     if base:
         rows.append({"label": "base model", "value": f"`{base}`"})
     if cfg:
@@ -145,6 +152,33 @@ def training_rows(adapter: Artifact | None, base_model: str, datasets: list[str]
     if datasets:
         rows.append({"label": "datasets", "value": ", ".join(datasets)})
     return rows
+
+
+def _hub_id_of_folder(path: str) -> str:
+    """The Hub id a local model folder came from (`_name_or_path` in its config.json), if it names one."""
+    folder = Path(path).expanduser()
+    name = _read_json(folder / "config.json").get("_name_or_path") if folder.is_dir() else None
+    return str(name) if is_hub_id(name) and not Path(str(name)).exists() else ""
+
+
+def base_model_names(base_model: str, adapter: Artifact | None, settings: CardSettings) -> tuple[str, str]:
+    """(Hub id or "", the name the card shows). Never a local path: a local base folder is named by its Hub
+    id when one is known (model.base_model, the adapter's base_model_name_or_path, the folder's config.json
+    `_name_or_path`), else by `card.base_model_name`, else by the folder's name."""
+    cfg = _read_json((adapter.meta.get("metadata_files") or {}).get("adapter_config.json")) if adapter else {}
+    adapter_base = str(cfg.get("base_model_name_or_path") or "")
+    local = [b for b in (base_model, adapter_base) if b and Path(b).expanduser().exists()]
+    for candidate in (base_model, adapter_base):
+        if is_hub_id(candidate) and not Path(candidate).expanduser().exists():
+            return candidate, candidate
+    for folder in local:
+        hub_id = _hub_id_of_folder(folder)
+        if hub_id:
+            return hub_id, hub_id
+    if settings.base_model_name:
+        return "", settings.base_model_name
+    shown = base_model or adapter_base
+    return "", (Path(shown).name if shown and ("/" in shown or "\\" in shown) and not is_hub_id(shown) else shown)
 
 
 def eval_by_quant(report: Artifact | None) -> dict[str, dict[str, Any]]:
@@ -248,14 +282,7 @@ def build_card(
     )
     metric_columns = [{"key": k, "label": _METRIC_LABELS.get(k, k.replace("_", " "))} for k in metric_keys]
 
-    hub_base = base_model if _HUB_ID.match(base_model or "") and not Path(base_model).exists() else ""
-    cfg = _read_json((adapter.meta.get("metadata_files") or {}).get("adapter_config.json")) if adapter else {}
-    if (
-        not hub_base
-        and _HUB_ID.match(str(cfg.get("base_model_name_or_path") or ""))
-        and not Path(str(cfg["base_model_name_or_path"])).exists()
-    ):
-        hub_base = str(cfg["base_model_name_or_path"])
+    hub_base, base_name = base_model_names(base_model, adapter, settings)
     tags = list(dict.fromkeys(["gguf", "llama.cpp", "lora", "loraship", *[q["quant"] for q in quants], *settings.tags]))
     eval_results = []
     for q in quants:
@@ -304,17 +331,17 @@ def build_card(
         "version": version,
         "repo_id": repo_id,
         "description": (description or "").strip(),
-        "base_model": hub_base or base_model,
+        "base_model": base_name,
         "base_model_link": f"[{hub_base}]({endpoint.rstrip('/')}/{hub_base})"
         if hub_base
-        else (f"`{Path(base_model).name}`" if base_model else ""),
+        else (f"`{base_name}`" if base_name else ""),
         "quants": quants,
         "metric_columns": metric_columns,
         "recommended": recommended,
         "example_file": example,
         "example_quant": example_quant,
         "eval_note": eval_note,
-        "training": training_rows(adapter, hub_base or base_model, settings.datasets),
+        "training": training_rows(adapter, base_name, settings.datasets),
         "extra_files": extra_files or [],
     }
     template_path = Path(settings.template).expanduser() if settings.template else DEFAULT_TEMPLATE

@@ -5,7 +5,9 @@ hard-linked, so a dry run shows exactly what would be sent): every GGUF, README.
 rendered here by tasks.publish.card so it lands in the same commit), loraship.json (the published artifacts
 with their digests and provenance, no timestamps, so an unchanged run publishes an identical file),
 training/*.json (adapter_config, trainer_state, ... from the download stage's metadata), and optionally
-adapter/ and merged/.
+adapter/ and merged/. Only what tasks/publish/allowlist.py allows is staged (never a pickle or a
+marker), and the staged folder is scanned for secrets before anything is sent
+(tasks/publish/secret_scan.py): a hit refuses the push, naming the file.
 
 How: whoami (a bad token fails before any upload), create_repo(exist_ok), the Hub validates the card's
 YAML, then the repo's current tree is compared with the local files (LFS sha256 / git blob sha1): only
@@ -32,10 +34,19 @@ from pydantic import Field, field_validator
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
+from tasks.core.hashing import iter_files
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.gguf import quant_types
+from tasks.publish.allowlist import (
+    adapter_file_allowed,
+    artifact_entry,
+    merged_file_allowed,
+    repo_file_allowed,
+    training_file_allowed,
+)
 from tasks.publish.card import build_card
 from tasks.publish.hub_io import hub_api, push_folder, whoami
+from tasks.publish.secret_scan import refuse_secrets
 
 STAGE = "hub_push"
 log = logging.getLogger("loraship.hub_push")
@@ -73,21 +84,24 @@ def default_repo_id(settings: HubSettings, model_name: str, user: str | None) ->
     return f"{owner}/{model_name}-GGUF"
 
 
+def _published_files(a: Artifact) -> dict[str, str] | None:
+    """A folder artifact's files that the allow-list publishes (relative path -> sha256); None for a file."""
+    if not a.is_dir:
+        return None
+    allowed = {"adapter": adapter_file_allowed, "merged": merged_file_allowed}.get(a.kind, lambda rel: True)
+    return {f.path: f.sha256 for f in a.files if allowed(f.path)}
+
+
 def publish_manifest(artifacts: list[Artifact], model: str, version: str, repo_id: str) -> dict[str, Any]:
-    """loraship.json: what was published and where it came from (deterministic: no timestamps)."""
-    out = {"schema_version": 1, "model": model, "version": version, "repo_id": repo_id, "artifacts": {}}
-    for a in sorted(artifacts, key=lambda a: a.name):
-        out["artifacts"][a.name] = {
-            "kind": a.kind,
-            "sha256": a.sha256,
-            "size": a.size,
-            "stage": a.stage,
-            "inputs": a.inputs,
-            "settings_digest": a.settings_digest,
-            "tools": a.tools,
-            "files": {f.path: f.sha256 for f in a.files} if a.is_dir else None,
-            "meta": {k: v for k, v in a.meta.items() if k not in ("metadata_files", "source", "path")},
-        }
+    """loraship.json: what was published and where it came from.
+
+    Only the fields tasks/publish/allowlist.py allows per artifact kind (digests, sizes, tool versions,
+    quantization facts, quality numbers): nothing about this machine or this run's timings, so an
+    unchanged run publishes a byte-identical file. `stage_repo_folder` adds `published_files`, every path
+    this project put in the repo (what a later run compares against to delete what left the run).
+    """
+    out: dict[str, Any] = {"schema_version": 2, "model": model, "version": version, "repo_id": repo_id}
+    out["artifacts"] = {a.name: artifact_entry(a, _published_files(a)) for a in sorted(artifacts, key=lambda a: a.name)}
     return out
 
 
@@ -121,6 +135,7 @@ def stage_repo_folder(
     """
     known: dict[str, str] = {}
     split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
+    left_out: list[str] = []
     with atomic_dir(dest) as tmp:
         for g in ggufs:
             split = split_of.get(Path(g.path).name)
@@ -133,33 +148,47 @@ def stage_repo_folder(
             _link(Path(g.path), tmp / Path(g.path).name)
             known[Path(g.path).name] = g.sha256
         if adapter is not None:
-            meta_files = adapter.meta.get("metadata_files") or {}
-            for name, p in sorted(meta_files.items()):
-                if Path(p).is_file():
-                    _link(Path(p), tmp / "training" / name)
+            for name, p in sorted(training_files(adapter).items()):
+                _link(Path(p), tmp / "training" / name)
             if settings.include_adapter:
                 for f in adapter.files:
+                    if not adapter_file_allowed(f.path):
+                        left_out.append(f"adapter/{f.path}")
+                        continue
                     _link(Path(adapter.path) / f.path, tmp / "adapter" / f.path)
                     known[f"adapter/{f.path}"] = f.sha256
         if merged is not None and settings.include_merged:
             for f in merged.files:
+                if not merged_file_allowed(f.path):
+                    left_out.append(f"merged/{f.path}")
+                    continue
                 _link(Path(merged.path) / f.path, tmp / "merged" / f.path)
                 known[f"merged/{f.path}"] = f.sha256
-        atomic_write_json(tmp / "loraship.json", manifest)
         (tmp / "README.md").write_text(card_text, encoding="utf-8")
+        names = sorted({*(rel.as_posix() for rel in iter_files(tmp)), "loraship.json"})
+        atomic_write_json(tmp / "loraship.json", {**manifest, "published_files": names})
+        outside = [n for n in names if not repo_file_allowed(n)]
+        if outside:  # every path above is allowed by construction: this is the last line of defence
+            raise PermanentError(f"refusing to stage {', '.join(outside)}: not on the publish allow-list")
+    if left_out:
+        log.info("not published (not on the allow-list: pickles, markers, other files): %s", ", ".join(left_out))
     return known
+
+
+def training_files(adapter: Artifact) -> dict[str, str]:
+    """The training metadata files that are published under training/: JSON only."""
+    files = adapter.meta.get("metadata_files") or {}
+    return {n: p for n, p in files.items() if training_file_allowed(n) and Path(p).is_file()}
 
 
 def repo_notes(adapter: Artifact | None, merged: Artifact | None, settings: HubSettings) -> list[dict[str, str]]:
     """The non-GGUF files of the repo, for the card's 'Other files' section."""
     notes = []
-    if adapter is not None and adapter.meta.get("metadata_files"):
+    if adapter is not None and training_files(adapter):
         notes.append(
             {
                 "path": "training/",
-                "what": "training configuration and results ("
-                + ", ".join(sorted(adapter.meta["metadata_files"]))
-                + ")",
+                "what": "training configuration and results (" + ", ".join(sorted(training_files(adapter))) + ")",
             }
         )
     if adapter is not None and settings.include_adapter:
@@ -238,6 +267,7 @@ def hub_push(
         settings=settings,
         splits=splits,
     )
+    refuse_secrets(folder, f"to {repo_id}")  # before any upload, also in a dry run (it shows what would go)
     notes = extra_preview
     card_sha = hashlib.sha256(card_text.encode()).hexdigest()
     meta: dict[str, Any] = {

@@ -34,6 +34,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
+from tasks.publish.secret_scan import refuse_secrets
 
 STAGE = "space"
 log = logging.getLogger("loraship.space")
@@ -238,6 +239,7 @@ def space(
         title=title,
         license=license,
     )
+    refuse_secrets(folder, f"to the Space {space_id}")  # before any upload, like the model repo
     variables = space_variables(settings, model_repo, model_file, title)
     secret = token.get_secret_value() if token is not None else None
     read = read_token.get_secret_value() if read_token is not None else None
