@@ -23,7 +23,9 @@ apt_install() {
   fi
 }
 
-apt_install rsync openssh-client
+# golang-go: Go's text/template renders Ollama TEMPLATEs in the chat-template contract (a small Go program,
+# standard library only, built once into ~/.cache/loraship/go below; runs need only the built binary).
+apt_install rsync openssh-client golang-go
 if (( WANT_TEST )); then
   apt_install openssh-server chromium chromium-driver
 fi
@@ -53,4 +55,11 @@ fi
 # The GGUF converter must come from the runtime's own llama.cpp commit: fetch and cache it now (from
 # $LLAMA_CPP_DIR, else the llama-cpp-python sdist on the package registry), so runs need no network.
 "$VPY" -c "from tasks.gguf.toolchain import resolve_converter; print('converter:', resolve_converter().describe())"
+# The Go program that renders Ollama templates like Ollama (tasks/chat/gorender): built now, offline. Without Go
+# the demo still runs (the contract reports Ollama as not checked); the tests need it.
+if (( WANT_TEST )); then
+  "$VPY" -m tasks.chat.gorender build
+else
+  "$VPY" -m tasks.chat.gorender build || echo "== note: install golang-go to check Ollama templates (apt-get install golang-go)"
+fi
 "$VPY" -c "import flows.full, llama_cpp, torch, prefect; print('loraship ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__, '| prefect', prefect.__version__)"

@@ -18,7 +18,17 @@ def demo_inputs() -> tuple[Path, Path]:
     """(base model folder, adapter folder), built once and cached."""
     from tasks.support.tiny_models import tiny_adapter, tiny_model
 
-    base = tiny_model("llama", hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
+    # a tokenizer and chat template that agree with llama.cpp token for token (the template contract checks it)
+    base = tiny_model(
+        "llama",
+        hidden=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=512,
+        tokenizer_legacy=True,
+        bos_in_template=True,
+    )
     adapter = tiny_adapter(base, r=8, alpha=16, train_steps=DEMO_TRAIN_STEPS)
     return base, adapter
 

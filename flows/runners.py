@@ -312,8 +312,8 @@ def run_local_deploy(ctx: RunContext) -> list[Artifact]:
 
     ggufs = _need(ctx, "gguf", "local_deploy")
     s = ctx.config.deployment
-    if not (s.lmstudio_enabled or s.ollama_enabled):
-        raise StageSkipped("deployment.lmstudio_enabled and deployment.ollama_enabled are both false")
+    if not s.targets:
+        raise StageSkipped("deployment.targets is empty (or every target's *_enabled switch is false)")
     made = ctx.call(
         "local_deploy",
         local_deploy_task,

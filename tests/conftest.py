@@ -41,6 +41,15 @@ def qwen2_base() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_chat_base() -> Path:
+    """The demo's base: llama_base's shape with a legacy tokenizer and a ChatML template that writes the BOS,
+    so transformers, llama.cpp and Ollama give the same tokens (the template contract passes on it)."""
+    from tasks.support.tiny_models import tiny_model
+
+    return tiny_model("llama", hidden=256, tokenizer_legacy=True, bos_in_template=True)
+
+
+@pytest.fixture(scope="session")
 def llama_adapter(llama_base: Path) -> Path:
     """A peft LoRA adapter for llama_base with non-zero B (so merging changes outputs)."""
     from tasks.support.tiny_models import tiny_adapter
@@ -104,6 +113,14 @@ def llama_ggufs(llama_base: Path) -> dict[str, Path]:
     from tests.gguf_helpers import tiny_ggufs
 
     return tiny_ggufs(llama_base, name="llama")
+
+
+@pytest.fixture(scope="session")
+def llama_chat_ggufs(llama_chat_base: Path) -> dict[str, Path]:
+    """llama_chat_base as {"F16", "Q8_0", "Q4_K_M", "Q5_K_M": path} (built once, cached like llama_ggufs)."""
+    from tests.gguf_helpers import tiny_ggufs
+
+    return tiny_ggufs(llama_chat_base, name="llama-chat")
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,8 @@ def test_ollama_modelfile_and_create(tmp_path, llama_ggufs, monkeypatch):
     arts = local_deploy(gguf_artifacts(llama_ggufs), s, "demo", tmp_path / "out")
     text = (tmp_path / "out" / "ollama" / "Modelfile").read_text()
     assert f"FROM {llama_ggufs['Q4_K_M'].resolve()}" in text or f"FROM {llama_ggufs['Q4_K_M']}" in text
-    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in text  # Go template derived from the GGUF's ChatML template
+    # the ChatML family's Go template (tasks/chat/families.py), detected from the GGUF's template
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}" in text and "range $i, $m := .Messages" in text
     assert (
         'SYSTEM """You answer colors."""' in text
         and "PARAMETER num_ctx 512" in text

@@ -8,7 +8,7 @@ written here: link (symlink/hardlink) or copy, an existing file of the same name
 timestamped backup set (outside the models folder, so LM Studio does not list backups as models),
 and `python -m tasks.local.lmstudio rollback` to put the previous set back.
 
-Per-model defaults (system prompt, context length) go to
+Per-model defaults (system prompt, context length, a prompt-template override) go to
 `<home>/.internal/user-concrete-model-default-config/<publisher>/<repo>/<file>.json`, the file LM Studio
 0.3 writes when you change a model's defaults in its UI ("load" and "operation" field lists).
 """
@@ -156,18 +156,50 @@ def link_files(files: dict[str, Path], home: Path, publisher: str, model: str, m
     return record
 
 
-def write_model_defaults(
-    home: Path, publisher: str, model: str, file_name: str, system_prompt: str | None, context_length: int | None
-) -> Path | None:
-    """Per-model defaults where LM Studio reads them; None when there is nothing to set."""
-    if not system_prompt and not context_length:
+def model_defaults_path(home: Path, publisher: str, model: str, file_name: str) -> Path:
+    """Where LM Studio reads the per-model defaults of `file_name` (the file its UI writes)."""
+    return (
+        home / ".internal" / "user-concrete-model-default-config" / publisher / repo_name(model) / f"{file_name}.json"
+    )
+
+
+def model_defaults(
+    system_prompt: str | None, context_length: int | None, prompt_template: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The per-model config LM Studio reads (system prompt, context length, prompt-template override); None: none."""
+    if not system_prompt and not context_length and not prompt_template:
         return None
     load = [{"key": "llm.load.contextLength", "value": int(context_length)}] if context_length else []
     operation = [{"key": "llm.prediction.systemPrompt", "value": system_prompt}] if system_prompt else []
-    path = (
-        home / ".internal" / "user-concrete-model-default-config" / publisher / repo_name(model) / f"{file_name}.json"
-    )
-    atomic_write_json(path, {"preset": "", "operation": {"fields": operation}, "load": {"fields": load}})
+    if prompt_template:
+        operation.append({"key": "llm.prediction.promptTemplate", "value": prompt_template})
+    return {"preset": "", "operation": {"fields": operation}, "load": {"fields": load}}
+
+
+def jinja_prompt_template(template: str, bos_token: str, eos_token: str) -> dict[str, Any]:
+    """LM Studio's Jinja prompt-template override value (its `LLMPromptTemplate`, type jinja)."""
+    return {
+        "type": "jinja",
+        "jinjaPromptTemplate": {"template": template, "bosToken": bos_token, "eosToken": eos_token},
+        "stopStrings": [],
+    }
+
+
+def write_model_defaults(
+    home: Path,
+    publisher: str,
+    model: str,
+    file_name: str,
+    system_prompt: str | None,
+    context_length: int | None,
+    prompt_template: dict[str, Any] | None = None,
+) -> Path | None:
+    """Per-model defaults where LM Studio reads them; None when there is nothing to set."""
+    config = model_defaults(system_prompt, context_length, prompt_template)
+    if config is None:
+        return None
+    path = model_defaults_path(home, publisher, model, file_name)
+    atomic_write_json(path, config)
     return path
 
 

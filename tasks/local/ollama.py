@@ -1,73 +1,35 @@
 """Ollama: a Modelfile for a GGUF, rendered from templates/ollama/Modelfile.j2, and `ollama create`.
 
 Ollama prompts with Go templates, GGUF files carry a Jinja chat template, and no library translates one
-into the other (Ollama itself recognises a few well-known templates at create time). So the GGUF's
-chat template is read with `gguf.GGUFReader`, matched against the common chat formats (ChatML, Llama 3,
-Mistral [INST], Gemma), and the matching Go template and stop tokens are written; for an unknown format
-the TEMPLATE line is left out and Ollama falls back to its own detection (the record says so).
+into the other (Ollama itself recognises a few well-known templates at create time). So the GGUF's chat
+template is matched by its rendered structure against the families table (tasks/chat/families.py: ChatML,
+Llama 3/3.1, Llama 2, Mistral, Gemma, Phi, DeepSeek, Zephyr), and that family's Go template and stop
+strings are written; for an unknown family the TEMPLATE line is left out and Ollama falls back to its own
+detection (the record says so). The template contract (tasks/chat/) renders the result with Go.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from tasks.chat.families import Detection, OllamaTranslation, detect, ollama_template
+from tasks.chat.vocab import load_vocab
+from tasks.core.errors import PermanentError
+
 log = logging.getLogger("loraship.local_deploy")
 
-# Go templates in the classic System/Prompt/Response form every Ollama version understands.
-GO_TEMPLATES: dict[str, tuple[str, list[str]]] = {
-    "chatml": (
-        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n",
-        ["<|im_start|>", "<|im_end|>"],
-    ),
-    "llama3": (
-        "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-        "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
-        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    ),
-    "mistral": (
-        "[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
-        ["[INST]", "[/INST]"],
-    ),
-    "gemma": (
-        "<start_of_turn>user\n{{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}<end_of_turn>\n"
-        "<start_of_turn>model\n{{ .Response }}<end_of_turn>\n",
-        ["<start_of_turn>", "<end_of_turn>"],
-    ),
-}
-_MARKERS = (
-    ("<|im_start|>", "chatml"),
-    ("<|start_header_id|>", "llama3"),
-    ("<start_of_turn>", "gemma"),
-    ("[INST]", "mistral"),
-)
 
-
-def gguf_chat_template(path: Path) -> str | None:
-    """The `tokenizer.chat_template` string stored in a GGUF file, if any."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("tokenizer.chat_template")
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-
-
-def chat_format(jinja_template: str | None) -> str | None:
-    if not jinja_template:
-        return None
-    for marker, name in _MARKERS:
-        if marker in jinja_template:
-            return name
-    return None
+def translate(gguf_path: Path) -> tuple[Detection, OllamaTranslation | None]:
+    """The GGUF's chat-template family (by structure, tasks/chat/families.py) and its Ollama TEMPLATE."""
+    vocab = load_vocab(gguf_path)
+    found = detect(vocab.chat_template, vocab.bos_text, vocab.eos_text)
+    return found, ollama_template(found, vocab.add_bos)
 
 
 def _template_env() -> jinja2.Environment:
@@ -103,10 +65,19 @@ def render_modelfile(
     system: str | None,
     parameters: dict[str, Any],
     modelfile_name: str = "Modelfile",
+    template: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The Modelfile text and a record of how it was made (chat format found, template source)."""
-    fmt = chat_format(gguf_chat_template(gguf_path))
-    template, stops = GO_TEMPLATES.get(fmt, (None, [])) if fmt else (None, [])
+    """The Modelfile text and a record of how it was made (family found, where TEMPLATE came from, notes).
+
+    `template` (deployment.ollama_template) replaces the translated TEMPLATE; a `stop` in `parameters`
+    replaces the family's stop strings; `system` (deployment.system_prompt) wins over a default system
+    prompt the chat template carries.
+    """
+    found, translated = translate(gguf_path)
+    go_template = template or (translated.template if translated else None)
+    stops = list(translated.stop) if translated else []
+    if system is None and translated is not None and translated.system:
+        system = translated.system
     params: list[tuple[str, str]] = []
     for key, value in parameters.items():
         for v in value if isinstance(value, list) else [value]:
@@ -122,16 +93,23 @@ def render_modelfile(
             ollama_name=ollama_name,
             modelfile_name=modelfile_name,
             gguf_path=str(gguf_path),
-            template=template,
+            template=go_template,
             system=system,
             parameters=params,
         )
     )
+    if template:
+        source = "deployment.ollama_template"
+    elif translated:
+        source = f"translated from the GGUF chat template ({found.family.title if found.family else ''})"
+    else:
+        source = "left to Ollama (chat template family not recognised): Ollama picks one itself"
     info = {
-        "chat_format": fmt,
-        "template": "derived from the GGUF chat template"
-        if template
-        else "left to Ollama (chat format not recognised)",
+        "chat_format": found.name,
+        "template": source,
+        "detection": found.reason,
+        "notes": list(translated.notes) if translated else [],
+        "default_system_from_template": bool(translated and translated.system and system == translated.system),
         "parameters": [f"{k} {v}" for k, v in params],
     }
     return text, info
@@ -146,3 +124,63 @@ def ollama_create(ollama: str, name: str, modelfile: Path, timeout: float = 1800
         cwd=str(modelfile.parent),
     )
     return {"cli": ollama, "rc": proc.returncode, "output": (proc.stdout + proc.stderr)[-2000:]}
+
+
+@dataclass(frozen=True)
+class Modelfile:
+    """The parts of an Ollama Modelfile that decide the prompt and the stops."""
+
+    from_: str | None
+    template: str | None
+    system: str | None
+    parameters: tuple[tuple[str, str], ...]
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(v for k, v in self.parameters if k == "stop")
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 6 and value.startswith('"""') and value.endswith('"""'):
+        return value[3:-3]
+    if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+        return value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    return value
+
+
+def parse_modelfile(text: str) -> Modelfile:
+    """Read FROM, TEMPLATE, SYSTEM and PARAMETER lines as Ollama does (`\"\"\"...\"\"\"` may span lines).
+
+    Instructions are case-insensitive; `#` starts a comment line; the last TEMPLATE/SYSTEM wins.
+    """
+    values: dict[str, str] = {}
+    params: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while i < n:
+        end = text.find("\n", i)
+        line = text[i : n if end < 0 else end]
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            i = n if end < 0 else end + 1
+            continue
+        word, _, rest = stripped.partition(" ")
+        rest = rest.lstrip()
+        if rest.startswith('"""'):  # a block: to the next closing triple quote, across lines
+            start = text.index('"""', i) + 3
+            close = text.find('"""', start)
+            if close < 0:
+                raise PermanentError(f'Modelfile: unterminated """ after {word}')
+            arg = text[start:close]
+            after = text.find("\n", close)
+            i = n if after < 0 else after + 1
+        else:
+            arg = rest
+            i = n if end < 0 else end + 1
+        key = word.upper()
+        if key == "PARAMETER":
+            name, _, value = arg.partition(" ")
+            params.append((name.strip(), _unquote(value)))
+        elif key in ("FROM", "TEMPLATE", "SYSTEM"):
+            values[key] = arg if rest.startswith('"""') else _unquote(arg)
+    return Modelfile(values.get("FROM"), values.get("TEMPLATE"), values.get("SYSTEM"), tuple(params))

@@ -28,6 +28,9 @@ CHATML = (
     "'<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+#: ChatML that starts with the BOS, as Llama-family templates do: for a tokenizer that adds a BOS
+#: (add_bos_token), so transformers, llama.cpp and Ollama all see exactly one (the template contract checks it).
+CHATML_BOS = "{{ bos_token }}" + CHATML
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
 
@@ -83,8 +86,14 @@ def _cached(kind: str, builder, **kwargs: Any) -> Path:
 # --- tokenizers -------------------------------------------------------------------------------------
 
 
-def train_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
-    """A Llama-style tokenizer: SentencePiece BPE with byte fallback, saved with tokenizer.model."""
+def train_sentencepiece_tokenizer(
+    out_dir: Path, vocab_size: int = 384, legacy: bool = False, chat_template: str = CHATML
+) -> Any:
+    """A Llama-style tokenizer: SentencePiece BPE with byte fallback, saved with tokenizer.model.
+
+    `legacy=True` tokenizes text after a special token as llama.cpp does (with the SentencePiece space
+    prefix); transformers' legacy=False does not, which the template contract reports as a difference.
+    """
     import io
 
     import sentencepiece as spm
@@ -115,7 +124,7 @@ def train_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
     tok = LlamaTokenizer(
         vocab=extracted["vocab"],
         merges=extracted["merges"],
-        legacy=False,
+        legacy=legacy,
         add_bos_token=True,
         add_eos_token=False,
         unk_token="<unk>",
@@ -123,7 +132,7 @@ def train_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
         eos_token="</s>",
     )
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
-    tok.chat_template = CHATML
+    tok.chat_template = chat_template
     return tok
 
 
@@ -165,11 +174,17 @@ def _build_model(
     dtype: str,
     tie: bool,
     shard_size: str | None = None,
+    tokenizer_legacy: bool = False,
+    bos_in_template: bool = False,
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
-    tok = train_sentencepiece_tokenizer(out, vocab_size) if arch == "llama" else train_bpe_tokenizer(out, vocab_size)
+    if arch == "llama":
+        template = CHATML_BOS if bos_in_template else CHATML
+        tok = train_sentencepiece_tokenizer(out, vocab_size, legacy=tokenizer_legacy, chat_template=template)
+    else:
+        tok = train_bpe_tokenizer(out, vocab_size)
     n_vocab = len(tok)
     common = dict(
         vocab_size=n_vocab,
@@ -197,6 +212,11 @@ def _build_model(
     )
     model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     tok.save_pretrained(out)
+    if arch == "llama" and tokenizer_legacy:
+        # transformers 5 does not save `legacy` and reloads a Llama tokenizer with legacy=False (no space prefix
+        # after special tokens): write it, so the reloaded tokenizer is the one trained here
+        cfg_path = out / "tokenizer_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "legacy": True}, indent=2))
 
 
 def tiny_model(
@@ -211,10 +231,17 @@ def tiny_model(
     dtype: str = "float32",
     tie: bool = False,
     shard_size: str | None = None,
+    tokenizer_legacy: bool = False,
+    bos_in_template: bool = False,
 ) -> Path:
     """A cached causal LM folder (config, safetensors, tokenizer with chat template); small by default,
-    benchmark-sized when asked (e.g. hidden=1280, layers=24, intermediate=3456: ~0.5B parameters)."""
-    extra = {"shard_size": shard_size} if shard_size else {}
+    benchmark-sized when asked (e.g. hidden=1280, layers=24, intermediate=3456: ~0.5B parameters).
+
+    `tokenizer_legacy` / `bos_in_template` (Llama only) make a tokenizer and template that agree with
+    llama.cpp token for token (the demo's); options left at their defaults stay out of the cache key, so
+    existing builds keep theirs."""
+    extra: dict[str, Any] = {"shard_size": shard_size} if shard_size else {}
+    extra |= {k: True for k, v in (("tokenizer_legacy", tokenizer_legacy), ("bos_in_template", bos_in_template)) if v}
     return _cached(
         f"{arch}-h{hidden}",
         _build_model,
@@ -304,7 +331,10 @@ def _train(model: Any, tok: Any, steps: int, lr: float) -> list[dict[str, float]
     ]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    batch = tok(texts, return_tensors="pt", padding=True)
+    # A template that writes the BOS itself must not get a second one from the tokenizer; the older fixtures
+    # (template without BOS) keep the tokenizer's BOS, as their cached adapters were trained with it.
+    writes_bos = "bos_token" in (tok.chat_template or "")
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not writes_bos)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -1,0 +1,1 @@
+"""One renderer per runtime (see base.py for the contract)."""
