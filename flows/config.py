@@ -14,38 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from flows.stages import CRITICAL_STAGES, SECTION_OWNERS, STAGES, TABLE
 from tasks.core.errors import ConfigError
 from tasks.core.settings import SecretRef, StrictModel
-from tasks.download.stage import DownloadSettings
-from tasks.evaluate.evaluation import EvalSettings
-from tasks.evaluate.health import HealthSettings
-from tasks.gguf.convert import ConvertSettings
-from tasks.gguf.quantize import QuantizeSettings
-from tasks.local.stage import LocalDeploySettings
-from tasks.merge.stage import MergeSettings
-from tasks.publish.card import CardSettings
-from tasks.publish.hub_push import HubSettings
-from tasks.publish.space import SpaceSettings
-from tasks.serve.stage import ServeSettings
+from tasks.core.vocab import Stage
 
-# The stages in pipeline order. `critical` stages fail the run; the others may be allowed to fail
-# (pipeline.continue_on_error) and then the run ends Completed with a degraded summary.
-STAGES: tuple[str, ...] = (
-    "download",
-    "merge",
-    "convert",
-    "quantize",
-    "hub_push",
-    "card",
-    "space",
-    "local_deploy",
-    "serve",
-    "health",
-    "evaluate",
-)
-CRITICAL_STAGES: frozenset[str] = frozenset({"download", "merge", "convert", "quantize"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -93,16 +68,16 @@ class CleanupSettings(StrictModel):
 
 class PipelineSettings(StrictModel):
     runs_dir: str = Field("runs", description="where run folders are made (relative to the working directory)")
-    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="stages enabled, in any order")
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="stages enabled, in any order")
     continue_on_error: bool = Field(
         False, description="a failing non-critical stage degrades the run instead of failing it"
     )
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
 
-    @field_validator("stages")
+    @field_validator("stages", mode="before")
     @classmethod
-    def _known_stages(cls, v: list[str]) -> list[str]:
-        for s in v:
+    def _known_stages(cls, v: Any) -> Any:
+        for s in v if isinstance(v, list) else []:
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}{_suggest(s, STAGES)}; stages are: {', '.join(STAGES)}")
         return v
@@ -143,32 +118,14 @@ class PerformanceSettings(StrictModel):
     )
 
 
-class PipelineConfig(StrictModel):
-    """The whole deployment_config.yaml."""
-
-    model: ModelSettings
-    source: DownloadSettings
-    merge: MergeSettings = Field(default_factory=MergeSettings)
-    convert: ConvertSettings = Field(default_factory=ConvertSettings)
-    quantization: QuantizeSettings = Field(default_factory=QuantizeSettings)
-    hub: HubSettings = Field(default_factory=HubSettings)
-    card: CardSettings = Field(default_factory=CardSettings)
-    space: SpaceSettings = Field(default_factory=SpaceSettings)
-    deployment: LocalDeploySettings = Field(default_factory=LocalDeploySettings)
-    serving: ServeSettings = Field(default_factory=ServeSettings)
-    health_check: HealthSettings = Field(default_factory=HealthSettings)
-    evaluation: EvalSettings = Field(default_factory=EvalSettings)
-    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
-    performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
+class _PipelineBase(StrictModel):
+    """The whole deployment_config.yaml: `model`, one section per stage (from the stage table), then the
+    pipeline-wide sections. The class is built by `_build_config_model` below."""
 
     @model_validator(mode="after")
-    def _combinations(self) -> PipelineConfig:
+    def _combinations(self) -> _PipelineBase:
         enabled = set(self.pipeline.stages)
-        if "space" in enabled and "hub_push" not in enabled and not self.space.space_id:
-            pass  # a Space can run a repo pushed earlier; nothing impossible here
-        if self.pipeline.cleanup.delete_f16 and "evaluate" in enabled:
+        if self.pipeline.cleanup.delete_f16 and Stage.EVALUATE in enabled:
             raise ValueError(
                 "pipeline.cleanup.delete_f16 with the evaluate stage: eval compares against the F16; set "
                 "delete_f16: false or drop 'evaluate' from pipeline.stages"
@@ -179,19 +136,28 @@ class PipelineConfig(StrictModel):
         return Path(self.pipeline.runs_dir) / self.model.name / self.model.version
 
 
-# Where each section's Settings model comes from, for the config reference.
+def _build_config_model() -> type[_PipelineBase]:
+    """PipelineConfig from the stage table: a stage's section is required when its row says so (`source`),
+    else it defaults to its Settings model's defaults."""
+    fields: dict[str, Any] = {"model": (ModelSettings, ...)}
+    for spec in TABLE:
+        default = ... if spec.required else Field(default_factory=spec.settings)
+        fields[spec.section] = (spec.settings, default)
+    fields |= {
+        "notifications": (NotificationSettings, Field(default_factory=NotificationSettings)),
+        "logging": (LoggingSettings, Field(default_factory=LoggingSettings)),
+        "pipeline": (PipelineSettings, Field(default_factory=PipelineSettings)),
+        "performance": (PerformanceSettings, Field(default_factory=PerformanceSettings)),
+    }
+    return create_model("PipelineConfig", __base__=_PipelineBase, __module__=__name__, **fields)
+
+
+PipelineConfig = _build_config_model()
+# Where each section's model comes from, for the config reference: the stages' from the table.
 SECTION_OWNERS: dict[str, str] = {
-    "source": "tasks/download/stage.py",
-    "merge": "tasks/merge/stage.py",
-    "convert": "tasks/gguf/convert.py",
-    "quantization": "tasks/gguf/quantize.py",
-    "hub": "tasks/publish/hub_push.py",
-    "card": "tasks/publish/card.py",
-    "space": "tasks/publish/space.py",
-    "deployment": "tasks/local/stage.py",
-    "serving": "tasks/serve/stage.py",
-    "health_check": "tasks/evaluate/health.py",
-    "evaluation": "tasks/evaluate/evaluation.py",
+    "model": "flows/config.py",
+    **SECTION_OWNERS,
+    **{k: "flows/config.py" for k in ("notifications", "logging", "pipeline", "performance")},
 }
 
 

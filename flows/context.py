@@ -10,6 +10,7 @@ from flows.config import PipelineConfig
 from flows.task_runners import describe_task_runner, prepare_task_runner
 from tasks.core.artifacts import Artifact
 from tasks.core.run import RunFolder
+from tasks.core.vocab import ArtifactKind
 
 
 @dataclass
@@ -96,5 +97,5 @@ class RunContext:
         hits = self.notes.get("cache", {}).get(stage, [])
         return bool(hits) and all(hits)
 
-    def of_kind(self, kind: str) -> list[Artifact]:
+    def of_kind(self, kind: ArtifactKind) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]

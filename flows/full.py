@@ -1,7 +1,9 @@
 """The full pipeline as one Prefect flow, and its command line: `python -m flows.full`.
 
-download -> merge -> convert -> quantize (parallel) -> hub push -> card -> Space -> LM Studio/Ollama
--> serve -> health -> eval. With no arguments it runs the built-in demo (no network, token or GPU).
+The stages and their order come from the stage table (flows/stages.py): download -> merge -> convert ->
+quantize (parallel) -> serve -> health -> evaluate -> LM Studio/Ollama -> hub push -> card -> Space, so
+the card in the Hub commit carries the evaluation. With no arguments it runs the built-in demo (no
+network, token or GPU).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ prepare_environment()
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from flows.config import CRITICAL_STAGES, STAGES, load_config, parse_config  # noqa: E402
+from flows.config import load_config, parse_config  # noqa: E402
 from flows.context import RunContext  # noqa: E402
 from flows.notifications import notify_run  # noqa: E402
 from flows.orchestration import (  # noqa: E402
@@ -29,19 +31,20 @@ from flows.orchestration import (  # noqa: E402
     stage_slot,
     tag_current_flow_run,
 )  # noqa: E402
-from flows.runners import RUNNERS  # noqa: E402
+from flows.stages import CRITICAL_STAGES, HEAVY_STAGES, RUNNERS, STAGES  # noqa: E402
 from flows.summary import RunSummary, StageOutcome  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
 from tasks.core.runlock import RUN_FOLDER_HOOKS, open_run_folder  # noqa: E402
 from tasks.core.scrub import scrub  # noqa: E402
+from tasks.core.vocab import Stage, StageStatus  # noqa: E402
 
 
 def select_stages(
     enabled: list[str], only: list[str] | None = None, skip: list[str] | None = None, from_stage: str | None = None
-) -> list[str]:
-    """The stages to run, in pipeline order, from the config's list and the --only/--skip/--from options."""
+) -> list[Stage]:
+    """The stages to run, in the table's order, from the config's list and the --only/--skip/--from options."""
     for name, values in (
         ("--only", only or []),
         ("--skip", skip or []),
@@ -123,7 +126,7 @@ def full(
         )
         logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
         tag_current_flow_run(cfg)
-        if any(s in stages for s in ("merge", "quantize")):
+        if any(s in HEAVY_STAGES for s in stages):
             ensure_concurrency_limit(cfg)
     except Exception as exc:  # nothing ran yet: still tell whoever waits for this run that it failed
         notify_setup_failure(config, config_path, exc)
@@ -136,8 +139,8 @@ def full(
             with stage_slot(cfg, stage):
                 made = RUNNERS[stage](ctx)
         except StageSkipped as skip_reason:
-            outcome = StageOutcome(stage=stage, status="skipped", message=str(skip_reason))
-            run.record(stage, "skipped", message=str(skip_reason))
+            outcome = StageOutcome(stage=stage, status=StageStatus.SKIPPED, message=str(skip_reason))
+            run.record(stage, StageStatus.SKIPPED, message=str(skip_reason))
             logger.info("%s: skipped (%s)", stage, skip_reason)
             summary.stages.append(outcome)
             continue
@@ -145,23 +148,29 @@ def full(
             seconds = time.monotonic() - started
             message = scrub(f"{type(exc).__name__}: {exc}")
             if stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error:
-                run.record(stage, "failed", seconds=seconds, message=message)
-                summary.stages.append(StageOutcome(stage=stage, status="failed", seconds=seconds, message=message))
+                run.record(stage, StageStatus.FAILED, seconds=seconds, message=message)
+                summary.stages.append(
+                    StageOutcome(stage=stage, status=StageStatus.FAILED, seconds=seconds, message=message)
+                )
                 logger.error("%s failed: %s", stage, message)
                 summary.links.update(ctx.notes.get("links", {}))
                 notify_run(cfg.notifications, summary, failed=True, error=f"{stage}: {message}")
                 _run_cleanups(ctx)
                 raise
-            run.record(stage, "degraded", seconds=seconds, message=message)
+            run.record(stage, StageStatus.DEGRADED, seconds=seconds, message=message)
             summary.degraded = True
-            summary.stages.append(StageOutcome(stage=stage, status="degraded", seconds=seconds, message=message))
+            summary.stages.append(
+                StageOutcome(stage=stage, status=StageStatus.DEGRADED, seconds=seconds, message=message)
+            )
             logger.warning("%s failed, continuing (pipeline.continue_on_error): %s", stage, message)
             continue
         seconds = time.monotonic() - started
         for a in made:
             ctx.artifacts[a.name] = a
         status = (
-            "dry-run" if ctx.notes.get("dry_run", {}).get(stage) else ("cached" if ctx.all_cached(stage) else "done")
+            StageStatus.DRY_RUN
+            if ctx.notes.get("dry_run", {}).get(stage)
+            else (StageStatus.CACHED if ctx.all_cached(stage) else StageStatus.DONE)
         )
         message = ctx.notes.get("messages", {}).get(stage, "")
         ran_on = ctx.notes.get("task_runner", {}).get(stage)

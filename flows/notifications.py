@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core.scrub import scrub
+from tasks.core.vocab import StageStatus
 
 if TYPE_CHECKING:
     from flows.config import NotificationSettings
@@ -69,7 +70,9 @@ def compose(summary: RunSummary, event: Event, error: str = "", run_url: str = "
     if error:
         lines += [f"error: {error}", ""]
     for s in summary.stages:
-        lines.append(f"- {s.stage}: {s.status}" + (f" ({s.message})" if s.message and s.status != "done" else ""))
+        lines.append(
+            f"- {s.stage}: {s.status}" + (f" ({s.message})" if s.message and s.status != StageStatus.DONE else "")
+        )
     links = dict(summary.links)
     if run_url:
         links["prefect run"] = run_url

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flows.stages import HEAVY_STAGES
 from flows.summary import RunSummary
+from tasks.core.vocab import ArtifactKind
 from tasks.gguf import quant_types
 
 if TYPE_CHECKING:
@@ -23,10 +25,6 @@ if TYPE_CHECKING:
     from tasks.core.artifacts import Artifact
 
 log = logging.getLogger("loraship.orchestration")
-
-# Stages that load a whole model or saturate the cores: at most `concurrency_slots` of them run at once
-# across all flow runs that share the Prefect server (several models on one machine).
-HEAVY_STAGES: frozenset[str] = frozenset({"merge", "quantize"})
 
 
 def run_tags(cfg: PipelineConfig) -> list[str]:
@@ -146,11 +144,11 @@ def cleanup_intermediates(cfg: PipelineConfig, artifacts: dict[str, Artifact]) -
     The manifest keeps their records (digests), so provenance stays traceable.
     """
     removed: list[str] = []
-    ggufs = [a for a in artifacts.values() if a.kind == "gguf"]
+    ggufs = [a for a in artifacts.values() if a.kind == ArtifactKind.GGUF]
     f16 = [a for a in ggufs if quant_types.is_float(str(a.meta.get("quant", a.name.partition(":")[2])))]
     quants = [a for a in ggufs if a not in f16]
     if cfg.pipeline.cleanup.delete_merged and ggufs:
-        for a in (a for a in artifacts.values() if a.kind == "merged"):
+        for a in (a for a in artifacts.values() if a.kind == ArtifactKind.MERGED):
             removed += _remove(Path(a.path))
     if cfg.pipeline.cleanup.delete_f16 and quants:
         for a in f16:

@@ -7,15 +7,18 @@ reason). It reads like the pipeline diagram: pick the inputs, call the stage's t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flows.context import RunContext
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
+from tasks.core.vocab import ArtifactKind
+
+if TYPE_CHECKING:  # the context imports the config, which is built from the stage table, which names these runners
+    from flows.context import RunContext
 
 
-def _need(ctx: RunContext, kind: str, stage: str) -> list[Artifact]:
+def _need(ctx: RunContext, kind: ArtifactKind, stage: str) -> list[Artifact]:
     found = ctx.of_kind(kind)
     if not found:
         raise PermanentError(
@@ -42,17 +45,10 @@ def run_download(ctx: RunContext) -> list[Artifact]:
     return [adapter]
 
 
-def _not_yet(stage: str) -> Callable[[RunContext], list[Artifact]]:
-    def runner(ctx: RunContext) -> list[Artifact]:
-        raise StageSkipped(f"the {stage} stage is not available in this build yet")
-
-    return runner
-
-
 def run_merge(ctx: RunContext) -> list[Artifact]:
     from tasks.merge.stage import base_fingerprint, merge_task
 
-    adapter = _need(ctx, "adapter", "merge")[0]
+    adapter = _need(ctx, ArtifactKind.ADAPTER, "merge")[0]
     settings, default_base = ctx.config.merge, ctx.config.model.base_model
     base_key = base_fingerprint(settings, default_base, adapter)
     merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key)
@@ -73,7 +69,7 @@ def run_convert(ctx: RunContext) -> list[Artifact]:
 
     from tasks.gguf.convert import convert_task
 
-    merged = _need(ctx, "merged", "convert")[0]
+    merged = _need(ctx, ArtifactKind.MERGED, "convert")[0]
     f16 = ctx.call("convert", convert_task, merged, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
     m = f16.meta
     commit = str(m.get("llama_cpp_commit") or "?")[:9]
@@ -87,7 +83,7 @@ def run_convert(ctx: RunContext) -> list[Artifact]:
     if ctx.config.convert.lora_adapter:
         from tasks.gguf.convert import convert_lora_task
 
-        adapter = _need(ctx, "adapter", "convert")[0]
+        adapter = _need(ctx, ArtifactKind.ADAPTER, "convert")[0]
         lora = ctx.call(
             "convert",
             convert_lora_task,
@@ -113,7 +109,7 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     from tasks.gguf.plan import plan_jobs
     from tasks.gguf.quantize import quantize_task
 
-    ggufs = _need(ctx, "gguf", "quantize")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "quantize")
     source_name = f"gguf:{ctx.config.convert.outtype.upper()}"
     f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == "convert"), None)
     if f16 is None:
@@ -192,7 +188,7 @@ def _hub_token(ctx: RunContext, ref, what: str):
 def run_hub_push(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.hub_push import hub_push_task
 
-    ggufs = _need(ctx, "gguf", "hub_push")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "hub_push")
     token = None if ctx.dry_run else _hub_token(ctx, ctx.config.hub.token, "hub.token")
     dry = ctx.dry_run or token is None
     made = ctx.call(
@@ -212,7 +208,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         eval_report=ctx.artifacts.get("report:eval"),
         dry_run=dry,
         _token=token,
-        splits=ctx.of_kind("gguf-split") or None,
+        splits=ctx.of_kind(ArtifactKind.GGUF_SPLIT) or None,
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["hub_push"] = True
@@ -233,7 +229,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
 def run_card(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.card import card_task
 
-    ggufs = _need(ctx, "gguf", "card")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "card")
     pushed = ctx.artifacts.get("publish:hub")
     if pushed is not None:
         repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
@@ -259,7 +255,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         pushed=pushed if real else None,
         endpoint=endpoint,
         _token=token,
-        splits=ctx.of_kind("gguf-split") or None,
+        splits=ctx.of_kind(ArtifactKind.GGUF_SPLIT) or None,
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
     ctx.notes.setdefault("messages", {})["card"] = (
@@ -278,7 +274,7 @@ def run_space(ctx: RunContext) -> list[Artifact]:
             "the space stage needs the hub_push record (publish:hub) and this run has none",
             hint="enable hub_push, or run with --from space after a run that pushed",
         )
-    ggufs = _need(ctx, "gguf", "space")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "space")
     real = not pushed.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     read_token = _hub_token(ctx, ctx.config.space.read_token, "space.read_token") if real else None
@@ -310,7 +306,7 @@ def run_space(ctx: RunContext) -> list[Artifact]:
 def run_local_deploy(ctx: RunContext) -> list[Artifact]:
     from tasks.local.stage import local_deploy_task
 
-    ggufs = _need(ctx, "gguf", "local_deploy")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "local_deploy")
     s = ctx.config.deployment
     if not s.targets:
         raise StageSkipped("deployment.targets is empty (or every target's *_enabled switch is false)")
@@ -358,7 +354,7 @@ def run_local_deploy(ctx: RunContext) -> list[Artifact]:
 def run_serve(ctx: RunContext) -> list[Artifact]:
     from tasks.serve.stage import keep, serve_task, stop_servers
 
-    ggufs = _need(ctx, "gguf", "serve")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "serve")
     s = ctx.config.serving
     made = ctx.call("serve", serve_task, ggufs, s, ctx.run.reports_dir)
     ctx.notes["servers"] = made
@@ -381,7 +377,7 @@ def run_health(ctx: RunContext) -> list[Artifact]:
     if s.base_url:
         targets = [(s.base_url, s.model_id, None)]
     else:
-        servers = ctx.notes.get("servers") or ctx.of_kind("service")
+        servers = ctx.notes.get("servers") or ctx.of_kind(ArtifactKind.SERVICE)
         if not servers:
             raise StageSkipped(
                 "no server to check: enable the serve stage or set health_check.base_url (LM Studio: "
@@ -415,7 +411,7 @@ def run_health(ctx: RunContext) -> list[Artifact]:
 def run_evaluate(ctx: RunContext) -> list[Artifact]:
     from tasks.evaluate.evaluation import data_digest, evaluate_task
 
-    ggufs = _need(ctx, "gguf", "evaluate")
+    ggufs = _need(ctx, ArtifactKind.GGUF, "evaluate")
     s = ctx.config.evaluation
     report = ctx.call(
         "evaluate", evaluate_task, ggufs, s, ctx.run.reports_dir / "eval", ctx.config.model.name, data_digest(s)
@@ -430,16 +426,10 @@ def run_evaluate(ctx: RunContext) -> list[Artifact]:
     return [report]
 
 
-RUNNERS: dict[str, Callable[[RunContext], list[Artifact]]] = {
-    "download": run_download,
-    "merge": run_merge,
-    "convert": run_convert,
-    "quantize": run_quantize,
-    "hub_push": run_hub_push,
-    "card": run_card,
-    "space": run_space,
-    "local_deploy": run_local_deploy,
-    "serve": run_serve,
-    "health": run_health,
-    "evaluate": run_evaluate,
-}
+def __getattr__(name: str) -> object:
+    """`flows.runners.RUNNERS` still works: the runner table now lives in the stage table (flows/stages.py)."""
+    if name == "RUNNERS":
+        from flows.stages import RUNNERS
+
+        return RUNNERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

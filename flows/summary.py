@@ -6,10 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tasks.core.vocab import StageStatus
+
 
 class StageOutcome(BaseModel):
     stage: str
-    status: str
+    status: StageStatus
     seconds: float = 0.0
     message: str = ""
     artifacts: list[str] = Field(default_factory=list)

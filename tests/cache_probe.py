@@ -29,7 +29,7 @@ def upper(src: Artifact, settings: ProbeSettings, out_dir: Path, counter: Path) 
     with open(counter, "a") as fh:
         fh.write("ran\n")
     out = atomic_write_text(out_dir / "upper.txt", Path(src.path).read_text().upper() + settings.suffix)
-    return Artifact.from_path(out, name="upper", kind="probe", stage="probe", inputs=[src], settings=settings)
+    return Artifact.from_path(out, name="upper", kind="report", stage="probe", inputs=[src], settings=settings)
 
 
 @stage_task("probe", retries=0)
@@ -39,7 +39,7 @@ def upper_task(src: Artifact, settings: ProbeSettings, out_dir: Path, counter: P
 
 @flow(name="cache-probe")
 def probe_flow(in_file: str, out_dir: str, counter: str, suffix: str = "!", refresh: bool = False) -> str:
-    src = Artifact.from_path(in_file, name="input", kind="probe", stage="test")
+    src = Artifact.from_path(in_file, name="input", kind="report", stage="test")
     task = bind(upper_task, Path(out_dir) / ".cache", refresh=refresh)
     state = task(src, ProbeSettings(suffix=suffix), Path(out_dir), Path(counter), return_state=True)
     state.result()

@@ -10,7 +10,7 @@
 - the heavy-stage global concurrency limit is held while a heavy stage runs, and a missing limit does
   not block.
 
-The failing stage is a runner replaced in flows.runners.RUNNERS (a stand-in for a stage that breaks);
+The failing stage is a runner replaced in flows.stages.RUNNERS (a stand-in for a stage that breaks);
 everything else is real.
 """
 
@@ -202,13 +202,13 @@ def hooks(server: PrefectServer):
 def test_continue_on_error_degrades_and_notifies(
     server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows import runners
+    from flows import stages
     from flows.full import full
 
     def broken_space(ctx):
         raise RuntimeError("Space build failed (stand-in for a broken non-critical stage)")
 
-    monkeypatch.setitem(runners.RUNNERS, "space", broken_space)
+    monkeypatch.setitem(stages.RUNNERS, "space", broken_space)
     cfg = _demo_config(
         demo,
         "coe-demo",
@@ -243,14 +243,14 @@ def test_continue_on_error_degrades_and_notifies(
 def test_failing_stages_fail_the_run(
     server: PrefectServer, demo: dict[str, Path], hooks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows import runners
+    from flows import stages
     from flows.full import full
 
     def broken(ctx):
         raise RuntimeError("broken stage")
 
     # A critical stage fails the run even with continue_on_error; the failure is notified.
-    monkeypatch.setitem(runners.RUNNERS, "merge", broken)
+    monkeypatch.setitem(stages.RUNNERS, "merge", broken)
     cfg = _demo_config(
         demo,
         "crit-demo",
@@ -268,7 +268,7 @@ def test_failing_stages_fail_the_run(
     assert "error: merge: RuntimeError: broken stage" in got[0]["json"]["text"]
 
     # A non-critical stage fails the run when continue_on_error is off.
-    monkeypatch.setitem(runners.RUNNERS, "space", broken)
+    monkeypatch.setitem(stages.RUNNERS, "space", broken)
     cfg = _demo_config(demo, "strict-demo")
     state = full(config=cfg, only=["download", "space"], return_state=True)
     assert state.is_failed()
@@ -295,7 +295,7 @@ def test_heavy_stage_holds_global_concurrency_slot(
 ) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows import runners
+    from flows import stages
     from flows.full import full
 
     seen: dict[str, int] = {}
@@ -305,7 +305,7 @@ def test_heavy_stage_holds_global_concurrency_slot(
             seen["active"] = client.read_global_concurrency_limit_by_name("ci-heavy").active_slots
         return []
 
-    monkeypatch.setitem(runners.RUNNERS, "merge", merge_probe)
+    monkeypatch.setitem(stages.RUNNERS, "merge", merge_probe)
     cfg = _demo_config(demo, "gcl-demo", performance={"concurrency_limit": "ci-heavy", "concurrency_slots": 1})
     assert full(config=cfg, only=["merge"], return_state=True).is_completed()
     assert seen["active"] == 1  # the run held the slot while merge ran

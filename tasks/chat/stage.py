@@ -28,6 +28,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.hashing import digest_of
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind
 from tasks.gguf import quant_types
 
 STAGE = "template_contract"
@@ -216,7 +217,7 @@ def _artifact(
     return Artifact.from_path(
         js,
         name=REPORT,
-        kind="report",
+        kind=ArtifactKind.REPORT,
         stage=STAGE,
         inputs=[*ggufs, *([merged] if merged else []), *local],
         settings=settings,

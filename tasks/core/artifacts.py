@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from tasks.core.hashing import digest_of, iter_files, sha256_file, stat_key
+from tasks.core.vocab import ArtifactKind
 
 
 class FileEntry(BaseModel):
@@ -34,7 +35,7 @@ class Artifact(BaseModel):
     """A file or folder a stage produced, traceable to its inputs by hash."""
 
     name: str = Field(description="unique in the manifest, e.g. 'adapter', 'merged', 'gguf:Q4_K_M'")
-    kind: str = Field(description="adapter | merged | gguf | report | publish | ...")
+    kind: ArtifactKind = Field(description="what it is: adapter, merged, gguf, report, publish, ... (ArtifactKind)")
     path: str = Field(description="absolute path on this machine")
     is_dir: bool = False
     sha256: str = Field(description="the file's sha256, or for a folder the sha256 of its sorted (path, sha256) list")
@@ -57,7 +58,7 @@ class Artifact(BaseModel):
         path: Path | str,
         *,
         name: str,
-        kind: str,
+        kind: ArtifactKind,
         stage: str,
         inputs: Iterable[Artifact] | dict[str, str] = (),
         settings: Any = None,

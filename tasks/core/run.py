@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from filelock import FileLock
 from pydantic import BaseModel, Field
@@ -20,8 +20,7 @@ from pydantic import BaseModel, Field
 from tasks.core.artifacts import Artifact, tool_versions
 from tasks.core.atomic import atomic_write_json
 from tasks.core.scrub import scrub
-
-StageStatus = Literal["done", "cached", "skipped", "dry-run", "failed", "degraded"]
+from tasks.core.vocab import ArtifactKind, StageStatus
 
 
 class StageRecord(BaseModel):
@@ -45,7 +44,7 @@ class Manifest(BaseModel):
         default_factory=dict, description="artifacts deleted on purpose (cleanup) -> their sha256"
     )
 
-    def of_kind(self, kind: str) -> list[Artifact]:
+    def of_kind(self, kind: ArtifactKind) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]
 
 

@@ -23,6 +23,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
 from tasks.core.progress import Progress
 from tasks.core.scrub import register_secret
+from tasks.core.vocab import ArtifactKind
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
 from tasks.download.ssh import RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
 from tasks.download.transfer import SFTP_PARTIAL, TransferStats, clean_partials, local_rsync_info, rsync_pull, sftp_pull
@@ -265,7 +266,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
     return Artifact.from_path(
         dest,
         name="adapter",
-        kind="adapter",
+        kind=ArtifactKind.ADAPTER,
         stage=STAGE,
         settings=settings,
         known=verified,

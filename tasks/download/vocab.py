@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import PurePosixPath
 
-STAGE = "download"
+from tasks.core.vocab import Stage
+
+STAGE = Stage.DOWNLOAD
 ADAPTER_MARKER = "adapter_config.json"  # a folder holding it is a run folder (peft's save_pretrained writes it)
 METADATA_FILES = (
     "adapter_config.json",

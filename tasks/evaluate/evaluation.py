@@ -32,9 +32,10 @@ from tasks.core.hashing import digest_of
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
-STAGE = "evaluate"
+STAGE = Stage.EVALUATE
 DATA = TASKS_DATA
 log = logging.getLogger("loraship.evaluate")
 
@@ -306,7 +307,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
     return Artifact.from_path(
         out_dir,
         name="report:eval",
-        kind="report",
+        kind=ArtifactKind.REPORT,
         stage=STAGE,
         inputs=ggufs,
         settings=settings,

@@ -27,8 +27,9 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
 from tasks.core.settings import SecretRef, StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 
-STAGE = "health"
+STAGE = Stage.HEALTH
 log = logging.getLogger("loraship.health")
 Status = Literal["pass", "warn", "fail"]
 
@@ -368,7 +369,7 @@ def health(
     return Artifact.from_path(
         out_dir,
         name=name,
-        kind="report",
+        kind=ArtifactKind.REPORT,
         stage=STAGE,
         inputs=[gguf] if gguf else [],
         settings=settings,

@@ -34,8 +34,9 @@ from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 
-STAGE = "convert"
+STAGE = Stage.CONVERT
 log = logging.getLogger("loraship.convert")
 ENTRY = Path(__file__).with_name("convert_entry.py")
 TOKENIZER_TEXT = "Hello world! The quick brown fox jumps over the lazy dog; 12 cats, 3 owls."
@@ -288,7 +289,7 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
     return Artifact.from_path(
         final,
         name=f"gguf:{quant}",
-        kind="gguf",
+        kind=ArtifactKind.GGUF,
         stage=STAGE,
         inputs=[merged],
         settings=settings,
@@ -392,7 +393,7 @@ def convert_lora(
     return Artifact.from_path(
         final,
         name=f"gguf-lora:{outtype.upper()}",
-        kind="gguf-lora",
+        kind=ArtifactKind.GGUF_LORA,
         stage=STAGE,
         inputs=[adapter],
         settings=settings,

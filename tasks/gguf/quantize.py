@@ -26,11 +26,12 @@ from tasks.core.atomic import atomic_path
 from tasks.core.errors import ConfigError, PermanentError
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf.convert import disk_preflight, file_progress, gguf_name
 from tasks.gguf.plan import QuantPlan, plan_jobs
 from tasks.gguf.quant_types import bits_per_weight, parse_quant, quant_types, recommended
 
-STAGE = "quantize"
+STAGE = Stage.QUANTIZE
 log = logging.getLogger("loraship.quantize")
 TOOLS = ("llama-cpp-python", "gguf")
 
@@ -350,7 +351,14 @@ def quantize(
         info["tensor_types"],
     )
     return Artifact.from_path(
-        final, name=f"gguf:{q}", kind="gguf", stage=STAGE, inputs=[f16], settings=settings, tools=TOOLS, meta=meta
+        final,
+        name=f"gguf:{q}",
+        kind=ArtifactKind.GGUF,
+        stage=STAGE,
+        inputs=[f16],
+        settings=settings,
+        tools=TOOLS,
+        meta=meta,
     )
 
 

@@ -32,8 +32,9 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
 from tasks.core.errors import ConfigError, PermanentError
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 
-STAGE = "quantize"
+STAGE = Stage.QUANTIZE
 log = logging.getLogger("loraship.quantize")
 ENTRY = Path(__file__).with_name("split_entry.py")
 TOOLS = ("llama-cpp-python", "gguf")
@@ -260,7 +261,7 @@ def split_gguf(
     return Artifact.from_path(
         folder,
         name=f"gguf-split:{quant}",
-        kind="gguf-split",
+        kind=ArtifactKind.GGUF_SPLIT,
         stage=STAGE,
         inputs=[gguf],
         settings={"split_max_size": max_bytes},

@@ -20,10 +20,11 @@ from pathlib import Path
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError
 from tasks.core.stage import stage_task
+from tasks.core.vocab import Stage
 from tasks.local.settings import LocalDeploySettings
 from tasks.local.targets import LOCAL_TARGETS
 
-STAGE = "local_deploy"
+STAGE = Stage.LOCAL_DEPLOY
 log = logging.getLogger("loraship.local_deploy")
 
 __all__ = ["LocalDeploySettings", "STAGE", "local_deploy", "local_deploy_task"]

@@ -29,6 +29,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.merge.backends import DEFAULT_BACKEND, MERGE_BACKENDS, MergeBackend, MergeJob
 from tasks.merge.plan import (
     MergePlan,
@@ -44,7 +45,7 @@ from tasks.merge.plan import (
 from tasks.merge.safetensors_io import DTYPES, TORCH_TO_ST
 from tasks.merge.verify import verification_problem
 
-STAGE = "merge"
+STAGE = Stage.MERGE
 log = logging.getLogger("loraship.merge")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".lock")
@@ -386,7 +387,7 @@ def merge(
     return Artifact.from_path(
         out_dir,
         name="merged",
-        kind="merged",
+        kind=ArtifactKind.MERGED,
         stage=STAGE,
         inputs=inputs,
         settings=settings,

@@ -36,11 +36,12 @@ from tasks.core.atomic import atomic_write_text
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import StrictModel
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import is_hub_id
 from tasks.publish.hub_io import update_readme
 
-STAGE = "card"
+STAGE = Stage.CARD
 log = logging.getLogger("loraship.card")
 
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "model_card.md.j2"
@@ -473,7 +474,7 @@ def card(
     return Artifact.from_path(
         out_path,
         name="card",
-        kind="report",
+        kind=ArtifactKind.REPORT,
         stage=STAGE,
         inputs=inputs,
         settings=settings,

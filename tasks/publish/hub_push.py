@@ -36,6 +36,7 @@ from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import iter_files
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import (
     adapter_file_allowed,
@@ -48,7 +49,7 @@ from tasks.publish.card import build_card
 from tasks.publish.hub_io import hub_api, push_folder, whoami
 from tasks.publish.secret_scan import refuse_secrets
 
-STAGE = "hub_push"
+STAGE = Stage.HUB_PUSH
 log = logging.getLogger("loraship.hub_push")
 
 
@@ -312,7 +313,7 @@ def hub_push(
     return Artifact.from_path(
         folder,
         name="publish:hub",
-        kind="publish",
+        kind=ArtifactKind.PUBLISH,
         stage=STAGE,
         inputs=inputs,
         settings=settings,

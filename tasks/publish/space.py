@@ -32,11 +32,12 @@ from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
 from tasks.publish.secret_scan import refuse_secrets
 
-STAGE = "space"
+STAGE = Stage.SPACE
 log = logging.getLogger("loraship.space")
 
 TEMPLATE_DIR = TEMPLATES_DIR / "spaces" / "gguf_chat"
@@ -284,7 +285,7 @@ def space(
         return Artifact.from_path(
             folder,
             name="publish:space",
-            kind="publish",
+            kind=ArtifactKind.PUBLISH,
             stage=STAGE,
             inputs=[pushed],
             settings=settings,
@@ -359,7 +360,7 @@ def space(
     return Artifact.from_path(
         folder,
         name="publish:space",
-        kind="publish",
+        kind=ArtifactKind.PUBLISH,
         stage=STAGE,
         inputs=[pushed],
         settings=settings,

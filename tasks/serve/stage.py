@@ -33,9 +33,10 @@ from tasks.core.constants import PROJECT_ROOT
 from tasks.core.errors import PermanentError, TransientError
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
-STAGE = "serve"
+STAGE = Stage.SERVE
 log = logging.getLogger("loraship.serve")
 
 
@@ -298,7 +299,7 @@ def serve(ggufs: list[Artifact], settings: ServeSettings, state_dir: Path) -> li
                 Artifact.from_path(
                     path,
                     name=f"serve:{q}",
-                    kind="service",
+                    kind=ArtifactKind.SERVICE,
                     stage=STAGE,
                     inputs=[by_quant[q]],
                     settings=settings,

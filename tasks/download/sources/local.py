@@ -27,6 +27,7 @@ from tasks.core.atomic import TMP_MARKER, atomic_path, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
 from tasks.core.progress import Progress
+from tasks.core.vocab import ArtifactKind
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
 from tasks.download.sources.base import Source
 from tasks.download.vocab import ADAPTER_MARKER, METADATA_FILES, STAGE, wanted
@@ -183,7 +184,7 @@ def download_local(settings: DownloadSettings, dest: Path) -> Artifact:
     return Artifact.from_path(
         dest,
         name="adapter",
-        kind="adapter",
+        kind=ArtifactKind.ADAPTER,
         stage=STAGE,
         settings=settings,
         known=known,

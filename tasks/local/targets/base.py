@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from tasks.core.artifacts import Artifact
+from tasks.core.vocab import Stage
 from tasks.gguf import quant_types
 
 if TYPE_CHECKING:
     from tasks.local.settings import LocalDeploySettings
 
-STAGE = "local_deploy"
+STAGE = Stage.LOCAL_DEPLOY
 
 
 @dataclass(frozen=True)

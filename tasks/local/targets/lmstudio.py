@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.errors import PermanentError
+from tasks.core.vocab import ArtifactKind
 from tasks.gguf import quant_types
 from tasks.local import lmstudio
 from tasks.local.targets.base import STAGE, Availability, LocalTarget, pick
@@ -86,7 +87,7 @@ class LMStudioTarget(LocalTarget):
         return Artifact.from_path(
             path,
             name=self.record_name,
-            kind="publish",
+            kind=ArtifactKind.PUBLISH,
             stage=STAGE,
             inputs=ggufs,
             settings=settings,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json, atomic_write_text
 from tasks.core.errors import PermanentError
+from tasks.core.vocab import ArtifactKind
 from tasks.local import ollama
 from tasks.local.targets.base import STAGE, Availability, LocalTarget, pick
 
@@ -44,7 +45,7 @@ class OllamaTarget(LocalTarget):
         return Artifact.from_path(
             folder,
             name=self.record_name,
-            kind="publish",
+            kind=ArtifactKind.PUBLISH,
             stage=STAGE,
             inputs=ggufs,
             settings=settings,

@@ -1,0 +1,78 @@
+"""The stage table (flows/stages.py): every row is complete and consistent, everything derived from it agrees,
+and the README's drawing of the graph is the table's."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from flows import stages
+from flows.config import SECTION_OWNERS, PipelineConfig, parse_config
+from flows.stages import TABLE, StageSpec, check_table
+from tasks.core.vocab import ArtifactKind, Stage, StageStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("spec", TABLE, ids=lambda s: str(s.name))
+def test_every_stage_row_is_complete(spec: StageSpec) -> None:
+    assert isinstance(spec.name, Stage)
+    # its section is in the config, typed with its Settings model, owned by the module that defines it
+    field = PipelineConfig.model_fields[spec.section]
+    assert field.annotation is spec.settings
+    assert SECTION_OWNERS[spec.section] == spec.owner and (ROOT / spec.owner).is_file()
+    # every setting says what it does (the config reference and --validate show it)
+    for name, f in spec.settings.model_fields.items():
+        assert f.description or f.annotation, f"{spec.section}.{name}"
+    assert callable(spec.runner) and spec.runner is stages.RUNNERS[spec.name]
+    assert spec.summary and all(isinstance(k, ArtifactKind) for k in (*spec.takes, *spec.makes))
+    assert spec.makes, f"{spec.name} makes nothing"
+
+
+def test_derived_sets_come_from_the_table() -> None:
+    assert stages.STAGES == tuple(s.name for s in TABLE)
+    assert set(stages.STAGES) == set(Stage)  # every Stage member has a row
+    assert stages.CRITICAL_STAGES == {Stage.DOWNLOAD, Stage.MERGE, Stage.CONVERT, Stage.QUANTIZE}
+    assert stages.HEAVY_STAGES == {Stage.MERGE, Stage.QUANTIZE}
+    cfg = parse_config({"model": {"name": "m"}, "source": {"path": "/p"}})
+    assert cfg.pipeline.stages == list(stages.STAGES)
+
+
+def test_evaluation_comes_before_publishing() -> None:
+    assert stages.STAGES.index(Stage.EVALUATE) < stages.STAGES.index(Stage.HUB_PUSH)
+    assert Stage.EVALUATE in stages.ancestors(Stage.HUB_PUSH)
+    assert Stage.HUB_PUSH in stages.descendants(Stage.QUANTIZE)
+
+
+def test_a_broken_table_is_refused() -> None:
+    by = {s.name: s for s in TABLE}
+    late = TABLE[:1] + (dataclasses.replace(by[Stage.MERGE], needs=(Stage.CONVERT,)),) + TABLE[2:]
+    with pytest.raises(ValueError, match="not an earlier row"):
+        check_table(late)
+    orphan = (dataclasses.replace(by[Stage.DOWNLOAD], takes=(ArtifactKind.GGUF,)),) + TABLE[1:]
+    with pytest.raises(ValueError, match="takes 'gguf'"):
+        check_table(orphan)
+    twice = TABLE + (dataclasses.replace(by[Stage.CARD], name=Stage.CARD),)
+    with pytest.raises(ValueError, match="twice"):
+        check_table(twice)
+
+
+def test_statuses_read_as_json_text() -> None:
+    assert StageStatus.DRY_RUN == "dry-run" and f"{StageStatus.SUPERSEDED}" == "superseded"
+    assert {s.value for s in StageStatus if s.ok} == {"done", "cached", "dry-run"}
+
+
+def test_readme_draws_the_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "```mermaid\n" + stages.mermaid() + "\n```" in readme, "README stage graph: paste flows.stages.mermaid()"
+    assert stages.stage_table_markdown() in readme, "README stage table: paste flows.stages.stage_table_markdown()"
+
+
+def test_readme_config_reference_names_the_owners() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([\w/.]+\.py) \|", readme, flags=re.M))
+    assert rows == SECTION_OWNERS
