@@ -20,6 +20,7 @@ from flows.stages import CRITICAL_STAGES, SECTION_OWNERS, STAGES, TABLE
 from tasks.core.errors import ConfigError
 from tasks.core.settings import SecretRef, StrictModel
 from tasks.core.vocab import Stage
+from tasks.release.gate import GateSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -64,6 +65,13 @@ class LoggingSettings(StrictModel):
 class CleanupSettings(StrictModel):
     delete_f16: bool = Field(False, description="delete the F16 GGUF once the quantizations are validated")
     delete_merged: bool = Field(False, description="delete merged/ once converted")
+    delete_superseded: bool = Field(
+        False,
+        description=(
+            "delete the files of artifacts that left the run's lineage (a dropped quantization, the GGUFs of a "
+            "retrained adapter's predecessor); their manifest records stay, marked superseded"
+        ),
+    )
 
 
 class PipelineSettings(StrictModel):
@@ -73,6 +81,16 @@ class PipelineSettings(StrictModel):
         False, description="a failing non-critical stage degrades the run instead of failing it"
     )
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
+    max_parallel_stages: int | None = Field(
+        None, ge=1, description="stages running at once (None: as many as the graph allows; 1: one after another)"
+    )
+    gate: GateSettings | None = Field(
+        None, description="the release gate: health and per-quantization limits a release needs; unset: all ship"
+    )
+    approval: bool = Field(
+        False, description="pause before publishing until a person approves in the Prefect UI or through its API"
+    )
+    approval_timeout_s: int = Field(86400, ge=1, description="seconds to wait for the approval; then nothing ships")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -140,7 +158,7 @@ def _build_config_model() -> type[_PipelineBase]:
     """PipelineConfig from the stage table: a stage's section is required when its row says so (`source`),
     else it defaults to its Settings model's defaults."""
     fields: dict[str, Any] = {"model": (ModelSettings, ...)}
-    for spec in TABLE:
+    for spec in (s for s in TABLE if s.section and s.settings):
         default = ... if spec.required else Field(default_factory=spec.settings)
         fields[spec.section] = (spec.settings, default)
     fields |= {

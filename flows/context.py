@@ -1,16 +1,26 @@
-"""What the flow hands every stage runner: the config, the run folder, what has been made so far."""
+"""What the flow hands every stage runner: the config, the run folder, and the run's lineage.
+
+The flow keeps one RunContext for the run; each stage gets `for_stage(stage)`, a view whose `artifacts`
+holds only what that stage's upstream stages made in this run or carried from the manifest as still
+current (tasks/core/lineage.py). Notes (messages, links, cleanups) are shared by all the views.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flows.config import PipelineConfig
+from flows.stages import SPECS, Caching, ancestors
 from flows.task_runners import describe_task_runner, prepare_task_runner
 from tasks.core.artifacts import Artifact
+from tasks.core.lineage import Lineage
 from tasks.core.run import RunFolder
-from tasks.core.vocab import ArtifactKind
+from tasks.core.vocab import ArtifactKind, Stage
+
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
 
 
 @dataclass
@@ -19,13 +29,28 @@ class RunContext:
     run: RunFolder
     dry_run: bool = False
     refresh: set[str] = field(default_factory=set)
-    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    artifacts: dict[str, Artifact] = field(default_factory=dict)  # what this stage may read (see for_stage)
     notes: dict[str, Any] = field(default_factory=dict)
+    lineage: Lineage = field(default_factory=Lineage)  # the run's current artifacts, shared by every view
+    records: dict[str, Artifact] = field(default_factory=dict)  # the manifest's records at the start of the run
+    results: dict[Stage, Any] = field(default_factory=dict)  # StageResult per stage, written by its task
+
+    def for_stage(self, stage: Stage) -> RunContext:
+        """The view a stage's runner gets: the lineage's artifacts made by its upstream stages, nothing else."""
+        mine = ancestors(stage, config=self.config)
+        view = {n: a for n, a in self.lineage.artifacts.items() if a.stage in mine}
+        return dataclasses.replace(self, artifacts=view)
 
     def bound(self, stage: str, task: Any) -> Any:
-        """`task` bound to this run's cache folder, refreshed when --refresh names the stage."""
+        """`task` bound to this run's cache folder, refreshed when --refresh names the stage; a stage whose
+        row does not cache by content (flows/stages.py `cache`) never answers from the cache."""
         from tasks.core.stage import bind
 
+        spec = SPECS.get(Stage(stage)) if stage in SPECS else None
+        if spec is not None and spec.cache != Caching.CONTENT:
+            from prefect.cache_policies import NO_CACHE
+
+            task = task.with_options(cache_policy=NO_CACHE, persist_result=False)
         return bind(task, self.run.cache_dir, refresh=stage in self.refresh or "all" in self.refresh)
 
     def call(self, stage: str, task: Any, *args: Any, **kwargs: Any) -> Any:

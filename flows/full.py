@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from flows.env import prepare_environment
@@ -22,7 +23,8 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from flows.config import load_config, parse_config  # noqa: E402
 from flows.context import RunContext  # noqa: E402
-from flows.notifications import notify_run  # noqa: E402
+from flows.dag import StageResult, run_graph  # noqa: E402
+from flows.notifications import notify_run, release_lines  # noqa: E402
 from flows.orchestration import (  # noqa: E402
     apply_log_level,
     cleanup_intermediates,
@@ -31,10 +33,11 @@ from flows.orchestration import (  # noqa: E402
     stage_slot,
     tag_current_flow_run,
 )  # noqa: E402
-from flows.stages import CRITICAL_STAGES, HEAVY_STAGES, RUNNERS, STAGES  # noqa: E402
+from flows.stages import CRITICAL_STAGES, HEAVY_STAGES, RUNNERS, SPECS, STAGES, TABLE, descendants  # noqa: E402
 from flows.summary import RunSummary, StageOutcome  # noqa: E402
 from tasks.core.errors import ConfigError, PipelineError, StageSkipped  # noqa: E402
 from tasks.core.hashing import digest_of  # noqa: E402
+from tasks.core.lineage import Lineage  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
 from tasks.core.runlock import RUN_FOLDER_HOOKS, open_run_folder  # noqa: E402
 from tasks.core.scrub import scrub  # noqa: E402
@@ -44,7 +47,9 @@ from tasks.core.vocab import Stage, StageStatus  # noqa: E402
 def select_stages(
     enabled: list[str], only: list[str] | None = None, skip: list[str] | None = None, from_stage: str | None = None
 ) -> list[Stage]:
-    """The stages to run, in the table's order, from the config's list and the --only/--skip/--from options."""
+    """The stages to run, in the table's order, from the config's list and the --only/--skip/--from options.
+
+    An implied stage (the release gate) runs whenever one of its dependants runs, whatever the lists say."""
     for name, values in (
         ("--only", only or []),
         ("--skip", skip or []),
@@ -53,6 +58,12 @@ def select_stages(
         for v in values:
             if v not in STAGES:
                 raise ConfigError(f"{name} {v!r} is not a stage; stages are: {', '.join(STAGES)}")
+    for v in skip or []:
+        if SPECS[Stage(v)].implied:
+            raise ConfigError(
+                f"--skip {v}: the {v} stage runs whenever a stage after it runs",
+                hint="to let every quantization ship, leave pipeline.gate and pipeline.approval unset",
+            )
     chosen = [s for s in STAGES if s in enabled]
     if from_stage:
         chosen = [s for s in chosen if STAGES.index(s) >= STAGES.index(from_stage)]
@@ -60,13 +71,8 @@ def select_stages(
         chosen = [s for s in chosen if s in only]
     if skip:
         chosen = [s for s in chosen if s not in skip]
-    return chosen
-
-
-def _load_previous_artifacts(run: RunFolder) -> dict[str, Any]:
-    """Artifacts of an earlier run of the same folder that are still intact (for --from/--only)."""
-    m = run.load_manifest()
-    return {name: a for name, a in m.artifacts.items() if a.is_intact()}
+    implied = {s.name for s in TABLE if s.implied and any(d in chosen for d in descendants(s.name))}
+    return [s for s in STAGES if s in chosen or s in implied]
 
 
 def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None, exc: BaseException) -> dict[str, str]:
@@ -118,8 +124,14 @@ def full(
         run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
         open_run_folder(run)  # one run per run folder: locked, cleared of a killed run's leftovers
         run.set_config_digest(digest_of(cfg))
+        previous = run.load_manifest()
         ctx = RunContext(
-            config=cfg, run=run, dry_run=dry_run, refresh=set(refresh or []), artifacts=_load_previous_artifacts(run)
+            config=cfg,
+            run=run,
+            dry_run=dry_run,
+            refresh=set(refresh or []),
+            lineage=Lineage(removed=dict(previous.removed)),
+            records={**{n: s.artifact for n, s in previous.superseded.items()}, **previous.artifacts},
         )
         summary = RunSummary(
             model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path)
@@ -131,71 +143,189 @@ def full(
     except Exception as exc:  # nothing ran yet: still tell whoever waits for this run that it failed
         notify_setup_failure(config, config_path, exc)
         raise
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        started = time.monotonic()
-        try:
-            with stage_slot(cfg, stage):
-                made = RUNNERS[stage](ctx)
-        except StageSkipped as skip_reason:
-            outcome = StageOutcome(stage=stage, status=StageStatus.SKIPPED, message=str(skip_reason))
-            run.record(stage, StageStatus.SKIPPED, message=str(skip_reason))
-            logger.info("%s: skipped (%s)", stage, skip_reason)
-            summary.stages.append(outcome)
-            continue
-        except Exception as exc:
-            seconds = time.monotonic() - started
-            message = scrub(f"{type(exc).__name__}: {exc}")
-            if stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error:
-                run.record(stage, StageStatus.FAILED, seconds=seconds, message=message)
-                summary.stages.append(
-                    StageOutcome(stage=stage, status=StageStatus.FAILED, seconds=seconds, message=message)
-                )
-                logger.error("%s failed: %s", stage, message)
-                summary.links.update(ctx.notes.get("links", {}))
-                notify_run(cfg.notifications, summary, failed=True, error=f"{stage}: {message}")
-                _run_cleanups(ctx)
-                raise
-            run.record(stage, StageStatus.DEGRADED, seconds=seconds, message=message)
-            summary.degraded = True
-            summary.stages.append(
-                StageOutcome(stage=stage, status=StageStatus.DEGRADED, seconds=seconds, message=message)
-            )
-            logger.warning("%s failed, continuing (pipeline.continue_on_error): %s", stage, message)
-            continue
-        seconds = time.monotonic() - started
-        for a in made:
-            ctx.artifacts[a.name] = a
-        status = (
-            StageStatus.DRY_RUN
-            if ctx.notes.get("dry_run", {}).get(stage)
-            else (StageStatus.CACHED if ctx.all_cached(stage) else StageStatus.DONE)
+
+    def settled(res: StageResult) -> None:
+        _settled(ctx, summary, res, logger)
+
+    try:
+        results = run_graph(
+            ctx,
+            stages,
+            execute_stage,
+            lambda stage: carry_stage(ctx, stage),
+            settled,
+            max_parallel=cfg.pipeline.max_parallel_stages,
         )
-        message = ctx.notes.get("messages", {}).get(stage, "")
-        ran_on = ctx.notes.get("task_runner", {}).get(stage)
-        if ran_on:
-            summary.task_runners[stage] = ran_on
-            if ran_on["runner"] != "ThreadPoolTaskRunner":
-                message += f"{'; ' if message else ''}{_runner_phrase(ran_on)}"
-        run.record(stage, status, made, seconds=seconds, message=message)
-        summary.stages.append(
-            StageOutcome(
-                stage=stage, status=status, seconds=round(seconds, 2), message=message, artifacts=[a.name for a in made]
-            )
-        )
-        logger.info("%s: %s in %.1fs (%s)", stage, status, seconds, ", ".join(a.name for a in made) or "no artifacts")
+    except BaseException:  # the graph itself broke (or Ctrl-C): still stop what the stages started
+        _run_cleanups(ctx)
+        raise
+    summary.stages.sort(key=lambda o: STAGES.index(Stage(o.stage)))
+    superseded = _supersede(ctx, results)
+    fatal = next((r for r in results.values() if r.fatal), None)
+    if fatal is not None:
+        summary.links.update(ctx.notes.get("links", {}))
+        notify_run(cfg.notifications, summary, failed=True, error=f"{fatal.stage}: {fatal.message}")
+        _run_cleanups(ctx)
+        raise fatal.error
     _run_cleanups(ctx)
-    removed = cleanup_intermediates(cfg, ctx.artifacts)
+    removed = cleanup_intermediates(cfg, ctx.lineage.artifacts)
+    if cfg.pipeline.cleanup.delete_superseded:
+        removed += _delete_superseded(ctx, superseded)
     if removed:
         ctx.notes.setdefault("links", {})["cleaned up"] = ", ".join(removed)
     run.prune_missing()  # intermediates deleted by pipeline.cleanup leave the artifact list
     manifest = run.load_manifest()
     summary.artifacts = manifest_table(manifest)
+    summary.superseded = {n: s.reason for n, s in manifest.superseded.items() if n in superseded}
+    summary.gate = ctx.notes.get("gate")
     summary.links.update(ctx.notes.get("links", {}))
     _publish_summary_artifacts(summary)
     notify_run(cfg.notifications, summary)
     return summary
+
+
+def execute_stage(ctx: RunContext, stage: Stage) -> StageResult:
+    """Run one stage's runner (inside the stage's Prefect task) and say what happened.
+
+    Whatever wraps every stage goes here: the heavy-stage concurrency slot now. The runner is looked up
+    when the stage runs (tests replace one entry of RUNNERS to stand in for a broken stage).
+    """
+    cfg = ctx.config
+    started_at, t0 = time.time(), time.monotonic()
+    try:
+        with stage_slot(cfg, stage):
+            made = RUNNERS[stage](ctx)
+    except StageSkipped as why:  # nothing to do: its dependants run on what the lineage has (unless it blocks)
+        return StageResult(
+            stage,
+            StageStatus.SKIPPED,
+            time.monotonic() - t0,
+            str(why),
+            blocks=ctx.notes.get("blocks", {}).get(stage),
+            started_at=started_at,
+            ended_at=time.time(),
+        )
+    except Exception as exc:
+        message = scrub(f"{type(exc).__name__}: {exc}")
+        fatal = stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error
+        return StageResult(
+            stage,
+            StageStatus.FAILED if fatal else StageStatus.DEGRADED,
+            time.monotonic() - t0,
+            message,
+            blocks=f"failed ({message})",
+            error=exc,
+            fatal=fatal,
+            started_at=started_at,
+            ended_at=time.time(),
+        )
+    status = (
+        StageStatus.DRY_RUN
+        if ctx.notes.get("dry_run", {}).get(stage)
+        else (StageStatus.CACHED if ctx.all_cached(stage) else StageStatus.DONE)
+    )
+    message = ctx.notes.get("messages", {}).get(stage, "")
+    ran_on = ctx.notes.get("task_runner", {}).get(stage)
+    if ran_on and ran_on["runner"] != "ThreadPoolTaskRunner":
+        message += f"{'; ' if message else ''}{_runner_phrase(ran_on)}"
+    return StageResult(
+        stage,
+        status,
+        time.monotonic() - t0,
+        message,
+        list(made),
+        blocks=ctx.notes.get("blocks", {}).get(stage),
+        started_at=started_at,
+        ended_at=time.time(),
+    )
+
+
+def carry_stage(ctx: RunContext, stage: Stage) -> StageResult:
+    """Settle a stage that does not run this time: its recorded artifacts that are still current join the
+    lineage (tasks/core/lineage.py); when it had records and none is current, it is superseded."""
+    spec = SPECS[stage]
+    kept, dropped = ctx.lineage.carry(stage, ctx.records, ctx.config, spec.keep, spec.keep_inputs)
+    message = "; ".join(f"{n}: {why}" for n, why in dropped.items())
+    status = StageStatus.SUPERSEDED if dropped and not kept else None
+    return StageResult(stage, status, message=message, artifacts=kept)
+
+
+def _settled(ctx: RunContext, summary: RunSummary, res: StageResult, logger: Any) -> None:
+    """In the flow thread, as each stage settles: the lineage, the manifest, the summary, the log."""
+    run, stage = ctx.run, res.stage
+    if res.status is None or res.status == StageStatus.SUPERSEDED:  # not run: carried from the manifest
+        run.restore(res.artifacts)
+        if res.status == StageStatus.SUPERSEDED:
+            run.record(stage, res.status, message=res.message)
+            logger.info("%s: not run; its earlier artifacts are superseded (%s)", stage, res.message)
+        return
+    ctx.lineage.adopt(res.artifacts)
+    run.record(stage, res.status, res.artifacts, seconds=res.seconds, message=res.message)
+    ran_on = ctx.notes.get("task_runner", {}).get(stage)
+    if ran_on:
+        summary.task_runners[stage] = ran_on
+    summary.stages.append(
+        StageOutcome(
+            stage=stage,
+            status=res.status,
+            seconds=round(res.seconds, 2),
+            message=res.message,
+            artifacts=[a.name for a in res.artifacts],
+            started_at=res.started_at or None,
+            ended_at=res.ended_at or None,
+        )
+    )
+    if res.status == StageStatus.DEGRADED:
+        summary.degraded = True
+        logger.warning("%s failed, continuing (pipeline.continue_on_error): %s", stage, res.message)
+    elif res.status == StageStatus.FAILED:
+        logger.error("%s failed: %s", stage, res.message)
+    elif res.status == StageStatus.SKIPPED:
+        logger.info("%s: skipped (%s)", stage, res.message)
+    else:
+        names = ", ".join(a.name for a in res.artifacts) or "no artifacts"
+        logger.info("%s: %s in %.1fs (%s)", stage, res.status, res.seconds, names)
+
+
+def _supersede(ctx: RunContext, results: dict[Stage, StageResult]) -> dict[str, str]:
+    """Mark superseded every recorded artifact of a settled stage that is not in this run's lineage."""
+    current = ctx.lineage.artifacts
+    reasons: dict[str, str] = {}
+    for name, a in ctx.records.items():
+        if name in current or a.stage not in results:
+            continue
+        stage = Stage(a.stage)
+        why = ctx.lineage.superseded.get(name)
+        keep = SPECS[stage].keep
+        if why is None and keep is not None:
+            why = keep(a, ctx.config, ctx.lineage)
+        res = results[stage]
+        reasons[name] = why or (
+            f"{stage} ran and did not make it again"
+            if res.status is not None and res.status.ok
+            else f"not made in this run ({stage}: {res.status or 'not run'})"
+        )
+    ctx.run.supersede(reasons)
+    return reasons
+
+
+def _delete_superseded(ctx: RunContext, superseded: dict[str, str]) -> list[str]:
+    """pipeline.cleanup.delete_superseded: remove the files of superseded artifacts inside the run folder
+    that no current artifact uses (their records stay in the manifest)."""
+    import shutil
+
+    in_use = {Path(a.path) for a in ctx.lineage.artifacts.values()}
+    removed: list[str] = []
+    for name in superseded:
+        p = Path(ctx.records[name].path)
+        if p in in_use or not p.is_relative_to(ctx.run.root) or not p.exists():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(str(p))
+    return removed
 
 
 def _run_cleanups(ctx: RunContext) -> None:
@@ -250,6 +380,7 @@ def format_summary(summary: RunSummary) -> str:
         lines += ["", "artifacts:"]
         for a in summary.artifacts:
             lines.append(f"  {a['artifact']:<22} {a['size_mb']:>10.2f} MB  sha256 {a['sha256']}…  {a['path']}")
+    lines += [f"  {line}" if line else line for line in release_lines(summary)]
     if summary.links:
         lines += ["", "links:"] + [f"  {k}: {v}" for k, v in summary.links.items()]
     lines += [

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.core.scrub import scrub
 from tasks.core.vocab import StageStatus
+from tasks.release.gate import Decision
 
 if TYPE_CHECKING:
     from flows.config import NotificationSettings
@@ -73,6 +74,7 @@ def compose(summary: RunSummary, event: Event, error: str = "", run_url: str = "
         lines.append(
             f"- {s.stage}: {s.status}" + (f" ({s.message})" if s.message and s.status != StageStatus.DONE else "")
         )
+    lines += release_lines(summary)
     links = dict(summary.links)
     if run_url:
         links["prefect run"] = run_url
@@ -80,6 +82,16 @@ def compose(summary: RunSummary, event: Event, error: str = "", run_url: str = "
     lines.append("")
     lines += [f"{k}: {v}" for k, v in links.items()]
     return scrub(subject), scrub("\n".join(lines))
+
+
+def release_lines(summary: RunSummary) -> list[str]:
+    """What the release gate decided and what left the lineage (the summary, the UI and every message)."""
+    lines = []
+    if summary.gate:
+        lines.append(f"release gate: {Decision.model_validate(summary.gate).summary()}")
+    if summary.superseded:
+        lines.append("superseded: " + "; ".join(f"{n} ({why})" for n, why in summary.superseded.items()))
+    return [""] + lines if lines else []
 
 
 def load_notification_block(name: str) -> Any:

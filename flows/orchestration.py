@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flows.notifications import release_lines
 from flows.stages import HEAVY_STAGES
 from flows.summary import RunSummary
 from tasks.core.vocab import ArtifactKind
@@ -117,6 +118,7 @@ def summary_markdown(summary: RunSummary) -> str:
     for s in summary.stages:
         msg = s.message.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {s.stage} | {s.status} | {s.seconds:.1f} | {msg} |")
+    lines += release_lines(summary)
     if summary.links:
         lines += ["", "## Links", ""] + [f"- **{k}**: {v}" for k, v in summary.links.items()]
     lines += ["", f"Run folder: `{summary.run_dir}`  ", f"Manifest: `{summary.manifest}`"]

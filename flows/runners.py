@@ -7,15 +7,20 @@ reason). It reads like the pipeline diagram: pick the inputs, call the stage's t
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
-from tasks.core.vocab import ArtifactKind
+from tasks.core.vocab import ArtifactKind, Stage
+
+log = logging.getLogger("loraship.flow")
 
 if TYPE_CHECKING:  # the context imports the config, which is built from the stage table, which names these runners
     from flows.context import RunContext
+    from tasks.core.lineage import Lineage
 
 
 def _need(ctx: RunContext, kind: ArtifactKind, stage: str) -> list[Artifact]:
@@ -180,6 +185,64 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     return made + splits
 
 
+def gate_evidence(config: Any) -> tuple[Stage, ...]:
+    """What the release gate waits for under `config` (its row's `wants`): health when it requires a healthy
+    verdict, evaluate when it has quality limits or a person approves with the eval table."""
+    g = config.pipeline.gate
+    wanted: list[Stage] = []
+    if g is not None and g.require_healthy:
+        wanted.append(Stage.HEALTH)
+    if (g is not None and (g.any() or any(q.any() for q in g.quants.values()))) or config.pipeline.approval:
+        wanted.append(Stage.EVALUATE)
+    return tuple(wanted)
+
+
+def run_gate(ctx: RunContext) -> list[Artifact]:
+    from tasks.release.gate import gate_task
+
+    p = ctx.config.pipeline
+    ggufs = ctx.of_kind(ArtifactKind.GGUF)
+    if not ggufs:
+        if p.gate is not None or p.approval:  # fail closed: nothing decided, nothing published
+            ctx.notes.setdefault("blocks", {})["gate"] = "no GGUFs in this run's lineage for the release gate"
+        raise StageSkipped("no GGUFs in this run's lineage to decide on")
+    health = [a for a in ctx.of_kind(ArtifactKind.REPORT) if a.stage == Stage.HEALTH]
+    if p.approval and not os.environ.get("PREFECT_API_URL"):
+        log.warning(
+            "pipeline.approval: this run uses Prefect's temporary API, which has no UI; start `prefect server "
+            "start` and set PREFECT_API_URL to approve from the UI (the API answers at the temporary server's URL)"
+        )
+    made = ctx.call(
+        "gate",
+        gate_task,
+        ggufs,
+        p.gate,
+        ctx.run.reports_dir / "gate.json",
+        eval_report=ctx.artifacts.get("report:eval"),
+        health=health or None,
+        approval=p.approval,
+        approval_timeout_s=p.approval_timeout_s,
+    )
+    from tasks.release.gate import Decision
+
+    decision = Decision.model_validate(made.meta)
+    ctx.notes.setdefault("messages", {})["gate"] = decision.summary()
+    ctx.notes["gate"] = made.meta
+    if decision.blocked:
+        ctx.notes.setdefault("blocks", {})["gate"] = decision.blocked
+    return [made]
+
+
+def _released(ctx: RunContext, stage: str, kind: ArtifactKind = ArtifactKind.GGUF) -> list[Artifact]:
+    """The artifacts of `kind` the release gate lets `stage` publish or install (all when no gate ran)."""
+    found = _need(ctx, kind, stage) if kind == ArtifactKind.GGUF else ctx.of_kind(kind)
+    decision = ctx.artifacts.get("report:gate")
+    if decision is None:
+        return found
+    passed = set(decision.meta.get("passed") or [])
+    return [a for a in found if str(a.meta.get("quant")) in passed]
+
+
 def _hub_token(ctx: RunContext, ref, what: str):
     """A configured secret reference resolved (missing: a clear error); None when none is configured."""
     return ref.resolve(required=True) if ref is not None else None
@@ -188,7 +251,7 @@ def _hub_token(ctx: RunContext, ref, what: str):
 def run_hub_push(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.hub_push import hub_push_task
 
-    ggufs = _need(ctx, ArtifactKind.GGUF, "hub_push")
+    ggufs = _released(ctx, "hub_push")
     token = None if ctx.dry_run else _hub_token(ctx, ctx.config.hub.token, "hub.token")
     dry = ctx.dry_run or token is None
     made = ctx.call(
@@ -208,7 +271,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         eval_report=ctx.artifacts.get("report:eval"),
         dry_run=dry,
         _token=token,
-        splits=ctx.of_kind(ArtifactKind.GGUF_SPLIT) or None,
+        splits=_released(ctx, "hub_push", ArtifactKind.GGUF_SPLIT) or None,
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["hub_push"] = True
@@ -219,9 +282,12 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         )
     else:
         ctx.notes.setdefault("links", {})["hub repo"] = made.meta["url"]
+        deleted = made.meta.get("deleted") or []
         ctx.notes.setdefault("messages", {})["hub_push"] = (
             f"{made.meta['url']}: {len(made.meta.get('uploaded', []))} file(s) sent, "
             f"{len(made.meta.get('skipped', []))} unchanged"
+            + (f", {len(deleted)} removed ({', '.join(deleted)})" if deleted else "")
+            + ("" if made.meta.get("uploaded") or deleted else "; no commit")
         )
     return [made]
 
@@ -229,7 +295,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
 def run_card(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.card import card_task
 
-    ggufs = _need(ctx, ArtifactKind.GGUF, "card")
+    ggufs = _released(ctx, "card")
     pushed = ctx.artifacts.get("publish:hub")
     if pushed is not None:
         repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
@@ -255,7 +321,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         pushed=pushed if real else None,
         endpoint=endpoint,
         _token=token,
-        splits=ctx.of_kind(ArtifactKind.GGUF_SPLIT) or None,
+        splits=_released(ctx, "card", ArtifactKind.GGUF_SPLIT) or None,
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
     ctx.notes.setdefault("messages", {})["card"] = (
@@ -274,7 +340,8 @@ def run_space(ctx: RunContext) -> list[Artifact]:
             "the space stage needs the hub_push record (publish:hub) and this run has none",
             hint="enable hub_push, or run with --from space after a run that pushed",
         )
-    ggufs = _need(ctx, ArtifactKind.GGUF, "space")
+    ggufs = _released(ctx, "space")
+    settings, fallback = _space_settings(ctx, ggufs)
     real = not pushed.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     read_token = _hub_token(ctx, ctx.config.space.read_token, "space.read_token") if real else None
@@ -283,7 +350,7 @@ def run_space(ctx: RunContext) -> list[Artifact]:
         space_task,
         pushed,
         ggufs,
-        ctx.config.space,
+        settings,
         ctx.run.publish_dir,
         model_name=ctx.config.model.name,
         license=ctx.config.card.license,
@@ -300,13 +367,27 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     else:
         ctx.notes.setdefault("links", {})["Space"] = made.meta["url"]
         ctx.notes.setdefault("messages", {})["space"] = f"{made.meta['url']}: {made.meta.get('stage', 'deployed')}"
+    if fallback:
+        ctx.notes["messages"]["space"] += f"; {fallback}"
     return [made]
+
+
+def _space_settings(ctx: RunContext, ggufs: list[Artifact]) -> tuple[Any, str]:
+    """space settings, with the quant replaced by a released one when the gate withheld space.quant."""
+    s = ctx.config.space
+    shipped = [str(a.meta.get("quant")) for a in ggufs]
+    gate = ctx.artifacts.get("report:gate")
+    if s.quant in shipped or gate is None or s.quant not in (gate.meta.get("withheld") or {}):
+        return s, ""
+    order = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "Q5_0", "Q3_K_M", "Q2_K", "F16", "BF16"]
+    pick = min(shipped, key=lambda q: order.index(q) if q in order else len(order))
+    return s.model_copy(update={"quant": pick}), f"runs {pick}: the release gate withheld space.quant {s.quant}"
 
 
 def run_local_deploy(ctx: RunContext) -> list[Artifact]:
     from tasks.local.stage import local_deploy_task
 
-    ggufs = _need(ctx, ArtifactKind.GGUF, "local_deploy")
+    ggufs = _released(ctx, "local_deploy")
     s = ctx.config.deployment
     if not s.targets:
         raise StageSkipped("deployment.targets is empty (or every target's *_enabled switch is false)")
@@ -424,6 +505,49 @@ def run_evaluate(ctx: RunContext) -> list[Artifact]:
         if r.get("ppl") is not None
     )
     return [report]
+
+
+# --- lineage: what a stage that does not run still wants of its recorded artifacts (the rows' `keep`) ----
+
+
+def keep_merged(a: Artifact, config: Any, lineage: Lineage) -> str | None:
+    """merged/ is current when made from the current adapter (checked by the lineage) and the same base."""
+    from tasks.merge.stage import base_fingerprint
+
+    adapter = lineage.artifacts.get("adapter")
+    if "base" not in a.inputs or adapter is None:
+        return None  # a record without the base's fingerprint: nothing to compare (the adapter input is checked)
+    try:
+        now = base_fingerprint(config.merge, config.model.base_model, adapter)
+    except Exception:  # the base cannot be looked at now (not cached, moved): keep what the user chose to reuse
+        return None
+    if a.inputs["base"] != now:
+        return "merged from another base model (its files changed, or merge.base_model names another)"
+    return None
+
+
+def keep_converted(a: Artifact, config: Any, lineage: Lineage) -> str | None:
+    if a.kind == ArtifactKind.GGUF_LORA:
+        return None if config.convert.lora_adapter else "convert.lora_adapter is off"
+    want = config.convert.outtype.upper()
+    return None if str(a.meta.get("quant")).upper() == want else f"convert.outtype is {config.convert.outtype} now"
+
+
+def keep_quantized(a: Artifact, config: Any, lineage: Lineage) -> str | None:
+    q = str(a.meta.get("quant") or "").upper()
+    types = {t.upper() for t in config.quantization.types}
+    if a.kind == ArtifactKind.GGUF_SPLIT:
+        if not config.quantization.split_max_size:
+            return "quantization.split_max_size is not set"
+        if q == config.convert.outtype.upper() and not config.pipeline.cleanup.delete_f16:
+            return None
+    return None if q in types else f"quantization.types no longer lists {q}"
+
+
+def keep_served(a: Artifact, config: Any, lineage: Lineage) -> str | None:
+    wanted = [config.serving.quant, *config.serving.extra_quants]
+    q = str(a.meta.get("quant"))
+    return None if q in wanted else f"serving.quant/extra_quants no longer serve {q}"
 
 
 def __getattr__(name: str) -> object:

@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from flows import runners
+from tasks.core.lineage import Wanted
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.download.settings import DownloadSettings
 from tasks.evaluate.evaluation import EvalSettings
@@ -56,8 +57,8 @@ class StageSpec:
     """One stage of the pipeline, as the flow, the config schema and the docs see it."""
 
     name: Stage
-    section: str  # its section of deployment_config.yaml
-    settings: type[BaseModel]  # that section's model (owned by the stage's module)
+    section: str | None  # its section of deployment_config.yaml (None: settings live in a pipeline-wide section)
+    settings: type[BaseModel] | None  # that section's model (owned by the stage's module)
     runner: Callable[[RunContext], list[Artifact]]  # flows/runners.py: wiring from the run to the stage's task
     summary: str  # one line for the README's stage table and `--help`
     takes: tuple[ArtifactKind, ...] = ()
@@ -68,15 +69,31 @@ class StageSpec:
     heavy: bool = False
     cache: Caching = Caching.CONTENT
     required: bool = False  # the config must have this section (download's `source`: there is no default source)
+    # Which of `uses` this config needs (None: all). The release gate waits for health and evaluate only
+    # when it checks them, so with the gate off publishing does not wait for the health check.
+    wants: Callable[[Any], tuple[Stage, ...]] | None = None
+    # Whether a recorded artifact of this stage is still wanted under the current config, when the stage
+    # does not run (tasks/core/lineage.py): None keeps it, a string says why not. `keep_inputs` are recorded
+    # inputs that are not artifacts (merge's base fingerprint), judged by `keep` itself.
+    keep: Wanted | None = None
+    keep_inputs: tuple[str, ...] = ()
+    implied: bool = False  # runs whenever one of its dependants runs (the release gate); cannot be skipped
 
     @property
     def upstream(self) -> tuple[Stage, ...]:
         return self.needs + tuple(s for s in self.uses if s not in self.needs)
 
+    def upstream_for(self, config: Any) -> tuple[Stage, ...]:
+        """The stages this one waits for under `config`: its needs and the uses the config asks for."""
+        if self.wants is None:
+            return self.upstream
+        wanted = set(self.wants(config))
+        return self.needs + tuple(s for s in self.uses if s in wanted and s not in self.needs)
+
     @property
     def owner(self) -> str:
         """The file that defines the section's Settings model (for the config reference)."""
-        return self.settings.__module__.replace(".", "/") + ".py"
+        return (self.settings.__module__.replace(".", "/") + ".py") if self.settings else "flows/config.py"
 
 
 TABLE: tuple[StageSpec, ...] = (
@@ -102,6 +119,8 @@ TABLE: tuple[StageSpec, ...] = (
         needs=(Stage.DOWNLOAD,),
         critical=True,
         heavy=True,
+        keep=runners.keep_merged,
+        keep_inputs=("base",),
     ),
     StageSpec(
         Stage.CONVERT,
@@ -113,6 +132,7 @@ TABLE: tuple[StageSpec, ...] = (
         makes=(K.GGUF, K.GGUF_LORA),
         needs=(Stage.MERGE,),
         critical=True,
+        keep=runners.keep_converted,
     ),
     StageSpec(
         Stage.QUANTIZE,
@@ -125,6 +145,7 @@ TABLE: tuple[StageSpec, ...] = (
         needs=(Stage.CONVERT,),
         critical=True,
         heavy=True,
+        keep=runners.keep_quantized,
     ),
     StageSpec(
         Stage.SERVE,
@@ -136,6 +157,7 @@ TABLE: tuple[StageSpec, ...] = (
         makes=(K.SERVICE,),
         needs=(Stage.QUANTIZE,),
         cache=Caching.NONE,
+        keep=runners.keep_served,
     ),
     StageSpec(
         Stage.HEALTH,
@@ -159,6 +181,20 @@ TABLE: tuple[StageSpec, ...] = (
         needs=(Stage.QUANTIZE,),
     ),
     StageSpec(
+        Stage.GATE,
+        None,  # settings: pipeline.gate, pipeline.approval
+        None,
+        runners.run_gate,
+        "which quantizations ship (pipeline.gate: health, KL and perplexity limits; pipeline.approval: a person)",
+        takes=(K.GGUF, K.REPORT),
+        makes=(K.REPORT,),
+        needs=(Stage.QUANTIZE,),
+        uses=(Stage.HEALTH, Stage.EVALUATE),
+        cache=Caching.NONE,
+        wants=runners.gate_evidence,
+        implied=True,
+    ),
+    StageSpec(
         Stage.LOCAL_DEPLOY,
         "deployment",
         LocalDeploySettings,
@@ -166,7 +202,7 @@ TABLE: tuple[StageSpec, ...] = (
         "the GGUFs linked into LM Studio's models folder, an Ollama Modelfile (and `ollama create`)",
         takes=(K.GGUF,),
         makes=(K.PUBLISH,),
-        needs=(Stage.QUANTIZE,),
+        needs=(Stage.GATE,),
         cache=Caching.NONE,
     ),
     StageSpec(
@@ -177,8 +213,9 @@ TABLE: tuple[StageSpec, ...] = (
         "the GGUFs, card, adapter and metadata to the model repo in one commit (only what differs from the Hub)",
         takes=(K.GGUF, K.GGUF_SPLIT, K.ADAPTER, K.MERGED, K.REPORT),
         makes=(K.PUBLISH,),
-        needs=(Stage.QUANTIZE,),
+        needs=(Stage.GATE,),
         uses=(Stage.EVALUATE,),
+        cache=Caching.REMOTE,
     ),
     StageSpec(
         Stage.CARD,
@@ -188,8 +225,9 @@ TABLE: tuple[StageSpec, ...] = (
         "the model card (quant table, training, eval numbers, model-index) rendered and kept in sync on the Hub",
         takes=(K.GGUF, K.GGUF_SPLIT, K.ADAPTER, K.REPORT, K.PUBLISH),
         makes=(K.REPORT,),
-        needs=(Stage.QUANTIZE,),
+        needs=(Stage.GATE,),
         uses=(Stage.EVALUATE, Stage.HUB_PUSH),
+        cache=Caching.REMOTE,
     ),
     StageSpec(
         Stage.SPACE,
@@ -200,6 +238,7 @@ TABLE: tuple[StageSpec, ...] = (
         takes=(K.PUBLISH, K.GGUF),
         makes=(K.PUBLISH,),
         needs=(Stage.HUB_PUSH,),
+        cache=Caching.REMOTE,
     ),
 )
 
@@ -209,19 +248,25 @@ CRITICAL_STAGES: frozenset[Stage] = frozenset(s.name for s in TABLE if s.critica
 HEAVY_STAGES: frozenset[Stage] = frozenset(s.name for s in TABLE if s.heavy)
 # The runner of each stage. A dict on purpose: tests replace one entry to stand in for a broken stage.
 RUNNERS: dict[Stage, Callable[[RunContext], list[Artifact]]] = {s.name: s.runner for s in TABLE}
-SECTION_OWNERS: dict[str, str] = {s.section: s.owner for s in TABLE}
+SECTION_OWNERS: dict[str, str] = {s.section: s.owner for s in TABLE if s.section}
 
 
-def ancestors(stage: Stage, table: Iterable[StageSpec] = TABLE) -> set[Stage]:
-    """Every stage `stage` depends on, directly or not (needs and uses)."""
+def ancestors(stage: Stage, table: Iterable[StageSpec] = TABLE, config: Any = None, hard: bool = False) -> set[Stage]:
+    """Every stage `stage` depends on, directly or not: through needs and uses (those `config` wants, when
+    given), or through needs alone (`hard`)."""
     specs = {s.name: s for s in table}
+
+    def up(s: Stage) -> tuple[Stage, ...]:
+        spec = specs[s]
+        return spec.needs if hard else spec.upstream_for(config) if config is not None else spec.upstream
+
     seen: set[Stage] = set()
-    todo = list(specs[stage].upstream)
+    todo = list(up(stage))
     while todo:
         s = todo.pop()
         if s not in seen:
             seen.add(s)
-            todo.extend(specs[s].upstream)
+            todo.extend(up(s))
     return seen
 
 
@@ -238,13 +283,13 @@ def check_table(table: tuple[StageSpec, ...] = TABLE) -> None:
     for spec in table:
         if spec.name in seen:
             raise ValueError(f"stage table: {spec.name} appears twice")
-        if spec.section in sections:
+        if spec.section and spec.section in sections:
             raise ValueError(f"stage table: section '{spec.section}' of {spec.name} is owned by another stage")
         for up in spec.upstream:
             if up not in seen:
                 raise ValueError(f"stage table: {spec.name} depends on {up}, which is not an earlier row")
         for up in spec.uses:
-            if any(up in ancestors(n, table) | {n} for n in spec.needs):
+            if any(up in ancestors(n, table, hard=True) | {n} for n in spec.needs):
                 raise ValueError(f"stage table: {spec.name} uses {up}, which it already depends on through needs")
         specs = {s.name: s for s in table}
         made_upstream = {k for a in ancestors(spec.name, table) for k in specs[a].makes}
@@ -252,7 +297,8 @@ def check_table(table: tuple[StageSpec, ...] = TABLE) -> None:
             if kind not in made_upstream:
                 raise ValueError(f"stage table: {spec.name} takes '{kind}', which none of its upstream stages makes")
         seen.add(spec.name)
-        sections.add(spec.section)
+        if spec.section:
+            sections.add(spec.section)
 
 
 check_table()
@@ -284,8 +330,9 @@ def stage_table_markdown(table: tuple[StageSpec, ...] = TABLE) -> str:
         return ", ".join(f"`{i}`" for i in items) or "-"
 
     for s in table:
+        section = f"`{s.section}`" if s.section else "(`pipeline`)"
         rows.append(
-            f"| `{s.name}` | `{s.section}` | {cell(s.takes)} | {cell(s.makes)} | {cell(s.needs)} | {cell(s.uses)} "
+            f"| `{s.name}` | {section} | {cell(s.takes)} | {cell(s.makes)} | {cell(s.needs)} | {cell(s.uses)} "
             f"| {'yes' if s.critical else '-'} | {'yes' if s.heavy else '-'} | {s.cache} |"
         )
     return "\n".join(rows)

@@ -15,6 +15,8 @@ class StageOutcome(BaseModel):
     seconds: float = 0.0
     message: str = ""
     artifacts: list[str] = Field(default_factory=list)
+    started_at: float | None = Field(None, description="wall clock (epoch seconds) when the stage started")
+    ended_at: float | None = Field(None, description="... and when it ended (stages overlap in a DAG run)")
 
 
 class RunSummary(BaseModel):
@@ -26,6 +28,10 @@ class RunSummary(BaseModel):
     stages: list[StageOutcome] = Field(default_factory=list)
     artifacts: list[dict[str, Any]] = Field(default_factory=list)
     links: dict[str, str] = Field(default_factory=dict)
+    superseded: dict[str, str] = Field(
+        default_factory=dict, description="artifacts that left the lineage in this run -> why (see the manifest)"
+    )
+    gate: dict[str, Any] | None = Field(None, description="the release gate's decision (reports/gate.json)")
     task_runners: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per fanned-out stage: the task runner, and on Dask the workers that ran its items",

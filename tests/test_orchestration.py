@@ -223,7 +223,8 @@ def test_continue_on_error_degrades_and_notifies(
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary.degraded is True
-    assert {s.stage: s.status for s in summary.stages} == {"download": "done", "space": "degraded"}
+    # the release gate runs whenever a publishing stage does; with no GGUFs (and no gate set) it skips
+    assert {s.stage: s.status for s in summary.stages} == {"download": "done", "gate": "skipped", "space": "degraded"}
     manifest = json.loads(Path(summary.manifest).read_text())
     assert manifest["stages"]["space"]["status"] == "degraded"
     assert "Space build failed" in manifest["stages"]["space"]["message"]

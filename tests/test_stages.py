@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("spec", TABLE, ids=lambda s: str(s.name))
 def test_every_stage_row_is_complete(spec: StageSpec) -> None:
     assert isinstance(spec.name, Stage)
-    # its section is in the config, typed with its Settings model, owned by the module that defines it
-    field = PipelineConfig.model_fields[spec.section]
-    assert field.annotation is spec.settings
-    assert SECTION_OWNERS[spec.section] == spec.owner and (ROOT / spec.owner).is_file()
-    # every setting says what it does (the config reference and --validate show it)
-    for name, f in spec.settings.model_fields.items():
-        assert f.description or f.annotation, f"{spec.section}.{name}"
+    if spec.section is None:  # settings in a pipeline-wide section (the gate: pipeline.gate, pipeline.approval)
+        assert spec.settings is None and "pipeline." in spec.summary
+    else:
+        # its section is in the config, typed with its Settings model, owned by the module that defines it
+        field = PipelineConfig.model_fields[spec.section]
+        assert field.annotation is spec.settings
+        assert SECTION_OWNERS[spec.section] == spec.owner and (ROOT / spec.owner).is_file()
+        # every setting says what it does (the config reference and --validate show it)
+        for name, f in spec.settings.model_fields.items():
+            assert f.description, f"{spec.section}.{name} has no description"
     assert callable(spec.runner) and spec.runner is stages.RUNNERS[spec.name]
     assert spec.summary and all(isinstance(k, ArtifactKind) for k in (*spec.takes, *spec.makes))
     assert spec.makes, f"{spec.name} makes nothing"
@@ -38,12 +41,26 @@ def test_derived_sets_come_from_the_table() -> None:
     assert stages.HEAVY_STAGES == {Stage.MERGE, Stage.QUANTIZE}
     cfg = parse_config({"model": {"name": "m"}, "source": {"path": "/p"}})
     assert cfg.pipeline.stages == list(stages.STAGES)
+    assert [s.name for s in TABLE if s.implied] == [Stage.GATE]
 
 
 def test_evaluation_comes_before_publishing() -> None:
     assert stages.STAGES.index(Stage.EVALUATE) < stages.STAGES.index(Stage.HUB_PUSH)
     assert Stage.EVALUATE in stages.ancestors(Stage.HUB_PUSH)
     assert Stage.HUB_PUSH in stages.descendants(Stage.QUANTIZE)
+    for publishing in (Stage.HUB_PUSH, Stage.CARD, Stage.SPACE, Stage.LOCAL_DEPLOY):
+        assert Stage.GATE in stages.ancestors(publishing, hard=True)
+
+
+def test_the_gate_waits_for_what_it_checks() -> None:
+    base = {"model": {"name": "m"}, "source": {"path": "/p"}}
+    gate = stages.SPECS[Stage.GATE]
+    assert gate.upstream_for(parse_config(base)) == (Stage.QUANTIZE,)  # off: publishing does not wait for health
+    on = parse_config({**base, "pipeline": {"gate": {"max_kl_div": 0.1}}})
+    assert set(gate.upstream_for(on)) == {Stage.QUANTIZE, Stage.HEALTH, Stage.EVALUATE}
+    health_only = parse_config({**base, "pipeline": {"gate": {}}})
+    assert set(gate.upstream_for(health_only)) == {Stage.QUANTIZE, Stage.HEALTH}
+    assert Stage.EVALUATE in stages.ancestors(Stage.HUB_PUSH, config=parse_config(base))  # the card's numbers
 
 
 def test_a_broken_table_is_refused() -> None:

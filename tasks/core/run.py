@@ -30,6 +30,14 @@ class StageRecord(BaseModel):
     artifacts: list[str] = Field(default_factory=list)
 
 
+class Superseded(BaseModel):
+    """An artifact that left the run's lineage: never published, linked, served, evaluated or split again."""
+
+    artifact: Artifact
+    reason: str
+    since: str = Field(default_factory=lambda: _now())
+
+
 class Manifest(BaseModel):
     schema_version: int = 1
     model: str
@@ -42,6 +50,9 @@ class Manifest(BaseModel):
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
     removed: dict[str, str] = Field(
         default_factory=dict, description="artifacts deleted on purpose (cleanup) -> their sha256"
+    )
+    superseded: dict[str, Superseded] = Field(
+        default_factory=dict, description="artifacts that left the lineage (tasks/core/lineage.py), with the reason"
     )
 
     def of_kind(self, kind: ArtifactKind) -> list[Artifact]:
@@ -121,6 +132,7 @@ class RunFolder:
         def apply(m: Manifest) -> None:
             for a in artifacts:
                 m.artifacts[a.name] = a
+                m.superseded.pop(a.name, None)
                 for k, v in a.tools.items():
                     m.tools.setdefault(k, v)
             m.stages[stage] = StageRecord(
@@ -128,6 +140,32 @@ class RunFolder:
             )
 
         return self.update_manifest(apply)
+
+    def supersede(self, reasons: dict[str, str]) -> list[str]:
+        """Move the named artifacts from `artifacts` to `superseded`, each with why it left the lineage."""
+        moved: list[str] = []
+
+        def apply(m: Manifest) -> None:
+            for name, reason in reasons.items():
+                a = m.artifacts.pop(name, None)
+                if a is not None:
+                    m.superseded[name] = Superseded(artifact=a, reason=reason)
+                    moved.append(name)
+
+        if reasons:
+            self.update_manifest(apply)
+        return moved
+
+    def restore(self, artifacts: list[Artifact]) -> None:
+        """Carried artifacts that an earlier run had marked superseded and that are current again."""
+
+        def apply(m: Manifest) -> None:
+            for a in artifacts:
+                if a.name in m.superseded and a.name not in m.artifacts:
+                    m.artifacts[a.name] = m.superseded.pop(a.name).artifact
+
+        if artifacts:
+            self.update_manifest(apply)
 
     def prune_missing(self) -> list[str]:
         """Move artifacts whose files were deleted on purpose (pipeline.cleanup) out of `artifacts`, into

@@ -23,6 +23,7 @@ class Stage(StrEnum):
     SERVE = "serve"
     HEALTH = "health"
     EVALUATE = "evaluate"
+    GATE = "gate"
     LOCAL_DEPLOY = "local_deploy"
     HUB_PUSH = "hub_push"
     CARD = "card"

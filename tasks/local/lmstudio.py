@@ -102,7 +102,8 @@ def link_files(files: dict[str, Path], home: Path, publisher: str, model: str, m
     """Place `files` (file name -> source) under LM Studio's models folder; back up what they replace.
 
     Returns a record: models folder, repo folder, per file its destination and what happened
-    (`placed`, `replaced` with the backup path, or `unchanged` when it already points at the same file).
+    (`placed`, `replaced` with the backup path, or `unchanged` when it already points at the same file),
+    and `retired`: this model's GGUFs from an earlier deploy that are not in `files`, moved to the backup set.
     """
     repo = models_dir(home) / publisher / repo_name(model)
     stamp = _stamp()
@@ -134,6 +135,16 @@ def link_files(files: dict[str, Path], home: Path, publisher: str, model: str, m
             entry["action"] = "placed"
         place(src, dest, mode)
         record["files"][name] = entry
+    # GGUFs an earlier deploy put in this model's folder that are not part of this run (a dropped or
+    # withheld quantization) leave LM Studio too: moved into the backup set, so a rollback brings them back.
+    record["retired"] = {}
+    for old in sorted(repo.glob("*.gguf")) if repo.is_dir() else []:
+        if old.name in files or not old.name.startswith(f"{model}-"):
+            continue
+        backup_set.mkdir(parents=True, exist_ok=True)
+        os.replace(old, backup_set / old.name)
+        record["retired"][old.name] = str(backup_set / old.name)
+        record["backup"] = str(backup_set)
     if record["backup"]:
         atomic_write_json(
             backup_set / "backup.json",

@@ -468,8 +468,7 @@ def card(
             out_path,
             endpoint=pushed.meta.get("endpoint") or endpoint,
             token=token.get_secret_value(),
-            expected_sha256=pushed.meta.get("card_sha256"),
-        )
+        )  # compared with the README the repo has now, not with what the push record says it sent
         meta["commit"] = commit
     return Artifact.from_path(
         out_path,

@@ -172,9 +172,18 @@ def push_folder(
     known: dict[str, str] | None = None,
     repo_type: str = "model",
     space_sdk: str | None = None,
+    owned_list: str | None = None,
 ) -> dict[str, Any]:
-    """Create the repo if needed and upload `folder` in one commit, sending only changed files."""
-    from huggingface_hub import CommitOperationAdd
+    """Create the repo if needed and upload `folder` in one commit, sending only changed files.
+
+    The repo is compared with the Hub on every call (its tree listing: LFS sha256, git blob sha1), never
+    taken from a record: a deleted or changed repo is pushed again, an unchanged one gets no commit. With
+    `owned_list` (the name of a JSON file in the folder whose `published_files` lists every path this
+    project put in the repo, `loraship.json`), the files the repo's own copy of that list names and that are no longer
+    in `folder` (a dropped quantization) are deleted in the same commit; a file the project did not put
+    there is never touched.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     known = known or {}
     api = hub_api(endpoint, token)
@@ -203,6 +212,12 @@ def push_folder(
     changed: list[CommitOperationAdd] = []
     skipped: list[str] = []
     sizes: dict[str, int] = {}
+    local = {rel.as_posix() for rel in iter_files(folder)}
+    stale = sorted(
+        p
+        for p in (published_before(api, repo_id, owned_list, token, repo_type) if owned_list in remote else [])
+        if p in remote and p not in local
+    )
     for rel in iter_files(folder):
         path_in_repo = rel.as_posix()
         local = folder / rel
@@ -213,7 +228,7 @@ def push_folder(
         else:
             changed.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
     commit_oid = None
-    if changed:
+    if changed or stale:
         total = sum(sizes[op.path_in_repo] for op in changed)
         log.info(
             "uploading %d changed file(s), %.1f MB, to %s (%d unchanged)",
@@ -233,11 +248,13 @@ def push_folder(
                     free_memory=False,
                 )
                 progress.advance(sizes[op.path_in_repo])
+        if stale:
+            log.info("removing %d file(s) earlier pushes put in %s: %s", len(stale), repo_id, ", ".join(stale))
         info = call(
             "commit to",
             api.create_commit,
             repo_id,
-            operations=changed,
+            operations=[*changed, *(CommitOperationDelete(path_in_repo=p) for p in stale)],
             commit_message=commit_message,
             commit_description=commit_description,
             repo_type=repo_type,
@@ -265,9 +282,32 @@ def push_folder(
         "commit": commit_oid,
         "uploaded": [op.path_in_repo for op in changed],
         "skipped": skipped,
+        "deleted": stale,
         "tag": tagged,
         "bytes_uploaded": sum(sizes[op.path_in_repo] for op in changed),
     }
+
+
+def published_before(
+    api: Any, repo_id: str, name: str | None, token: str | None, repo_type: str = "model"
+) -> list[str]:
+    """The `published_files` of the repo's copy of `name` (loraship.json): what earlier pushes put there."""
+    import json
+    import tempfile
+
+    if not name:
+        return []
+    with tempfile.TemporaryDirectory(prefix="loraship-owned-") as tmp:
+        try:
+            path = api.hf_hub_download(repo_id, name, repo_type=repo_type, token=token, cache_dir=tmp)
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError:
+            log.warning("%s in %s is not JSON: no earlier files are removed", name, repo_id)
+            return []
+        except Exception as exc:
+            raise translate(exc, what=f"read {name} of", repo_id=repo_id, token=token, repo_type=repo_type) from exc
+    files = data.get("published_files") if isinstance(data, dict) else None
+    return [str(f) for f in files] if isinstance(files, list) else []
 
 
 def update_readme(

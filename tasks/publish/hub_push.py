@@ -294,6 +294,7 @@ def hub_push(
             + ", ".join(sorted(str(g.meta.get("quant")) for g in ggufs)),
             tag=version if settings.tag_version else None,
             known=known,
+            owned_list="loraship.json",
         )
         meta.update({k: v for k, v in result.items() if k != "url"})
         meta["url"] = result["url"] or meta["url"]

@@ -327,8 +327,14 @@ def space(
         repo_type="space",
         space_sdk="gradio",
     )
-    for key, value in variables.items():
-        call(f"set variable {key} on", api.add_space_variable, space_id, key, value)
+    # Compared with the Space's variables now (not with a record of an earlier run): only changes are sent.
+    current = {
+        k: getattr(v, "value", v)
+        for k, v in (call("read the variables of", api.get_space_variables, space_id) or {}).items()
+    }
+    changed_vars = [k for k, v in variables.items() if current.get(k) != v]
+    for key in changed_vars:
+        call(f"set variable {key} on", api.add_space_variable, space_id, key, variables[key])
     if read:
         call(
             "set the HF_TOKEN secret on",
@@ -340,12 +346,13 @@ def space(
         )
     sleep_time = settings.sleep_time if settings.hardware != "cpu-basic" else None
     call("request hardware for", api.request_space_hardware, space_id, settings.hardware, sleep_time=sleep_time)
-    if not result["uploaded"]:
-        # nothing changed in the files: a Space only rebuilds on a commit, so restart to pick up new variables
+    if not result["uploaded"] and changed_vars:
+        # the files are as they were: a Space only rebuilds on a commit, so restart to pick up new variables
         call("restart", api.restart_space, space_id)
     meta.update(
         {
             "commit": result["commit"],
+            "variables_changed": changed_vars,
             "uploaded": result["uploaded"],
             "skipped": result["skipped"],
             "url": result["url"] or meta["url"],

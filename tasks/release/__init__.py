@@ -1,0 +1,1 @@
+"""Release: the gate that decides which quantizations ship (gate.py)."""
