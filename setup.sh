@@ -2,11 +2,19 @@
 # Set up loraship in ./.venv: Debian packages (when run as root), CPU torch if no torch is present,
 # llama-cpp-python built once (pip caches the wheel), then the project itself.
 #   ./setup.sh          what the demo needs
-#   ./setup.sh --test   plus what the tests need (sshd, rsync, chromium, pytest, ...)
+#   ./setup.sh --test   plus what the tests need (sshd, rsync, chromium, pytest, ..., llama.cpp's tools)
+#   ./setup.sh --llama-tools   also build llama.cpp's llama-perplexity and llama-imatrix (once, ~5 minutes)
 set -euo pipefail
 cd "$(dirname "$0")"
 WANT_TEST=0
-[[ "${1:-}" == "--test" ]] && WANT_TEST=1
+WANT_TOOLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WANT_TEST=1; WANT_TOOLS=1 ;;  # the tests compare the evaluation with llama-perplexity
+    --llama-tools) WANT_TOOLS=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --llama-tools)" >&2; exit 2 ;;
+  esac
+done
 PY="${PYTHON:-python3}"
 
 apt_install() {
@@ -26,6 +34,9 @@ apt_install() {
 # golang-go: Go's text/template renders Ollama TEMPLATEs in the chat-template contract (a small Go program,
 # standard library only, built once into ~/.cache/loraship/go below; runs need only the built binary).
 apt_install rsync openssh-client golang-go
+if (( WANT_TOOLS )); then
+  apt_install cmake ninja-build g++
+fi
 if (( WANT_TEST )); then
   apt_install openssh-server chromium chromium-driver
 fi
@@ -61,5 +72,12 @@ if (( WANT_TEST )); then
   "$VPY" -m tasks.chat.gorender build
 else
   "$VPY" -m tasks.chat.gorender build || echo "== note: install golang-go to check Ollama templates (apt-get install golang-go)"
+fi
+if (( WANT_TOOLS )); then
+  # llama.cpp's own tools, from the vendored source of the same llama-cpp-python sdist (cached after the first build)
+  for tool in cmake ninja; do
+    command -v "$tool" >/dev/null || "$VPY" -m pip install -q "$tool"  # not root: PyPI's builds of them
+  done
+  PATH="$PWD/.venv/bin:$PATH" "$VPY" -m tasks.gguf.llama_tools build
 fi
 "$VPY" -c "import flows.full, llama_cpp, torch, prefect; print('loraship ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__, '| prefect', prefect.__version__)"

@@ -3,12 +3,15 @@
 For every GGUF (and optionally a second model version, `evaluation.compare_gguf`) a child process
 (tasks/evaluate/worker.py) answers the eval samples (eval_samples.jsonl: prompt, reference, optional
 metric exact|contains) and measures latency p50/p95, tokens/s, accuracy and peak memory, then scores a
-held-out text: perplexity, and against the F16's log-probabilities the mean KL-divergence and top-1
-agreement (tasks/evaluate/kl.py). The F16 runs first so the quants can be compared with it.
+held-out text the way `llama-perplexity` does (tasks/evaluate/kl.py, tasks/evaluate/windows.py): the F16
+first, writing its log-probabilities in llama-perplexity's `--kl-divergence-base` format, then each quant
+against that file: perplexity, mean KL-divergence with its standard error, 99th percentile, same-top-token
+rate and the perplexity ratio. Everything is done chunk by chunk, so memory does not grow with the text.
 
 The report (reports/eval/: eval.json, eval.md, quality_vs_size.png) is the `report:eval` artifact; its
-`meta.quants` maps each quant to {ppl, ppl_delta, kl_div, top1_agreement, tokens_per_s, accuracy,
-latency_p50_ms, latency_p95_ms, peak_rss_mb, size_mb}: the model card's quant table reads it.
+`meta.quants` maps each quant to {ppl, ppl_delta, ppl_ratio, kl_div, kl_div_se, kl_div_p99, top1_agreement,
+tokens_per_s, accuracy, latency_p50_ms, latency_p95_ms, peak_rss_mb, size_mb}: the model card's quant table
+reads it.
 """
 
 from __future__ import annotations
@@ -59,9 +62,22 @@ class EvalSettings(StrictModel):
     compare_gguf: str | None = Field(
         None, description="a second model version's GGUF to evaluate alongside (row 'compare')"
     )
-    n_ctx: int = Field(512, ge=16, description="context window for generation and for the perplexity windows")
-    max_heldout_tokens: int = Field(
-        4096, ge=2, description="cap on held-out tokens scored (KL keeps n_tokens x vocab floats on disk)"
+    n_ctx: int = Field(512, ge=16, description="context window for generation (and the perplexity windows)")
+    ppl_ctx: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "window for perplexity and KL-divergence (llama-perplexity's -c); None: n_ctx. A text shorter than "
+            "two windows is scored in windows of half its length"
+        ),
+    )
+    max_heldout_tokens: int | None = Field(
+        4096,
+        ge=32,
+        description=(
+            "cap on held-out tokens scored (None: all). Memory does not grow with it; the F16 reference file on "
+            "disk takes about n_tokens/2 x n_vocab x 2 bytes"
+        ),
     )
     threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
     worker_timeout_s: float = Field(1800.0, gt=0, description="per-quant time limit")
@@ -160,8 +176,9 @@ def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[
         "n_ctx": settings.n_ctx,
         "threads": settings.threads,
         "max_heldout_tokens": settings.max_heldout_tokens,
+        "ppl_ctx": settings.ppl_ctx or settings.n_ctx,
     }
-    ref_lp = work / "f16-logprobs.npy" if "F16" in by_quant else None
+    ref_lp = work / "f16-logprobs.kld" if "F16" in by_quant else None
     if ref_lp is None:
         log.warning("no F16 GGUF in this run: perplexity is reported, KL-divergence is not")
     jobs = [(q, str(by_quant[q].local_path), by_quant[q].size) for q in order]
@@ -188,7 +205,7 @@ def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[
         for r in results.values():
             if "ppl" in r:
                 r["ppl_delta"] = r["ppl"] - f16
-        results["F16"].update(kl_div=0.0, top1_agreement=1.0)
+        results["F16"].update(kl_div=0.0, kl_div_se=0.0, kl_div_p99=0.0, top1_agreement=1.0, ppl_ratio=1.0)
     return results
 
 
@@ -196,7 +213,10 @@ TABLE_KEYS = (
     "size_mb",
     "ppl",
     "ppl_delta",
+    "ppl_ratio",
     "kl_div",
+    "kl_div_se",
+    "kl_div_p99",
     "top1_agreement",
     "accuracy",
     "tokens_per_s",
@@ -213,11 +233,19 @@ def quant_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return {q: {k: r(res.get(k)) for k in TABLE_KEYS} for q, res in results.items()}
 
 
-def to_markdown(model: str, table: dict[str, dict[str, Any]], n_samples: int, heldout_tokens: int | None) -> str:
+def to_markdown(
+    model: str, table: dict[str, dict[str, Any]], n_samples: int, heldout_tokens: int | None, ppl_ctx: int | None = None
+) -> str:
+    windows = (
+        f" in windows of {ppl_ctx} (the second half of each scored, as `llama-perplexity -c {ppl_ctx} --kl-divergence`)"
+        if ppl_ctx
+        else ""
+    )
     lines = [
         f"# Evaluation of {model}",
         "",
-        f"{n_samples} eval samples; perplexity and KL-divergence against F16 on {heldout_tokens} held-out tokens.",
+        f"{n_samples} eval samples; perplexity and KL-divergence against F16 on {heldout_tokens} held-out tokens"
+        f"{windows}.",
         "",
     ]
     lines += ["| quant | " + " | ".join(TABLE_KEYS) + " |", "| --- | " + " | ".join("---:" for _ in TABLE_KEYS) + " |"]
@@ -286,7 +314,9 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
     """Evaluate every GGUF; write out_dir/{eval.json,eval.md,quality_vs_size.png}; return `report:eval`."""
     if not ggufs:
         raise PermanentError("no GGUF files to evaluate", hint="run the convert/quantize stages first")
-    with tempfile.TemporaryDirectory(prefix="loraship-eval-") as work:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # beside the report, not in /tmp: the F16 reference file grows with the held-out text and the vocabulary
+    with tempfile.TemporaryDirectory(prefix=".eval-work-", dir=out_dir.parent) as work:
         results = run_eval(ggufs, settings, Path(work))
     table = quant_table(results)
     heldout_tokens = next((r.get("heldout_tokens") for r in results.values() if r.get("heldout_tokens")), None)
@@ -297,7 +327,8 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         "settings": settings.model_dump(mode="json"),
         "note": "timings were measured one quant after another on this machine; CPU load from other work changes them",
     }
-    md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens)
+    ppl_ctx = next((r.get("ppl_ctx") for r in results.values() if r.get("ppl_ctx")), None)
+    md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens, ppl_ctx)
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -315,6 +346,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         meta={
             "quants": table,
             "heldout_tokens": heldout_tokens,
+            "ppl_ctx": ppl_ctx,
             "samples": len(load_samples(settings)),
             "json": str(out_dir / "eval.json"),
             "markdown": str(out_dir / "eval.md"),

@@ -2,15 +2,18 @@
 
 A child process per quant makes peak memory measurable (the process's max RSS covers exactly one model)
 and keeps one model's memory from piling onto the next. It generates an answer for every eval sample
-(latency, tokens/s, exact/contains match), then scores the held-out text (perplexity) and, against the
-F16 log-probabilities saved by the F16 worker, the KL-divergence. Results go to result.json.
+(latency, tokens/s, exact/contains match), then scores the held-out text chunk by chunk as llama-perplexity
+does: the F16 worker writes its log-probabilities in llama-perplexity's base-file format, each quant's worker
+reads them back one chunk at a time for the KL-divergence. Results go to result.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluate.kl import kl_stats, load_llama, load_logprobs, perplexity, save_logprobs, token_logprobs
+from tasks.evaluate.kl import (
+    BaseHeader,
+    BaseWriter,
+    KlSums,
+    encode_base,
+    iter_base_chunks,
+    ppl_stats,
+    read_base_header,
+)
+from tasks.evaluate.windows import ChunkDecoder, Windows, load_llama, plan_windows, tokenize
 
 
 def normalize(text: str) -> str:
@@ -70,23 +82,81 @@ def generate(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def score(job: dict[str, Any]) -> dict[str, Any]:
-    llm = load_llama(job["model"], job["n_ctx"], job.get("threads"), logits_all=True)
+def tokenize_text(model: str, text: str, max_tokens: int | None = None) -> list[int]:
+    """The model's tokens for `text` (its vocabulary only is loaded: cheap)."""
+    llm = load_llama(model, 16, vocab_only=True)
     try:
-        targets, lp = token_logprobs(llm, job["heldout_text"], job.get("max_heldout_tokens"))
+        tokens = tokenize(llm, text)
     finally:
         llm.close()
-    out: dict[str, Any] = {"ppl": perplexity(targets, lp), "heldout_tokens": int(len(targets))}
-    if job.get("save_logprobs"):
-        save_logprobs(Path(job["save_logprobs"]), targets, lp)
+    return tokens[:max_tokens] if max_tokens else tokens
+
+
+def score_reference(
+    model: str,
+    text: str,
+    n_ctx: int,
+    out: Path | None,
+    threads: int | None = None,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of the reference model; with `out`, also its log-probabilities in llama-perplexity's base format."""
+    windows = plan_windows(tokenize_text(model, text, max_tokens), n_ctx)
+    sum_nll = sum_nll2 = 0.0
+    count = 0
+    with ChunkDecoder(model, windows.n_ctx, threads) as dec:
+        used = windows.tokens[: windows.n_chunk * windows.n_ctx]
+        header = BaseHeader(windows.n_ctx, dec.n_vocab, windows.n_chunk, used)
+        if out is not None:
+            free = shutil.disk_usage(out.parent).free
+            if header.file_size() + (64 << 20) > free:
+                raise SystemExit(
+                    f"the F16 reference log-probabilities need {header.file_size() / 1e9:.2f} GB in {out.parent}, "
+                    f"{free / 1e9:.2f} GB is free: lower evaluation.max_heldout_tokens"
+                )
+        with open(out, "wb") if out else contextlib.nullcontext() as fh:
+            writer = BaseWriter(fh, header) if fh else None
+            for _, logits, targets in dec.scored(windows):
+                rows, nll = encode_base(logits, targets)
+                if writer:
+                    writer.add_chunk(rows)
+                sum_nll += float(nll.sum())
+                sum_nll2 += float((nll * nll).sum())
+                count += len(nll)
+    return {**ppl_stats(sum_nll, sum_nll2, count), **_window_info(windows)}
+
+
+def score_against(model: str, ref_file: Path, threads: int | None = None) -> dict[str, Any]:
+    """Perplexity and KL-divergence of `model` against a reference file, on exactly the reference's tokens."""
+    header = read_base_header(ref_file)
+    with ChunkDecoder(model, header.n_ctx, threads) as dec:
+        if dec.n_vocab != header.n_vocab:
+            raise SystemExit(f"{model} has {dec.n_vocab} vocabulary entries, the F16 GGUF {header.n_vocab}")
+        # the reference's tokens are what is scored; the model must tokenize the text the same way
+        windows = Windows(header.tokens, header.n_ctx, header.n_chunk)
+        sums = KlSums()
+        for (_, logits, targets), base_rows in zip(dec.scored(windows), iter_base_chunks(ref_file, header)):
+            sums.add(logits, base_rows, targets)
+    return {**sums.report(), **_window_info(windows)}
+
+
+def _window_info(w: Windows) -> dict[str, Any]:
+    return {"ppl_ctx": w.n_ctx, "ppl_chunks": w.n_chunk, "heldout_tokens": w.n_chunk * w.n_ctx}
+
+
+def score(job: dict[str, Any]) -> dict[str, Any]:
+    text, n_ctx, threads = job["heldout_text"], job.get("ppl_ctx") or job["n_ctx"], job.get("threads")
     if job.get("ref_logprobs"):
-        ref_targets, ref_lp = load_logprobs(Path(job["ref_logprobs"]))
-        if not np.array_equal(ref_targets, targets):
+        ref = Path(job["ref_logprobs"])
+        header = read_base_header(ref)
+        tokens = np.asarray(tokenize_text(job["model"], text, job.get("max_heldout_tokens")), dtype=np.int32)
+        if not np.array_equal(tokens[: len(header.tokens)], header.tokens):
             raise SystemExit(
                 f"{job['model']} tokenizes the held-out text differently from the F16 GGUF: KL-divergence is undefined"
             )
-        out.update(kl_stats(np.asarray(ref_lp), lp))
-    return out
+        return score_against(job["model"], ref, threads)
+    out = Path(job["save_logprobs"]) if job.get("save_logprobs") else None
+    return score_reference(job["model"], text, n_ctx, out, threads, job.get("max_heldout_tokens"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,31 +203,37 @@ def resolve_converter(
         )
 
 
+def download_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python `version` sdist, downloaded into `into` by pip (pip's cache makes a second call cheap).
+
+    Shared with tasks/gguf/llama_tools.py, which builds llama.cpp's tools from the same archive.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        f"llama-cpp-python=={version}",
+    ]
+    log.info("downloading the llama-cpp-python %s sdist (about 75 MB; pip caches it)", version)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError("pip download failed: " + " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:]))
+    archives = sorted(Path(into).glob("*.tar.gz"))
+    if not archives:
+        raise RuntimeError("pip download produced no sdist")
+    return archives[0]
+
+
 def _fetch_from_sdist(version: str, dest: Path) -> str | None:
     with tempfile.TemporaryDirectory(prefix="loraship-sdist-") as tmpd:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-binary",
-            ":all:",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-            tmpd,
-            f"llama-cpp-python=={version}",
-        ]
-        log.info("downloading the llama-cpp-python %s sdist for its llama.cpp converter (once; about 75 MB)", version)
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(
-                "pip download failed: " + " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:])
-            )
-        archives = sorted(Path(tmpd).glob("*.tar.gz"))
-        if not archives:
-            raise RuntimeError("pip download produced no sdist")
-        return extract_sdist(archives[0], dest)
+        return extract_sdist(download_sdist(version, Path(tmpd)), dest)
 
 
 def extract_sdist(archive: Path, dest: Path) -> str | None:
