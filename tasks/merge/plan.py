@@ -8,13 +8,20 @@ embedding layers) that replace the base's. Scaling is `lora_alpha / r` or, with 
 `lora_alpha / sqrt(r)`, honouring `alpha_pattern`; `r` is read from the tensors themselves.
 
 Every mismatch is reported before the merge starts: a target module the base does not have, or a
-shape that does not fit, names the adapter tensor, the base tensor and both shapes. Also here: the
-QLoRA detection and the NF4 round trip of the base (hand-written: bitsandbytes' CPU support varies by
-version and platform, and the round trip is a few lines of torch), and the disk preflight.
+shape that does not fit, names the adapter tensor, the base tensor and both shapes. Also here: the disk
+preflight. (QLoRA, the 4-bit base an adapter trained on, is tasks/merge/qlora.py.)
+
+Tied embeddings: when the base ties lm_head to its input embedding and the adapter changes either of them
+(a LoRA on lm_head or on the embedding, or a saved copy of one), a merge into the one shared tensor would
+change both, while PeftModel(base, adapter) changes only one (peft's own merge_and_unload has this flaw and
+warns about it). The plan unties instead: `lm_head.weight` becomes a tensor of its own (the embedding's
+values + the lm_head update, `plan.added`), the embedding gets only its own update, and the merged config
+says `tie_word_embeddings: false`, so the merged model equals PeftModel at every position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -31,6 +38,7 @@ from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, TensorInfo, read_he
 log = logging.getLogger("loraship.merge")
 
 PREFIX = "base_model.model."
+HEAD = "lm_head.weight"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _LORA = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 _LORA_EMB = re.compile(r"^(?P<mod>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
@@ -65,12 +73,22 @@ class MergePlan:
     replace: dict[str, Any] = field(default_factory=dict)  # base tensor name -> tensor from the adapter
     bias_adds: dict[str, list[LoraOp]] = field(default_factory=dict)  # base bias name -> updates
     tied_to: str | None = None  # lm_head is tied to this embedding tensor (absent from the files)
+    added: dict[str, TensorInfo] = field(default_factory=dict)  # new tensor -> the base bytes it starts from
     dora: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> set[str]:
-        return set(self.ops) | set(self.replace) | set(self.bias_adds)
+        return set(self.ops) | set(self.replace) | set(self.bias_adds) | set(self.added)
+
+    @property
+    def untied(self) -> bool:
+        """lm_head was tied and the merge writes it as a tensor of its own."""
+        return HEAD in self.added
+
+    def output_tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor the merged files hold, with the base bytes each starts from."""
+        return {**self.base_tensors, **self.added}
 
     def base_bytes(self) -> int:
         return sum(t.nbytes for t in self.base_tensors.values())
@@ -83,7 +101,7 @@ def out_dtype_of(src_dtype: str, target: str | None) -> str:
 
 def output_bytes(plan: MergePlan, target: str | None) -> int:
     """Bytes of the merged weights: the base's tensors in their output dtypes."""
-    return sum(t.numel * DTYPES[out_dtype_of(t.dtype, target)][1] for t in plan.base_tensors.values())
+    return sum(t.numel * DTYPES[out_dtype_of(t.dtype, target)][1] for t in plan.output_tensors().values())
 
 
 # --- reading the inputs -------------------------------------------------------------------------------
@@ -217,7 +235,7 @@ def _shape_error(adapter_key: str, a_shape: Any, base_name: str, b_shape: Any, w
     )
 
 
-def _input_embedding(base: dict[str, TensorInfo]) -> str | None:
+def input_embedding(base: dict[str, TensorInfo]) -> str | None:
     for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight"):
         hits = [n for n in base if n.endswith(suffix)]
         if hits:
@@ -234,15 +252,12 @@ def build_plan(
     plan = MergePlan(base_tensors=base, shards=shards, indexed=indexed)
     tied = "lm_head.weight" not in base and bool(base_config.get("tie_word_embeddings", True))
     if tied:
-        plan.tied_to = _input_embedding(base)
+        plan.tied_to = input_embedding(base)
 
     def resolve(key: str, module_weight: str) -> str:
-        if tied and plan.tied_to and module_weight == "lm_head.weight":
-            plan.notes.append(
-                f"{key}: lm_head is tied to {plan.tied_to}; the update changes that shared tensor (as peft's "
-                "merge does)"
-            )
-            return plan.tied_to
+        if tied and plan.tied_to and module_weight == HEAD:
+            _untie(plan, key)
+            return HEAD
         found = _find_base(module_weight, base)
         if found is None:
             raise _unknown(key, module_weight, base)
@@ -269,16 +284,8 @@ def build_plan(
             )
         else:
             target = _SAVED_COPY.sub("", short)
-            if tied and target == "lm_head.weight":
-                raise PermanentError(
-                    f"adapter tensor {key!r} replaces lm_head, but the base ties lm_head to its input embeddings",
-                    hint=(
-                        "untie the embeddings when training (or save embed_tokens too), or merge with "
-                        "merge.backend: peft"
-                    ),
-                )
             name = resolve(key, target)
-            info = base[name]
+            info = plan.output_tensors()[name]
             if tuple(tensor.shape) != info.shape:
                 raise _shape_error(
                     key,
@@ -300,7 +307,7 @@ def build_plan(
             )
         A, B = slot["A"], slot["B"]
         name = resolve(keys["A"], f"{module}.weight")
-        info = base[name]
+        info = plan.output_tensors()[name]
         if kind == "linear":
             if A.dim() != 2 or B.dim() != 2:
                 raise PermanentError(
@@ -395,8 +402,22 @@ def build_plan(
         )
     if plan.dora and any(len(v) > 1 for v in plan.ops.values()):
         raise PermanentError("DoRA updates of a tied tensor cannot be merged", hint="merge with merge.backend: peft")
+    if tied and plan.tied_to and not plan.untied and (plan.tied_to in plan.ops or plan.tied_to in plan.replace):
+        _untie(plan, f"the update of {plan.tied_to}")  # the input embedding changes, the output head must not
     _check_targets(adapter_cfg, base, plan)
     return plan
+
+
+def _untie(plan: MergePlan, why: str) -> None:
+    """Give lm_head a tensor of its own, starting from the shared embedding's bytes (see the module docstring)."""
+    if plan.untied or plan.tied_to is None:
+        return
+    src = plan.base_tensors[plan.tied_to]
+    plan.added[HEAD] = dataclasses.replace(src, name=HEAD)
+    plan.notes.append(
+        f"{why}: lm_head is tied to {plan.tied_to}; the merged model unties them (lm_head.weight written as its own "
+        "tensor, tie_word_embeddings: false) so that it equals PeftModel(base, adapter) at every position"
+    )
 
 
 def _check_targets(cfg: dict[str, Any], base: dict[str, TensorInfo], plan: MergePlan) -> None:
@@ -445,40 +466,7 @@ def same_base(adapter_base: str, configured: str, resolved: Path) -> bool:
     return a.split("/")[-1] == c.split("/")[-1] == resolved.name.lower()
 
 
-# --- QLoRA --------------------------------------------------------------------------------------------------
-
-_QLORA_NAME = re.compile(r"(bnb[-_]?4bit|[-_]4bit|nf4)", re.I)
-_QLORA_TEXT = re.compile(r'"(load_in_4bit|bnb_4bit_quant_type)"\s*:\s*(true|"nf4"|"fp4")', re.I)
-NF4 = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-
-
-def detect_qlora(adapter_dir: Path, adapter_cfg: dict[str, Any]) -> str | None:
-    """Why we think the adapter was trained on a 4-bit base (None: no sign of it)."""
-    name = str(adapter_cfg.get("base_model_name_or_path") or "")
-    if _QLORA_NAME.search(name):
-        return f"the adapter's base_model_name_or_path {name!r} is a 4-bit model"
-    for meta in ("training_args.json", "trainer_state.json", "train_config.json", "config.json"):
-        p = adapter_dir / meta
-        if p.is_file() and p.stat().st_size < 10_000_000 and _QLORA_TEXT.search(p.read_text(errors="replace")):
-            return f"{meta} records a 4-bit (bitsandbytes) base"
-    return None
+# --- a quantized base ------------------------------------------------------------------------------------
 
 
 def base_is_quantized(base_config: dict[str, Any]) -> str | None:
@@ -486,32 +474,6 @@ def base_is_quantized(base_config: dict[str, Any]) -> str | None:
     if not q:
         return None
     return str(q.get("quant_method") or ("bitsandbytes 4-bit" if q.get("load_in_4bit") else "quantized"))
-
-
-def nf4_roundtrip_applies(name: str, shape: tuple[int, ...]) -> bool:
-    """bitsandbytes quantizes the linear layers, not embeddings, norms or the output head."""
-    return len(shape) == 2 and not any(s in name for s in ("embed", "lm_head", "wte", "wpe", "norm", "output.weight"))
-
-
-def nf4_roundtrip(w: Any, blocksize: int = 64) -> Any:
-    """W -> dequantize(quantize_nf4(W)): the weights a QLoRA adapter saw during training.
-
-    Block-wise absmax NF4 as bitsandbytes does it (block of 64, the QLoRA code book); the absmax is kept
-    in float32 (no double quantization), so this matches bitsandbytes up to that second rounding.
-    """
-    import torch
-
-    flat = w.reshape(-1).float()
-    pad = (-flat.numel()) % blocksize
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    blocks = flat.view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-    code = torch.tensor(NF4, dtype=torch.float32)
-    mids = (code[1:] + code[:-1]) / 2
-    idx = torch.bucketize(blocks / absmax, mids)
-    out = (code[idx] * absmax).reshape(-1)
-    return out[: w.numel()].view(w.shape).to(w.dtype)
 
 
 # --- disk ----------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ NF4 = (
 )
 #: bitsandbytes' FP4 (1 sign, 2 exponent bits with bias 2, 1 mantissa bit): 0, 0.0625, 2, 3, 4, 6, 8, 12 and
 #: their negatives, divided by 12 (the largest), so the code book spans [-1, 1].
-FP4 = tuple(sorted({s * v / 12.0 for v in (0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0) for s in (1.0, -1.0)}))
+FP4 = tuple(sorted(s * v / 12.0 for v in (0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0) for s in (1.0, -1.0)))  # +-0
 CODE_BOOKS: dict[str, tuple[float, ...]] = {"nf4": NF4, "fp4": FP4}
 
 

@@ -4,9 +4,10 @@ The order of work: resolve the base model (a folder, or a Hub id through hugging
 the adapter and the base's safetensors headers and check they fit (tasks/merge/plan.py) before any
 heavy work, check the disk, then merge into a temporary folder beside merged/ with the chosen backend
 (the table in tasks/merge/backends/: streaming, peft, unsloth), copy the config, tokenizer, generation
-config and chat template, verify the merged model's logits against PeftModel(base, adapter) on a fixed
-prompt (tasks/merge/verify.py), and only then rename the folder to merged/. A failure at
-any step leaves no merged/ (or the previous one) behind.
+config and chat template, check sampled rows of every merged tensor against W + s·B·A recomputed from the
+files (tasks/merge/tensor_check.py, any size), verify the merged model's logits against PeftModel(base,
+adapter) on several prompts within the measured rounding allowance (tasks/merge/verify.py), and only then
+rename the folder to merged/. A failure at any step leaves no merged/ (or the previous one) behind.
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
+from tasks.merge import qlora as q4
 from tasks.merge.backends import DEFAULT_BACKEND, MERGE_BACKENDS, MergeBackend, MergeJob
 from tasks.merge.plan import (
     MergePlan,
     base_is_quantized,
     build_plan,
-    detect_qlora,
     disk_preflight,
     load_adapter,
     output_bytes,
     read_json,
     same_base,
 )
+from tasks.merge.qlora import QLoraFormat
 from tasks.merge.safetensors_io import DTYPES, TORCH_TO_ST
+from tasks.merge.tensor_check import check_merged_folder
 from tasks.merge.verify import verification_problem
 
 STAGE = Stage.MERGE
@@ -96,23 +99,39 @@ class MergeSettings(StrictModel):
     verify: Literal["auto", "always", "never"] = Field(
         "auto",
         description=(
-            "compare the merged model's logits with PeftModel(base, adapter) on a fixed prompt; auto: when the "
-            "base is at most verify_max_gb"
+            "auto: after every merge, recompute sampled rows of every merged tensor from the base and adapter files "
+            "(any size), and compare the logits with PeftModel(base, adapter) when the base is at most "
+            "verify_max_gb; always: both whatever the size; never: neither"
         ),
     )
     verify_max_gb: float = Field(
         2.0,
         ge=0,
-        description="size limit (GB of base weights) for verify: auto; verification loads the model twice in float32",
+        description="size limit (GB of base weights) for the logit check; it loads the model twice in float32",
     )
     verify_tolerance: float = Field(
-        0.02, gt=0, description="fail when max |logit difference| exceeds this fraction of the largest reference logit"
+        0.001,
+        gt=0,
+        description=(
+            "the logit check fails above 2 x the measured rounding allowance of the output dtype + this fraction of "
+            "the largest reference logit (float32 arithmetic)"
+        ),
     )
+    verify_rows: int = Field(8, ge=1, description="rows per tensor the per-tensor check recomputes (plus first/last)")
     qlora: Literal["auto", "roundtrip", "original"] = Field(
         "auto",
         description=(
-            "for adapters trained on a 4-bit base: roundtrip merges into NF4-dequantized base weights (what the "
-            "adapter saw); original merges into the 16-bit weights; auto: roundtrip when QLoRA is detected"
+            "for adapters trained on a 4-bit base: roundtrip merges into the 4-bit round-tripped base weights (what "
+            "the adapter saw, in the format its training recorded: nf4/fp4, block size, double quant); original "
+            "merges into the 16-bit weights; auto: roundtrip when the training records say 4-bit, a warning when "
+            "only the base's name does"
+        ),
+    )
+    qlora_format: QLoraFormat | None = Field(
+        None,
+        description=(
+            "the 4-bit format the adapter trained on, when its records do not say: {quant_type: nf4|fp4, blocksize, "
+            "double_quant}"
         ),
     )
     max_shard_size: str = Field(
@@ -245,21 +264,21 @@ def _check_base(settings: MergeSettings, ref: str, base_dir: Path, adapter_cfg: 
     return base_config
 
 
-def _qlora_choice(settings: MergeSettings, adapter_dir: Path, adapter_cfg: dict[str, Any]) -> tuple[str | None, bool]:
-    """(why the adapter looks like QLoRA or None, whether to merge into NF4-round-tripped weights)."""
-    qlora_reason = detect_qlora(adapter_dir, adapter_cfg)
-    roundtrip = settings.qlora == "roundtrip" or (settings.qlora == "auto" and qlora_reason is not None)
-    if qlora_reason:
+def _qlora_choice(
+    settings: MergeSettings, adapter_dir: Path, adapter_cfg: dict[str, Any]
+) -> tuple[q4.QLoraDetection | None, QLoraFormat | None]:
+    """(what the records say about a 4-bit base, the format to round-trip the base through or None)."""
+    found = q4.detect(adapter_dir, adapter_cfg)
+    fmt = q4.decide(settings.qlora, settings.qlora_format, found)
+    if fmt is not None:
         log.info(
-            "QLoRA adapter detected (%s): merging into %s",
-            qlora_reason,
-            "NF4-dequantized base weights (merge.qlora: roundtrip)"
-            if roundtrip
-            else "the original 16-bit base weights (merge.qlora: original)",
+            "QLoRA: merging into base weights round-tripped through %s (%s)",
+            fmt.describe(),
+            found.reason if found else "merge.qlora: roundtrip",
         )
-    elif roundtrip:
-        log.info("merge.qlora: roundtrip: merging into NF4-dequantized base weights")
-    return qlora_reason, roundtrip
+    elif found is not None and settings.qlora == "original":
+        log.info("QLoRA adapter detected (%s): merging into the 16-bit weights (merge.qlora: original)", found.reason)
+    return found, fmt
 
 
 def _plan(
@@ -306,7 +325,7 @@ def _verify(settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes
         return {"max_abs_logit_diff": None, "verify_skipped": skipped}
     from tasks.merge.verify import verify_logits
 
-    result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.qlora_roundtrip)
+    result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.plan, job.qlora, job.dtype)
     problem = verification_problem(result, settings.verify_tolerance)
     if problem:
         raise PermanentError(
@@ -319,6 +338,42 @@ def _verify(settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes
     return {**result, "verify_passed": True}
 
 
+def _check_tensors(settings: MergeSettings, job: MergeJob, merged_dir: Path) -> dict[str, Any]:
+    """The per-tensor check (every size); raises when a written tensor is not W + s·B·A of the files."""
+    if settings.verify == "never":
+        return {"tensor_check": None}
+    if job.plan is None:
+        return {"tensor_check": None, "tensor_check_skipped": "the base has .bin weights (no headers to read rows by)"}
+    report = check_merged_folder(job.plan, merged_dir, job.qlora, settings.verify_rows)
+    meta = report.meta()
+    log.info(
+        "per-tensor check: %d tensors, %d rows recomputed from the base and adapter files; worst %s (%s ulps), %.1f s",
+        meta["tensors_checked"],
+        meta["rows_checked"],
+        meta["worst_tensor"],
+        meta["max_err_ulps"],
+        meta["seconds"],
+    )
+    problem = report.problem()
+    if problem:
+        raise PermanentError(
+            f"{problem}; merged/ was not written",
+            hint="try merge.backend: peft, and report the adapter and the backend that wrote the wrong tensor",
+        )
+    return {"tensor_check": meta}
+
+
+def _untie_config(out: Path) -> None:
+    """The merged model has its own lm_head (tasks/merge/plan.py: the untie): say so in config.json."""
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tie_word_embeddings"] = False
+    for sub in ("text_config", "llm_config"):
+        if isinstance(cfg.get(sub), dict) and "tie_word_embeddings" in cfg[sub]:
+            cfg[sub]["tie_word_embeddings"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def _adapter_meta(adapter_cfg: dict[str, Any], plan: MergePlan | None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "r": adapter_cfg.get("r"),
@@ -328,6 +383,7 @@ def _adapter_meta(adapter_cfg: dict[str, Any], plan: MergePlan | None) -> dict[s
         "fan_in_fan_out": bool(adapter_cfg.get("fan_in_fan_out")),
         "modules_to_save": adapter_cfg.get("modules_to_save") or [],
         "tied_embeddings": bool(plan and plan.tied_to),
+        "untied_head": bool(plan and plan.untied),
     }
     if plan is not None:
         meta["scalings"] = sorted({round(op.scaling, 6) for ops in plan.ops.values() for op in ops})
@@ -346,7 +402,7 @@ def merge(
     base_dir = resolve_base(ref)
     assert base_dir is not None
     base_config = _check_base(settings, ref, base_dir, adapter_cfg)
-    qlora_reason, roundtrip = _qlora_choice(settings, adapter_dir, adapter_cfg)
+    qlora_found, qlora_fmt = _qlora_choice(settings, adapter_dir, adapter_cfg)
     plan = _plan(backend, base_dir, base_config, adapter_cfg, tensors)
 
     base_dtype = _base_dtype(plan, base_config)
@@ -357,7 +413,7 @@ def merge(
         plan=plan,
         dtype=base_dtype if settings.dtype == "auto" else settings.dtype,
         target_st=None if settings.dtype == "auto" else TORCH_TO_ST[settings.dtype],
-        qlora_roundtrip=roundtrip,
+        qlora=qlora_fmt,
         max_shard_size=settings.max_shard_size,
     )
     base_bytes = plan.base_bytes() if plan is not None else sum(f.stat().st_size for f in base_dir.glob("*.bin"))
@@ -371,15 +427,20 @@ def merge(
         "adapter_base_model": str(adapter_cfg.get("base_model_name_or_path") or ""),
         "dtype": job.dtype,
         **_adapter_meta(adapter_cfg, plan),
-        "qlora_detected": qlora_reason,
-        "qlora_base": "nf4-roundtrip" if roundtrip else "original",
+        "qlora_detected": qlora_found.reason if qlora_found else None,
+        "qlora_source": qlora_found.source if qlora_found else None,
+        "qlora_base": f"{qlora_fmt.tag}-roundtrip" if qlora_fmt else "original",
+        "qlora_format": qlora_fmt.model_dump() if qlora_fmt else None,
     }
     with atomic_dir(out_dir) as tmp:
         with Progress(f"merge ({backend.name})", max(base_bytes, 1)) as progress:
             meta.update(backend.run(job, tmp, progress))
+        meta.update(_check_tensors(settings, job, tmp))
         meta["tokenizer_from"] = copy_side_files(
             base_dir, adapter_dir, tmp, None if settings.dtype == "auto" else job.dtype
         )
+        if plan is not None and plan.untied:
+            _untie_config(tmp)
         meta["merge_seconds"] = round(time.monotonic() - started, 3)
         meta.update(_verify(settings, job, tmp, base_bytes))
     meta["seconds"] = round(time.monotonic() - started, 3)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from tasks.core.progress import Progress
 from tasks.merge.plan import MergePlan
+from tasks.merge.qlora import QLoraFormat
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class MergeJob:
     plan: MergePlan | None  # None only when the base has .bin weights and the backend reads them
     dtype: str  # torch dtype name of the output: bfloat16, float16 or float32
     target_st: str | None  # safetensors dtype every float tensor is cast to; None: keep each tensor's
-    qlora_roundtrip: bool  # merge into NF4-round-tripped base linear weights
+    qlora: QLoraFormat | None  # merge into base linear weights round-tripped through this 4-bit format
     max_shard_size: str  # for backends that shard with save_pretrained
 
 

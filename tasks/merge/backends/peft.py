@@ -15,15 +15,22 @@ from typing import Any
 from tasks.core.progress import Progress
 from tasks.merge.backends.base import MergeBackend, MergeJob
 from tasks.merge.loading import load_base
+from tasks.merge.qlora import QLoraFormat
 
 
 def peft_merge(
-    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, qlora_roundtrip: bool = False
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: str,
+    max_shard_size: str,
+    qlora: QLoraFormat | None = None,
+    untie: bool = False,
 ) -> dict[str, Any]:
-    """merge_and_unload with peft and save_pretrained as safetensors shards."""
+    """merge_and_unload with peft and save_pretrained as safetensors shards (untied first when the plan unties)."""
     from peft import PeftModel
 
-    base = load_base(base_dir, dtype, qlora_roundtrip)
+    base = load_base(base_dir, dtype, qlora, untie)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     merged = model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=max_shard_size)
@@ -42,4 +49,5 @@ class PeftBackend(MergeBackend):
         return f"needs {', '.join(missing)}, not installed" if missing else None
 
     def run(self, job: MergeJob, out_dir: Path, progress: Progress) -> dict[str, Any]:
-        return peft_merge(job.base_dir, job.adapter_dir, out_dir, job.dtype, job.max_shard_size, job.qlora_roundtrip)
+        untie = bool(job.plan and job.plan.untied)
+        return peft_merge(job.base_dir, job.adapter_dir, out_dir, job.dtype, job.max_shard_size, job.qlora, untie)

@@ -23,15 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.progress import Progress
+from tasks.merge import qlora as q4
 from tasks.merge.backends.base import MergeBackend, MergeJob
-from tasks.merge.plan import (
-    WEIGHTS_INDEX,
-    LoraOp,
-    MergePlan,
-    nf4_roundtrip,
-    nf4_roundtrip_applies,
-    out_dtype_of,
-)
+from tasks.merge.plan import WEIGHTS_INDEX, LoraOp, MergePlan, out_dtype_of
 from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, OutEntry, StreamingWriter, read_tensor
 
 log = logging.getLogger("loraship.merge")
@@ -73,13 +67,13 @@ def _large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
         pass
 
 
-def _needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora_roundtrip: bool) -> bool:
+def _needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora: q4.QLoraFormat | None) -> bool:
     return (
         info.name in plan.ops
         or info.name in plan.replace
         or info.name in plan.bias_adds
         or entry.dtype != info.dtype
-        or (qlora_roundtrip and nf4_roundtrip_applies(info.name, info.shape))
+        or (qlora is not None and q4.applies(info.name, info.shape))
     )
 
 
@@ -87,7 +81,7 @@ def stream_merge(
     plan: MergePlan,
     out_dir: Path,
     target_dtype: str | None,
-    qlora_roundtrip: bool = False,
+    qlora: q4.QLoraFormat | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write the merged shards (+ index) into `out_dir`; return counts for the artifact's meta.
@@ -104,7 +98,7 @@ def stream_merge(
     total = 0
     counts = {"merged": 0, "copied": 0, "converted": 0, "rounded": 0}
     by_file: dict[Path, list] = {}
-    for info in plan.base_tensors.values():
+    for info in plan.output_tensors().values():  # base tensors + an untied lm_head (from the embedding's bytes)
         by_file.setdefault(info.file, []).append(info)
 
     def load(info: Any, fh: Any) -> Any:
@@ -115,8 +109,8 @@ def stream_merge(
             return src
         w = src.to(torch.float32, copy=True)
         del src
-        if qlora_roundtrip and nf4_roundtrip_applies(info.name, info.shape) and info.name not in plan.replace:
-            w = nf4_roundtrip(w)
+        if qlora is not None and q4.applies(info.name, info.shape) and info.name not in plan.replace:
+            w = q4.roundtrip(w, qlora)
             counts["rounded"] += 1
         ops = plan.ops.get(info.name, [])
         apply_ops(w, ops)
@@ -132,9 +126,9 @@ def stream_merge(
         ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool,
     ):
         for shard in plan.shards:
-            infos = sorted(by_file.get(shard, []), key=lambda t: t.start)
+            infos = sorted(by_file.get(shard, []), key=lambda t: (t.start, t.name in plan.added))
             entries = [OutEntry(t.name, out_dtype_of(t.dtype, target_dtype), t.shape) for t in infos]
-            work = [_needs_work(plan, i, e, qlora_roundtrip) for i, e in zip(infos, entries)]
+            work = [_needs_work(plan, i, e, qlora) for i, e in zip(infos, entries)]
             todo = [k for k, w in enumerate(work) if w]
             writer = StreamingWriter(out_dir / shard.name, entries)
             pending: Future | None = None
@@ -184,13 +178,13 @@ def stream_merge(
         counts["merged"],
         counts["copied"],
         counts["converted"],
-        f", {counts['rounded']} NF4 round-tripped" if counts["rounded"] else "",
+        f", {counts['rounded']} round-tripped through {qlora.describe()}" if qlora and counts["rounded"] else "",
     )
     return {
         "tensors_merged": counts["merged"],
         "tensors_copied": counts["copied"],
         "tensors_converted": counts["converted"],
-        "tensors_nf4_roundtrip": counts["rounded"],
+        "tensors_qlora_roundtrip": counts["rounded"],
         "shards": len(plan.shards),
         "weights_bytes": total,
     }
@@ -207,4 +201,4 @@ class StreamingBackend(MergeBackend):
 
     def run(self, job: MergeJob, out_dir: Path, progress: Progress) -> dict[str, Any]:
         assert job.plan is not None, "the streaming backend reads the base's safetensors headers"
-        return stream_merge(job.plan, out_dir, job.target_st, job.qlora_roundtrip, progress)
+        return stream_merge(job.plan, out_dir, job.target_st, job.qlora, progress)
