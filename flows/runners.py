@@ -57,11 +57,12 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
     settings, default_base = ctx.config.merge, ctx.config.model.base_model
     base_key = base_fingerprint(settings, default_base, adapter)
     merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key)
-    diff = merged.meta.get("max_abs_logit_diff")
-    check = (
-        f"max |logit diff| vs peft {diff:.2g}"
+    diff, tensors = merged.meta.get("max_abs_logit_diff"), merged.meta.get("tensor_check") or {}
+    check = f"{tensors['tensors_checked']} tensors checked (worst {tensors['max_err_ulps']} ulps); " if tensors else ""
+    check += (
+        f"max |logit diff| vs peft {diff:.2g} (limit {merged.meta.get('verify_limit', 0):.2g})"
         if diff is not None
-        else "not verified (" + str(merged.meta.get("verify_skipped")) + ")"
+        else "logits not compared (" + str(merged.meta.get("verify_skipped")) + ")"
     )
     ctx.notes.setdefault("messages", {})["merge"] = (
         f"{merged.meta.get('backend')} merge, {merged.meta.get('dtype')}, {merged.size / 1e6:.1f} MB; {check}"

@@ -136,8 +136,27 @@ def train_sentencepiece_tokenizer(
     return tok
 
 
-def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
-    """A Qwen2-style byte-level BPE tokenizer (its pre-tokenizer hash is unknown to llama.cpp: use vocab_pre)."""
+def pad_vocabulary(tk: Any, size: int) -> Any:
+    """The tokenizer with its BPE vocabulary grown to `size` entries by adding tokens no merge produces.
+
+    Real vocabularies (Qwen2.5: 151,936) are what make an evaluation's logits big; no such tokenizer can be
+    downloaded here, so a trained small one is padded: the added entries are ordinary vocabulary (not added
+    special tokens, which llama.cpp would match in every text), they only widen embeddings and logits.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tk.to_str())
+    vocab = data["model"]["vocab"]  # the special tokens are in it too (trained with them)
+    i = 0
+    while len(vocab) < size:
+        vocab.setdefault(f"\u0120pad{i:06d}", len(vocab))
+        i += 1
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 384, pad_to: int | None = None) -> Any:
+    """A Qwen2-style byte-level BPE tokenizer (its pre-tokenizer hash is unknown to llama.cpp: use vocab_pre);
+    `pad_to`: grown to that many tokens (pad_vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -151,6 +170,8 @@ def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 384) -> Any:
         show_progress=False,
     )
     tk.train_from_iterator(corpus_lines(), trainer=trainer)
+    if pad_to:
+        tk = pad_vocabulary(tk, pad_to)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
     )
@@ -176,6 +197,7 @@ def _build_model(
     shard_size: str | None = None,
     tokenizer_legacy: bool = False,
     bos_in_template: bool = False,
+    pad_vocab_to: int | None = None,
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
@@ -184,7 +206,7 @@ def _build_model(
         template = CHATML_BOS if bos_in_template else CHATML
         tok = train_sentencepiece_tokenizer(out, vocab_size, legacy=tokenizer_legacy, chat_template=template)
     else:
-        tok = train_bpe_tokenizer(out, vocab_size)
+        tok = train_bpe_tokenizer(out, vocab_size, pad_vocab_to)
     n_vocab = len(tok)
     common = dict(
         vocab_size=n_vocab,
@@ -233,15 +255,19 @@ def tiny_model(
     shard_size: str | None = None,
     tokenizer_legacy: bool = False,
     bos_in_template: bool = False,
+    pad_vocab_to: int | None = None,
 ) -> Path:
     """A cached causal LM folder (config, safetensors, tokenizer with chat template); small by default,
     benchmark-sized when asked (e.g. hidden=1280, layers=24, intermediate=3456: ~0.5B parameters).
 
     `tokenizer_legacy` / `bos_in_template` (Llama only) make a tokenizer and template that agree with
-    llama.cpp token for token (the demo's); options left at their defaults stay out of the cache key, so
-    existing builds keep theirs."""
+    llama.cpp token for token (the demo's); `pad_vocab_to` (qwen2 only): a vocabulary of that many tokens
+    (e.g. Qwen2.5's 151,936). Options left at their defaults stay out of the cache key, so existing builds
+    keep theirs."""
     extra: dict[str, Any] = {"shard_size": shard_size} if shard_size else {}
     extra |= {k: True for k, v in (("tokenizer_legacy", tokenizer_legacy), ("bos_in_template", bos_in_template)) if v}
+    if pad_vocab_to:
+        extra["pad_vocab_to"] = pad_vocab_to
     return _cached(
         f"{arch}-h{hidden}",
         _build_model,
