@@ -17,17 +17,39 @@ for arg in "$@"; do
 done
 PY="${PYTHON:-python3}"
 
+# Run an install step quietly; when it fails, show its output and stop (a failed install must never be
+# hidden: the tests would then skip or fail far from the cause).
+run_step() {
+  local what="$1"; shift
+  local log; log="$(mktemp)"
+  if ! "$@" >"$log" 2>&1; then
+    echo "== FAILED: $what" >&2
+    echo "   command: $*" >&2
+    tail -n 80 "$log" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  grep -v "^WARNING: Location" "$log" | grep -E "^(WARNING|ERROR)" >&2 || true  # pip's warnings, if any
+  rm -f "$log"
+}
+
 apt_install() {
   if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null; then
     local missing=()
     for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     if (( ${#missing[@]} )); then
       echo "== apt-get install ${missing[*]}"
-      apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+      run_step "apt-get update" apt-get update -qq
+      run_step "apt-get install ${missing[*]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
   else
-    echo "== not root: make sure these Debian packages are installed: $*"
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if (( ${#missing[@]} )); then
+      echo "== not root: install these Debian packages (sudo apt-get install ${missing[*]})" >&2
+      (( WANT_TEST )) && exit 1  # the tests need them: stop here rather than fail or skip later
+    fi
   fi
 }
 
@@ -46,22 +68,23 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+run_step "pip install --upgrade pip" "$VPY" -m pip install -q --upgrade pip
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "== installing torch (CPU build; bring your own CUDA build for a GPU)"
-  "$VPY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  run_step "pip install torch==2.13.0" "$VPY" -m pip install -q "torch==2.13.0"
 fi
 if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
   echo "== building llama-cpp-python 0.3.36 (about 7 minutes the first time; pip caches the wheel)"
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" "$VPY" -m pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "^WARNING: Location" || true
+  run_step "pip install llama-cpp-python[server]==0.3.36" env CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" \
+    "$VPY" -m pip install -q "llama-cpp-python[server]==0.3.36"
 fi
 EXTRA=""
 (( WANT_TEST )) && EXTRA="[test,dask]"
 echo "== installing loraship${EXTRA}"
-"$VPY" -m pip install -q -e ".${EXTRA}" 2>&1 | grep -v "^WARNING: Location" || true
+run_step "pip install -e .${EXTRA}" "$VPY" -m pip install -q -e ".${EXTRA}"
 if (( WANT_TEST )); then
   # The Dask task runner (performance.task_runner: dask). --no-deps: its own pins would replace this prefect.
-  "$VPY" -m pip install -q --no-deps "prefect-dask==0.3.7" 2>&1 | grep -v "^WARNING: Location" || true
+  run_step "pip install prefect-dask==0.3.7" "$VPY" -m pip install -q --no-deps "prefect-dask==0.3.7"
 fi
 # The GGUF converter must come from the runtime's own llama.cpp commit: fetch and cache it now (from
 # $LLAMA_CPP_DIR, else the llama-cpp-python sdist on the package registry), so runs need no network.

@@ -42,7 +42,7 @@ def build_event(
         "model": model,
         "path": path,
         "host": host,
-        "source_kind": source_kind or ("ssh" if host else "local"),
+        "source_kind": source_kind or ("ssh" if host else ""),  # empty: the base config's source kind
         "base_model": base_model,
         "version": version,
         "only": only,
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         help="SSH host (or vast.ai instance) the adapter is on; empty: the same machine as the worker",
     )
     p.add_argument(
-        "--source-kind", default="", choices=["", "local", "ssh", "vastai"], help="default: ssh with --host, else local"
+        "--source-kind",
+        default="",
+        choices=["", "local", "ssh", "vastai"],
+        help="default: ssh with --host, else the base config's (a local source needs trigger.allow_local there)",
     )
     p.add_argument("--base-model", default="", help="base model id or folder (default: from the adapter's config)")
     p.add_argument("--version", default="", help="run folder version (default: the deployment's config)")

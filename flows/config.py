@@ -101,6 +101,31 @@ class PipelineSettings(StrictModel):
         return v
 
 
+class TriggerSettings(StrictModel):
+    """What a `training.completed` event may choose when this file is the base config of the triggered
+    deployment (flows/triggered.py). By default an event names only the model, version, Hub base model,
+    one of the allowed hosts and a path under an allowed root; everything else comes from this file."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="SSH hosts an event may name (besides source.host of this file)"
+    )
+    host_blocks: list[str] = Field(
+        default_factory=list, description="saved TrainingHost block names an event may name as its host"
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders an event's path must lie under; empty: under this file's source.path",
+    )
+    allow_local: bool = Field(
+        False,
+        description=(
+            "let an event use the local source (a folder on the worker) and a local base model; off: an event "
+            "cannot make the worker read (and publish) its own files"
+        ),
+    )
+    allow_stage_selection: bool = Field(False, description="let an event choose the stages to run (payload.only)")
+
+
 class PerformanceSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="threads for heavy work; None: all cores")
     parallelism: int | None = Field(
@@ -166,6 +191,7 @@ def _build_config_model() -> type[_PipelineBase]:
         "logging": (LoggingSettings, Field(default_factory=LoggingSettings)),
         "pipeline": (PipelineSettings, Field(default_factory=PipelineSettings)),
         "performance": (PerformanceSettings, Field(default_factory=PerformanceSettings)),
+        "trigger": (TriggerSettings, Field(default_factory=TriggerSettings)),
     }
     return create_model("PipelineConfig", __base__=_PipelineBase, __module__=__name__, **fields)
 
@@ -175,7 +201,7 @@ PipelineConfig = _build_config_model()
 SECTION_OWNERS: dict[str, str] = {
     "model": "flows/config.py",
     **SECTION_OWNERS,
-    **{k: "flows/config.py" for k in ("notifications", "logging", "pipeline", "performance")},
+    **{k: "flows/config.py" for k in ("notifications", "logging", "pipeline", "performance", "trigger")},
 }
 
 

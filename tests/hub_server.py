@@ -5,7 +5,9 @@ It implements what huggingface_hub 2.4.0 calls for a push, a download and a Spac
 (../shared/HUB_API.md): whoami, repo create/info, validate-yaml, preupload, the LFS batch API with the
 basic transfer (PUT + verify), NDJSON commits, tree listings, resolve (HEAD/GET), tags and refs, and
 Space secrets/variables/hardware/sleep/restart/runtime/logs. It enforces tokens (401 for an unknown
-token, 403 for a read token on a write call, 404 for a private repo someone else asks for), answers
+token, 403 for a read token on a write call, 404 for a private repo someone else asks for), models
+fine-grained tokens like the Hub's whoami-v2 answer (role `fineGrained`, `global` and per-entity `scoped`
+permissions such as repo.content.read / repo.write, which decide what the token may do here), answers
 errors with the Hub's `X-Error-Code` header, persists blobs to a folder, and records every request
 (with the bytes received) so tests can check what the client sent. Faults can be injected
 (`fail_next`), and a Space's runtime can follow a script (`runtime_script`).
@@ -102,8 +104,31 @@ class HubState:
         self.pending_lfs: dict[str, int] = {}
 
     # --- test controls ---------------------------------------------------------------------------
-    def add_token(self, token: str, user: str, role: str = "write") -> str:
+    def add_token(
+        self,
+        token: str,
+        user: str,
+        role: str = "write",
+        *,
+        scoped: list[str] | None = None,
+        global_: list[str] | None = None,
+        entity: str | None = None,
+    ) -> str:
+        """A token of `user`: role `read`, `write`, or `fineGrained` with permissions like the Hub's
+        (`scoped`: on the entity `entity`, default the user, e.g. repo.content.read / repo.write;
+        `global_`: account-wide, e.g. post.write, inference.serverless.write)."""
         self.tokens[token] = {"name": user, "role": role}
+        if role == "fineGrained":
+            self.tokens[token]["fineGrained"] = {
+                "canReadGatedRepos": False,
+                "global": list(global_ or []),
+                "scoped": [
+                    {
+                        "entity": {"_id": f"id-{entity or user}", "type": "user", "name": entity or user},
+                        "permissions": list(scoped or []),
+                    }
+                ],
+            }
         return token
 
     def fail_next(self, method: str, path_regex: str, status: int = 500, times: int = 1) -> None:
@@ -123,6 +148,25 @@ class HubState:
     def calls(self, method: str, path_regex: str, since: int = 0) -> list[Request]:
         rx = re.compile(path_regex)
         return [r for r in self.requests[since:] if r.method == method and rx.search(r.path)]
+
+
+def _access_token(user: dict[str, Any]) -> dict[str, Any]:
+    """whoami-v2's `auth.accessToken`: role read | write | fineGrained (with its permissions)."""
+    out = {"displayName": "test", "role": user["role"], "createdAt": "2026-01-01T00:00:00.000Z"}
+    if "fineGrained" in user:
+        out["fineGrained"] = user["fineGrained"]
+    return out
+
+
+def _may(user: dict[str, Any], permission: str, entity: str) -> bool:
+    """Can this token do `permission` (repo.content.read, repo.write) on `entity`'s repos?"""
+    if user["role"] == "write":
+        return True
+    if user["role"] == "read":
+        return permission == "repo.content.read"
+    grants = user.get("fineGrained") or {}
+    perms = {p for s in grants.get("scoped", []) if s["entity"]["name"] == entity for p in s["permissions"]}
+    return permission in perms or (permission == "repo.content.read" and "repo.write" in perms)
 
 
 class HubError(Exception):
@@ -185,11 +229,11 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(401, None, "Invalid credentials in Authorization header")
         return user
 
-    def _need_user(self, write: bool = False) -> dict[str, str]:
+    def _need_user(self, write: bool = False, owner: str | None = None) -> dict[str, str]:
         user = self._user()
         if user is None:
             raise HubError(401, None, "You must be authenticated to access this resource")
-        if write and user["role"] != "write":
+        if write and not _may(user, "repo.write", owner or user["name"]):
             raise HubError(403, None, "You don't have the rights to write to this repository: your token is read-only")
         return user
 
@@ -197,7 +241,9 @@ class Handler(BaseHTTPRequestHandler):
         user = self._user()
         repo = self.state.repos.get((rtype, rid))
         owner = rid.split("/")[0]
-        visible = repo is not None and (not repo.private or (user is not None and user["name"] == owner))
+        visible = repo is not None and (
+            not repo.private or (user is not None and user["name"] == owner and _may(user, "repo.content.read", owner))
+        )
         if not visible:
             raise HubError(
                 404 if user is not None or repo is None else 401,
@@ -205,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
                 f"Repository Not Found for url: {self.path}.",
             )
         if write:
-            user = self._need_user(write=True)
+            user = self._need_user(write=True, owner=owner)
             if user["name"] != owner:
                 raise HubError(403, None, f"You don't have the rights to create a commit in {rid}")
         return repo
@@ -278,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
                         "name": user["name"],
                         "fullname": user["name"],
                         "orgs": [],
-                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}},
+                        "auth": {"type": "access_token", "accessToken": _access_token(user)},
                     },
                 )
                 return 200

@@ -40,10 +40,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import yaml
+
     from flows.demo import demo_inputs
 
     base, adapter = demo_inputs()
-    return {"base": base, "adapter": adapter, "runs": tmp_path_factory.mktemp("runs")}
+    # The triggered deployment's base config: it opts in to local sources and stage selections from the
+    # event (off by default, see flows/triggered.py), the demo's adapter folder being the allowed root.
+    trigger_config = tmp_path_factory.mktemp("trigger") / "base.yaml"
+    trigger_config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "trigger-base"},
+                "source": {"kind": "local", "path": str(adapter)},
+                "trigger": {"allow_local": True, "allow_stage_selection": True, "allowed_roots": [str(adapter)]},
+            }
+        )
+    )
+    return {"base": base, "adapter": adapter, "runs": tmp_path_factory.mktemp("runs"), "trigger": trigger_config}
 
 
 def _prefect(server: PrefectServer, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -104,7 +118,10 @@ def test_event_triggers_deployed_flow_run(server: PrefectServer, demo: dict[str,
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "loraship-process", "--limit", "1"],
         cwd=ROOT,
         env=server.client_env(
-            PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5", LORASHIP_RUNS_DIR=str(demo["runs"])
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="5",
+            LORASHIP_RUNS_DIR=str(demo["runs"]),
+            LORASHIP_TRIGGER_CONFIG=str(demo["trigger"]),
         ),
         stdout=worker_log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -337,7 +354,11 @@ def test_served_deployment_runs_on_event(server: PrefectServer, demo: dict[str, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.serve", "--deployment", "loraship-on-training"],
         cwd=ROOT,
-        env=server.client_env(PREFECT_RUNNER_POLL_FREQUENCY="1", LORASHIP_RUNS_DIR=str(demo["runs"])),
+        env=server.client_env(
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            LORASHIP_RUNS_DIR=str(demo["runs"]),
+            LORASHIP_TRIGGER_CONFIG=str(demo["trigger"]),
+        ),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

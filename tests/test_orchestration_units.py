@@ -30,7 +30,7 @@ def test_event_shape_and_curl_one_liner() -> None:
         "version": "",
         "only": "",
     }
-    assert build_event("m", "/p")["payload"]["source_kind"] == "local"
+    assert build_event("m", "/p")["payload"]["source_kind"] == ""  # the base config decides (local: opt-in)
     cmd = curl_command("http://prefect:4200/api/", ev)
     argv = shlex.split(cmd)
     assert argv[:2] == ["curl", "-fsS"] and "http://prefect:4200/api/events" in argv
@@ -91,6 +91,7 @@ def test_event_parameters_become_a_valid_config(tmp_path: Path, monkeypatch: pyt
                 "model": {"name": "x", "version": "v7"},
                 "source": {"kind": "local", "path": "/old"},
                 "quantization": {"types": ["Q8_0"]},
+                "trigger": {"allow_local": True, "allowed_roots": ["/new"]},  # this base config opts in
             }
         )
     )
@@ -104,7 +105,7 @@ def test_event_parameters_become_a_valid_config(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(ConfigError, match="no model name"):
         build_config("", "/p")
     with pytest.raises(ConfigError, match="model.name"):
-        build_config("bad name!", "/p")
+        build_config("bad name!", "")  # (a path from an event would be refused first: no base config opts in)
     assert _stage_list("download, merge") == ["download", "merge"]
     assert _stage_list("") is None
 

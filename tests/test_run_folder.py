@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -213,18 +212,19 @@ def test_recovery_stops_servers_of_a_killed_run_only(tmp_path):
                 p.wait()
 
 
-def test_the_flow_holds_the_lock_for_the_whole_run(tmp_path, prefect_api, monkeypatch):
-    """A real `full` flow run: while it runs, the run folder is locked in its name; afterwards it is free."""
+def test_a_second_flow_on_a_run_folder_in_use_fails_at_once_naming_the_first(tmp_path, prefect_api, monkeypatch):
+    """Two real `full` flow runs on one model and version: the second starts while the first is inside its
+    download stage (from that stage, as a sub-flow), fails before any stage naming the first, and the
+    first completes; afterwards the folder is free."""
     from flows import runners
     from flows.full import full
 
     seen: dict[str, str] = {}
 
     def probe(ctx):
-        try:
-            claim_run_folder(ctx.run.root, flow_run_id="intruder")
-        except RunFolderBusy as exc:
-            seen["busy"] = str(exc)
+        second = full(config=cfg, return_state=True)
+        seen["second"] = second.name
+        seen["message"] = second.message or ""
         return []
 
     monkeypatch.setitem(runners.RUNNERS, "download", probe)
@@ -238,7 +238,7 @@ def test_the_flow_holds_the_lock_for_the_whole_run(tmp_path, prefect_api, monkey
     }
     state = full(config=cfg, return_state=True)
     assert state.is_completed(), state.message
-    assert str(state.state_details.flow_run_id) in seen["busy"]
-    lease = claim_run_folder(tmp_path / "runs" / "locked" / "v1", flow_run_id="after")
+    assert seen["second"] == "Failed" and "is in use by flow run" in seen["message"]
+    assert str(state.state_details.flow_run_id) in seen["message"] and f"pid {os.getpid()}" in seen["message"]
+    lease = claim_run_folder(tmp_path / "runs" / "locked" / "v1", flow_run_id="after")  # released at the end
     lease.release()
-    time.sleep(0)  # nothing else: the lock was released by the flow's end

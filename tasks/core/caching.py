@@ -17,6 +17,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -24,19 +25,31 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.core.artifacts import Artifact
+from tasks.core.artifacts import Artifact, tool_versions
 from tasks.core.constants import PROJECT_ROOT
-from tasks.core.hashing import canonical_json
+from tasks.core.hashing import canonical_json, content_digest
+from tasks.core.settings import ContentKey, secret_fingerprint
 
 log = logging.getLogger("loraship.cache")
 
 
 def fingerprint(value: Any) -> Any:
-    """A JSON-able stand-in for a task input that changes exactly when the input's content changes."""
+    """A JSON-able stand-in for a task input that changes exactly when the input's content changes.
+
+    A settings field marked with a `ContentKey` (a path setting: imatrix, card.template, eval samples...)
+    adds the digest of what the path names (file content, or a checkout's commit) to its value.
+    """
     if isinstance(value, Artifact):
         return {"artifact": value.name, "sha256": value.sha256}
     if isinstance(value, BaseModel):
-        return {k: fingerprint(getattr(value, k)) for k in type(value).model_fields}
+        out = {}
+        for k, info in type(value).model_fields.items():
+            v = getattr(value, k)
+            out[k] = fingerprint(v)
+            marker = next((m for m in info.metadata if isinstance(m, ContentKey)), None)
+            if marker is not None and v:
+                out[k] = {"value": out[k], "content": marker.digest(v)}
+        return out
     if isinstance(value, dict):
         return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -47,7 +60,7 @@ def fingerprint(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "get_secret_value"):
-        return "<secret>"  # never key (or log) a secret's value
+        return {"secret": secret_fingerprint(value)}  # a keyed digest: changes on rotation, reveals nothing
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
@@ -200,8 +213,33 @@ except ImportError:  # pragma: no cover - prefect is a hard dependency; this kee
     CachePolicy = object  # type: ignore[misc,assignment]
 
 
+# The tools whose version changes what a stage makes (llama.cpp comes with llama-cpp-python: one pinned
+# vendored commit per version; a checkout named by convert.llama_cpp_dir is keyed by its commit through
+# the setting, one named by $LLAMA_CPP_DIR below).
+KEY_TOOLS = ("llama-cpp-python", "transformers", "peft", "torch", "gguf", "huggingface_hub")
+
+
+def environment_key() -> dict[str, Any]:
+    """The tool versions (and a $LLAMA_CPP_DIR checkout's commit) every stage's key includes."""
+    out: dict[str, Any] = {"tools": tool_versions(*KEY_TOOLS)}
+    env_dir = os.environ.get("LLAMA_CPP_DIR")
+    if env_dir:
+        out["LLAMA_CPP_DIR"] = ContentKey("git").digest(env_dir)
+    return out
+
+
+def key_files(fn: Any) -> dict[str, str]:
+    """Digests of the files a stage renders or copies (its templates), declared with stage_task(key_files=...)."""
+    return {str(p): content_digest(p) for p in getattr(fn, "__loraship_key_files__", ())}
+
+
 class ArtifactCachePolicy(CachePolicy):  # type: ignore[misc]
-    """Key = stage code version + input artifact digests + settings; stale records are dropped."""
+    """Key = stage code version + input artifact digests + settings (path settings by content) + tool
+    versions + the stage's template files; stale records are dropped.
+
+    Parameters named `_x` are left out (thread counts, plan details, secrets), except that a secret among
+    them (a SecretStr) adds its keyed fingerprint: a rotated token makes the stage that uses it run again.
+    """
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
@@ -209,10 +247,14 @@ class ArtifactCachePolicy(CachePolicy):  # type: ignore[misc]
         if task_ctx is None:
             return None
         fn = task_ctx.task.fn
+        items = sorted((inputs or {}).items())
         payload = {
             "stage": task_ctx.task.name,
             "code": module_code_version(fn.__module__),
-            "inputs": {k: fingerprint(v) for k, v in sorted((inputs or {}).items()) if not k.startswith("_")},
+            "inputs": {k: fingerprint(v) for k, v in items if not k.startswith("_")},
+            "secrets": {k: fingerprint(v) for k, v in items if k.startswith("_") and hasattr(v, "get_secret_value")},
+            "environment": environment_key(),
+            "files": key_files(fn),
         }
         key = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
         _drop_if_stale(task_ctx, key)

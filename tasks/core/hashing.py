@@ -45,6 +45,53 @@ def iter_files(folder: Path) -> list[Path]:
     return out
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(path: Path | str) -> str:
+    """sha256 of a file (a folder: of its files' paths and digests); "missing" when there is nothing there.
+
+    Memoized by (path, size, mtime): a cache key computed for every task of a run reads a big file once.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return digest_of([[rel.as_posix(), content_digest(p / rel)] for rel in iter_files(p)])
+    if not p.is_file():
+        return "missing"
+    size, mtime = stat_key(p)
+    memo = (str(p.resolve()), size, mtime)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = sha256_file(p)
+    return _DIGESTS[memo]
+
+
+def git_head(path: Path | str) -> str:
+    """The commit a git checkout is at, read from its .git files (no git binary needed); "" when unknown."""
+    root = Path(path).expanduser()
+    git = root / ".git"
+    if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+        text = git.read_text().strip()
+        git = (root / text.removeprefix("gitdir:").strip()).resolve() if text.startswith("gitdir:") else git
+    head = git / "HEAD"
+    if not head.is_file():
+        return ""
+    ref = head.read_text().strip()
+    if not ref.startswith("ref:"):
+        return ref  # detached
+    name = ref.removeprefix("ref:").strip()
+    common = git / "commondir"
+    bases = [git, (git / common.read_text().strip()).resolve()] if common.is_file() else [git]
+    for base in bases:
+        if (base / name).is_file():
+            return (base / name).read_text().strip()
+        packed = base / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + name):
+                    return line.split()[0]
+    return ""
+
+
 def stat_key(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns

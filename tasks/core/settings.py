@@ -7,13 +7,20 @@ of a saved Prefect block), and is resolved to a SecretStr only when a stage need
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
-from typing import Any
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
 
+from tasks.core.constants import cache_root
 from tasks.core.errors import PermanentError
+from tasks.core.hashing import content_digest, digest_of, git_head
 from tasks.core.scrub import register_secret
 
 
@@ -22,6 +29,59 @@ def check_hub_id(value: str, field: str, derived_from: str) -> str:
     if value and (value.count("/") != 1 or not all(value.split("/"))):
         raise ValueError(f"{field} is 'owner/name' (or empty to derive it from {derived_from})")
     return value
+
+
+@dataclass(frozen=True)
+class ContentKey:
+    """Marks a path setting whose CONTENTS belong to the cache key: `Annotated[str | None, FILE_CONTENT]`.
+
+    A path alone does not change when the file behind it does (an edited card template, a new imatrix), so
+    the cache policy (tasks/core/caching.py) keys such a field by the sha256 of the file (`file`) or the
+    commit of the git checkout (`git`) it names, besides its value.
+    """
+
+    kind: Literal["file", "git"] = "file"
+
+    def digest(self, value: Any) -> str:
+        if self.kind == "file":
+            return content_digest(str(value))
+        commit = git_head(str(value))  # a tree without .git (an unpacked sdist): its top-level scripts
+        return commit or digest_of(sorted(content_digest(p) for p in Path(str(value)).expanduser().glob("*.py")))
+
+
+FILE_CONTENT = ContentKey("file")
+GIT_CHECKOUT = ContentKey("git")
+
+_SALT_FILE = ".secret-salt"
+_process_salt = secrets.token_bytes(32)
+
+
+def _salt() -> bytes:
+    """A random key kept in the user's cache folder (0600), so fingerprints match across runs and machines
+    cannot be compared; without a writable cache folder, a per-process one."""
+    path = cache_root() / _SALT_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            return path.read_bytes()
+        except FileExistsError:
+            return path.read_bytes()
+        except OSError:
+            return _process_salt
+    except OSError:
+        return _process_salt
+
+
+def secret_fingerprint(value: Any) -> str:
+    """A keyed digest (HMAC-SHA256 with a local random key) that changes when the secret does, and from which
+    the secret cannot be found: for cache keys, so a rotated token makes the stage that uses it run again."""
+    text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+    return hmac.new(_salt(), text.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class StrictModel(BaseModel):

@@ -8,7 +8,7 @@ without Prefect) and a task made with `stage_task`. The flow binds each task to 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,9 +20,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def stage_task(
-    stage: str, *, retries: int = 3, base_delay: float = 2.0, cache: bool = True, **options: Any
+    stage: str,
+    *,
+    retries: int = 3,
+    base_delay: float = 2.0,
+    cache: bool = True,
+    key_files: Iterable[Path] = (),
+    **options: Any,
 ) -> Callable[[F], Any]:
-    """Make a Prefect task for a stage: cached by content, retried only on transient errors with backoff."""
+    """Make a Prefect task for a stage: cached by content, retried only on transient errors with backoff.
+
+    `key_files`: files the stage renders or copies (its templates): their contents are part of the cache key.
+    """
     from prefect import task
     from prefect.tasks import exponential_backoff
 
@@ -44,6 +53,7 @@ def stage_task(
 
             kw["cache_policy"] = NO_CACHE
         kw.update(options)
+        fn.__loraship_key_files__ = tuple(Path(p) for p in key_files)  # type: ignore[attr-defined]
         return task(**kw)(_scrubbed(fn))
 
     return deco

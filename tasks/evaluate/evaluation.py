@@ -16,6 +16,7 @@ reads it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -33,7 +34,7 @@ from tasks.core.constants import PROJECT_ROOT, TASKS_DATA
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import digest_of
 from tasks.core.progress import Progress
-from tasks.core.settings import StrictModel
+from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
@@ -46,20 +47,20 @@ log = logging.getLogger("loraship.evaluate")
 class EvalSettings(StrictModel):
     """What to evaluate and how."""
 
-    samples: str | None = Field(
+    samples: Annotated[str | None, FILE_CONTENT] = Field(
         None,
         description=(
             "eval_samples.jsonl (prompt, reference, optional metric exact|contains); default: a small bundled "
             "set for the demo task"
         ),
     )
-    heldout_text: str | None = Field(
+    heldout_text: Annotated[str | None, FILE_CONTENT] = Field(
         None, description="a text file for perplexity and KL-divergence; default: a bundled paragraph"
     )
     max_tokens: int = Field(32, ge=1, description="tokens generated per sample")
     default_metric: Literal["exact", "contains"] = Field("contains", description="metric for samples that name none")
     quants: list[str] | None = Field(None, description="quants to evaluate (None: every GGUF of the run)")
-    compare_gguf: str | None = Field(
+    compare_gguf: Annotated[str | None, FILE_CONTENT] = Field(
         None, description="a second model version's GGUF to evaluate alongside (row 'compare')"
     )
     n_ctx: int = Field(512, ge=16, description="context window for generation (and the perplexity windows)")
@@ -320,8 +321,10 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         results = run_eval(ggufs, settings, Path(work))
     table = quant_table(results)
     heldout_tokens = next((r.get("heldout_tokens") for r in results.values() if r.get("heldout_tokens")), None)
+    measured_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")  # the nightly run re-measures
     report = {
         "model": model,
+        "measured_at": measured_at,
         "quants": table,
         "results": results,
         "settings": settings.model_dump(mode="json"),
@@ -329,6 +332,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
     }
     ppl_ctx = next((r.get("ppl_ctx") for r in results.values() if r.get("ppl_ctx")), None)
     md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens, ppl_ctx)
+    md += f"\nMeasured {measured_at}.\n"
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -345,6 +349,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         tools=["llama-cpp-python", "numpy"],
         meta={
             "quants": table,
+            "measured_at": measured_at,
             "heldout_tokens": heldout_tokens,
             "ppl_ctx": ppl_ctx,
             "samples": len(load_samples(settings)),

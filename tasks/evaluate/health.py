@@ -378,6 +378,7 @@ def health(
             "reasons": report["reasons"],
             "base_url": report["base_url"],
             "model_id": report["model_id"],
+            "measured_at": report["checked_at"],
             **report["summary"],
         },
     )

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
 from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
-from tasks.core.settings import StrictModel
+from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 
@@ -55,7 +55,7 @@ class ConvertSettings(StrictModel):
             "pre-tokenizer to use when llama.cpp does not recognise a BPE tokenizer (e.g. gpt-2, llama-bpe, qwen2)"
         ),
     )
-    llama_cpp_dir: str | None = Field(
+    llama_cpp_dir: Annotated[str | None, GIT_CHECKOUT] = Field(
         None,
         description=(
             "a llama.cpp checkout to take convert_hf_to_gguf.py from (else LLAMA_CPP_DIR, else the sdist of the "

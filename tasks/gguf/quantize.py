@@ -17,14 +17,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
 from tasks.core.errors import ConfigError, PermanentError
-from tasks.core.settings import StrictModel
+from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf.convert import disk_preflight, file_progress, gguf_name
@@ -113,7 +113,7 @@ class QuantizeSettings(StrictModel):
     token_embedding_type: str | None = Field(None, description="tensor type for token_embd.weight")
     leave_output_tensor: bool = Field(False, description="do not quantize output.weight (keep the F16 values)")
     pure: bool = Field(False, description="every matrix gets the requested type (no K-quant mixtures)")
-    imatrix: str | None = Field(
+    imatrix: Annotated[str | None, FILE_CONTENT] = Field(
         None, description="an importance matrix file (GGUF imatrix from llama-imatrix) for better low-bit quants"
     )
     generate_tokens: int = Field(

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from tasks.core.artifacts import Artifact
+from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.stage import stage_task
 from tasks.core.vocab import Stage
@@ -50,7 +51,7 @@ def local_deploy(
     return out
 
 
-@stage_task(STAGE, cache=False)
+@stage_task(STAGE, cache=False, key_files=[TEMPLATES_DIR / "ollama" / "Modelfile.j2"])
 def local_deploy_task(
     ggufs: list[Artifact], settings: LocalDeploySettings, model: str, out_dir: Path, dry_run: bool = False
 ) -> list[Artifact]:

@@ -27,7 +27,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -35,7 +35,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_text
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
-from tasks.core.settings import StrictModel
+from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import is_hub_id
@@ -48,7 +48,7 @@ DEFAULT_TEMPLATE = TEMPLATES_DIR / "model_card.md.j2"
 
 
 class CardSettings(StrictModel):
-    template: str | None = Field(
+    template: Annotated[str | None, FILE_CONTENT] = Field(
         None, description="a user template path (jinja2) that overrides templates/model_card.md.j2"
     )
     license: str = Field(
@@ -522,7 +522,7 @@ def _card_task_fn(
 def _make_task() -> Any:
     from tasks.core.stage import stage_task
 
-    return stage_task(STAGE)(_card_task_fn)
+    return stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])(_card_task_fn)
 
 
 card_task = _make_task()

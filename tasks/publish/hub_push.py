@@ -45,7 +45,7 @@ from tasks.publish.allowlist import (
     repo_file_allowed,
     training_file_allowed,
 )
-from tasks.publish.card import build_card
+from tasks.publish.card import DEFAULT_TEMPLATE, build_card
 from tasks.publish.hub_io import hub_api, push_folder, whoami
 from tasks.publish.secret_scan import refuse_secrets
 
@@ -363,7 +363,7 @@ def _hub_push_task_fn(
 def _make_task() -> Any:
     from tasks.core.stage import stage_task
 
-    return stage_task(STAGE)(_hub_push_task_fn)
+    return stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])(_hub_push_task_fn)  # it renders the card too
 
 
 hub_push_task = _make_task()

@@ -138,6 +138,30 @@ def render_space(
     return dest
 
 
+def not_read_only(me: dict[str, Any]) -> str | None:
+    """Why a token (its whoami-v2 answer) is not safe to give a Space, or None when it can only read.
+
+    Classic tokens say `role: read` or `write`. Fine-grained tokens say `role: fineGrained` and list their
+    permissions (`fineGrained.global`, and per entity in `fineGrained.scoped`): any `*.write` permission
+    (repo.write, inference.endpoints.write, post.write, ...) makes the token unfit. Anything else (no role,
+    an unknown one) is refused too: the check must be sure, not hopeful.
+    """
+    token = ((me or {}).get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    if role == "read":
+        return None
+    if role == "fineGrained":
+        grants = token.get("fineGrained") or {}
+        perms = list(grants.get("global") or [])
+        for scope in grants.get("scoped") or []:
+            perms += scope.get("permissions") or []
+        writes = sorted({p for p in perms if str(p).endswith(".write") or "write" in str(p).split(".")})
+        return f"is a fine-grained token with write permissions ({', '.join(writes)})" if writes else None
+    if role == "write":
+        return "is a write token"
+    return f"is not known to be read-only (whoami says role {role!r})"
+
+
 def _pick_file(pushed: Artifact, ggufs: list[Artifact], quant: str) -> str:
     names = {str(g.meta.get("quant")): Path(g.path).name for g in ggufs}
     if quant not in names:
@@ -296,13 +320,13 @@ def space(
     settings_endpoint = endpoint
     api = hub_api(settings_endpoint, secret)
     if read:
-        role = (whoami(hub_api(settings_endpoint, read), read).get("auth", {}).get("accessToken", {}) or {}).get("role")
-        if role == "write":
+        problem = not_read_only(whoami(hub_api(settings_endpoint, read), read))
+        if problem:
             raise PermanentError(
-                "space.read_token is a write token",
+                f"space.read_token {problem}",
                 hint=(
-                    "create a read-only token (role 'read') for the Space: Space secrets are readable by the "
-                    "Space's code"
+                    "create a read-only token for the Space (role 'read', or fine-grained with read permissions "
+                    "only): Space secrets are readable by the Space's code"
                 ),
             )
     elif pushed.meta.get("private"):
@@ -403,7 +427,8 @@ def _space_task_fn(
 def _make_task() -> Any:
     from tasks.core.stage import stage_task
 
-    return stage_task(STAGE)(_space_task_fn)
+    files = [TEMPLATE_DIR / n for n in ("README.md.j2", "app.py", "requirements.txt")]
+    return stage_task(STAGE, key_files=files)(_space_task_fn)
 
 
 space_task = _make_task()
