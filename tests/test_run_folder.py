@@ -12,13 +12,12 @@ import sys
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tasks.core import atomic
 from tasks.core.atomic import atomic_dir
 from tasks.core.run import RunFolder
-from tasks.core.runlock import RunFolderBusy, claim_run_folder, recover_run_folder
+from tasks.core.runlock import RunFolderBusy, claim_run_folder, process_start, recover_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +181,7 @@ def _record(run: RunFolder, quant: str, proc: subprocess.Popen, owner_pid: int, 
             {
                 "pid": proc.pid,
                 "port": 8100,
-                "process_started": psutil.Process(proc.pid).create_time(),
+                "process_start": process_start(proc.pid),
                 "owner_pid": owner_pid,
                 "keep": keep,
             }
@@ -199,7 +198,7 @@ def test_recovery_stops_servers_of_a_killed_run_only(tmp_path):
         _record(run, "Q4_K_M", orphan, dead_owner.pid, keep=False)
         _record(run, "Q8_0", kept, dead_owner.pid, keep=True)  # serving.keep_running: left alone
         (run.reports_dir / "serve-F16.json").write_text(  # the pid now belongs to another process
-            json.dumps({"pid": reused.pid, "port": 8101, "process_started": 12345.0, "owner_pid": dead_owner.pid})
+            json.dumps({"pid": reused.pid, "port": 8101, "process_start": "ticks:1", "owner_pid": dead_owner.pid})
         )
         report = recover_run_folder(run)
         assert report.stopped == [orphan.pid]

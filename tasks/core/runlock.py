@@ -176,16 +176,34 @@ def remove_partials_under(root: Path) -> list[str]:
     return removed
 
 
-def _same_process(record: dict[str, Any]) -> Any:
-    """The psutil.Process the record names, if that very process (pid and start time) still runs."""
+def process_start(pid: int) -> str | None:
+    """An identity for the process `pid` that a later process with the same pid cannot have: its start
+    time in clock ticks since boot on Linux (/proc/<pid>/stat; immune to wall-clock changes), else
+    psutil's create time. None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return f"ticks:{int(fields[19])}"  # field 22 of proc(5); fields[0] is field 3
+    except (OSError, IndexError, ValueError):
+        pass
     import psutil
 
     try:
-        proc = psutil.Process(int(record["pid"]))
-        started = float(record["process_started"])
-        if abs(proc.create_time() - started) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+        return f"time:{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
+def _same_process(record: dict[str, Any]) -> Any:
+    """The psutil.Process the record names, if that very process (pid and start) still runs."""
+    import psutil
+
+    try:
+        pid = int(record["pid"])
+        if not record.get("process_start") or process_start(pid) != record["process_start"]:
             return None
-        return proc
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
     except (KeyError, TypeError, ValueError, psutil.Error):
         return None
 

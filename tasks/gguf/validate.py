@@ -12,6 +12,7 @@ generated through `llama_cpp.Llama` (the runtime that serves it).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,23 @@ def validate_gguf(
     return info
 
 
-def generate_check(path: Path | str, prompt: str = "Hello", n_tokens: int = 4, threads: int = 1) -> dict[str, Any]:
-    """Load the file with llama_cpp.Llama and greedily generate `n_tokens` tokens (EOS does not stop it)."""
+# llama-cpp-python's Llama(verbose=False) silences llama.cpp by dup2-ing /dev/null over fds 1 and 2 and
+# restoring saved copies afterwards; two loads overlapping in threads (the mapped quantize tasks) restore
+# each other's /dev/null and the process loses its stdout and stderr for good. One load at a time.
+_LLAMA_LOAD = threading.Lock()
+
+
+def _load(**kwargs: Any) -> Any:
     from llama_cpp import Llama
 
+    with _LLAMA_LOAD:
+        return Llama(**kwargs)
+
+
+def generate_check(path: Path | str, prompt: str = "Hello", n_tokens: int = 4, threads: int = 1) -> dict[str, Any]:
+    """Load the file with llama_cpp.Llama and greedily generate `n_tokens` tokens (EOS does not stop it)."""
     try:
-        llm = Llama(model_path=str(path), n_ctx=64, n_threads=max(1, threads), n_batch=32, verbose=False, seed=0)
+        llm = _load(model_path=str(path), n_ctx=64, n_threads=max(1, threads), n_batch=32, verbose=False, seed=0)
     except Exception as exc:
         raise PermanentError(
             f"llama.cpp cannot load {Path(path).name}: {exc}",
@@ -186,9 +198,7 @@ def generate_check(path: Path | str, prompt: str = "Hello", n_tokens: int = 4, t
 
 def llama_tokenize(path: Path | str, text: str) -> list[int]:
     """How the runtime tokenizes `text` with this file's vocabulary (no BOS, no special-token parsing)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = _load(model_path=str(path), vocab_only=True, verbose=False)
     try:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
     finally:

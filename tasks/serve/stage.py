@@ -31,6 +31,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.constants import PROJECT_ROOT
 from tasks.core.errors import PermanentError, TransientError
+from tasks.core.runlock import process_start
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
@@ -176,7 +177,7 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
                         "pid": proc.pid,
                         # pid + start time name this very process (a restart of the flow finds it again,
                         # tasks/core/runlock.py stops it when the run that started it was killed)
-                        "process_started": _create_time(proc.pid),
+                        "process_start": process_start(proc.pid),
                         "owner_pid": os.getpid(),
                         "keep": settings.keep_running,
                         "port": port,
@@ -214,15 +215,6 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
             hint=f"see {log_path}",
         )
     raise TransientError("could not bind a port from serving.port_range")  # pragma: no cover
-
-
-def _create_time(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> str:
