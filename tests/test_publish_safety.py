@@ -176,3 +176,21 @@ def test_the_card_names_a_local_base_by_its_hub_id_never_by_its_path(tmp_path):
     )
     assert str(tmp_path) not in card and "Our in-house 7B" in card
     assert "base_model:" not in card.split("---", 2)[1], "no Hub id known: no base_model metadata"
+
+
+def test_a_token_in_gguf_metadata_is_found_and_tensor_data_is_not_read(tmp_path, llama_ggufs):
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from tasks.publish.secret_scan import _gguf_metadata_end, scan_folder
+
+    for path in llama_ggufs.values():  # the walk over the header agrees with gguf-py's reader
+        assert _gguf_metadata_end(path) == GGUFReader(str(path)).data_offset
+    w = GGUFWriter(str(tmp_path / "leaky.gguf"), "llama")
+    w.add_string("general.source.url", "https://huggingface.co/x?token=" + FAKE_HUB_TOKEN)
+    w.add_tensor("w", np.zeros((64, 64), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert dict(scan_folder(tmp_path)) == {"leaky.gguf": ["Hugging Face token"]}
