@@ -78,6 +78,29 @@ def test_qwen2_gives_the_same_tokens_everywhere_and_the_served_model_stops(tmp_p
     md = (tmp_path / "reports" / "template-contract.md").read_text()
     assert "| system_user | ref, " in md and "`<\\|im_end\\|>`" in md  # pipes escaped inside table cells
     assert str(tmp_path) not in " ".join(art.meta["summary"])  # summary lines go into the card: no paths
+    _check_card(ggufs, art, tmp_path)
+
+
+def _check_card(ggufs, art, tmp_path: Path) -> None:
+    """The model card's usage section: the format, the stop token, and the Modelfile that gives these tokens."""
+    from tasks.publish.card import CardSettings, build_card
+
+    text = build_card(
+        ggufs,
+        model_name="demo",
+        version="v1",
+        repo_id="alice/demo-GGUF",
+        settings=CardSettings(),
+        template_contract=art,
+    )
+    usage = text.split("### Chat format", 1)[1].split("### Python", 1)[0]
+    assert "Format: ChatML." in usage and "ends with `<|im_end|>`" in usage
+    assert "llama.cpp, ollama, lmstudio give the same tokens for 5 test conversations" in usage
+    assert "FROM hf.co/alice/demo-GGUF:Q4_K_M" in usage and 'PARAMETER stop "<|im_end|>"' in usage
+    assert art.meta["card"]["ollama_template"] in usage and str(tmp_path) not in text
+    assert "### Chat format" not in build_card(
+        ggufs, model_name="demo", version="v1", repo_id="alice/demo-GGUF", settings=CardSettings()
+    )
 
 
 def test_the_llama_fixture_differs_and_the_report_says_why(tmp_path, llama_base, llama_ggufs):

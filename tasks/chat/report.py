@@ -123,6 +123,24 @@ def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
+def card_lines(r: ContractResult) -> list[str]:
+    """The model card's chat-format lines: the format, the stop token, what was checked (no paths)."""
+    fam = r.family.family
+    lines = [f"Format: {fam.title}." if fam else "Format: the GGUF's embedded chat template (no common family)."]
+    if r.turn_end.token is not None:
+        lines.append(f"An assistant turn ends with `{r.turn_end.token.piece}`: stop generating on it.")
+    checked = [s.name for s in r.runtimes if s.checked]
+    if r.differences:
+        lines.append(f"loraship's template contract found a difference: {r.differences[0].summary()}")
+    elif len(checked) > 1:
+        lines.append(
+            f"Checked by loraship's template contract: {', '.join(checked)} give the same tokens for "
+            f"{len(r.conversations)} test conversations"
+            + ("; the served model stops on it." if any(p.stopped for p in r.probes) else ".")
+        )
+    return lines
+
+
 def _tokens(ts) -> str:
     return " ".join(f"`{t.piece}`({t.id})" for t in ts) or "—"
 

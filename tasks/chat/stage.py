@@ -22,7 +22,7 @@ from tasks.chat import gorender
 from tasks.chat.contract import ContractInputs, ContractResult, LMStudioInput, Server, check
 from tasks.chat.conversations import CONVERSATIONS, by_name
 from tasks.chat.findings import Verdict
-from tasks.chat.report import summary_lines, write
+from tasks.chat.report import card_lines, summary_lines, write
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import digest_of
@@ -30,6 +30,7 @@ from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind
 from tasks.gguf import quant_types
+from tasks.local.ollama import parse_modelfile
 
 STAGE = "template_contract"
 REPORT = "report:template-contract"
@@ -214,6 +215,11 @@ def _artifact(
 ) -> Artifact:
     js, md = write(result, out_dir)
     errors = result.errors
+    modelfile = modelfile_of(_record(local, "local:ollama"))
+    ollama_ok = "ollama" in {s.name for s in result.runtimes if s.checked} and not any(
+        d.runtime == "ollama" for d in result.differences
+    )
+    mf = parse_modelfile(modelfile.read_text()) if modelfile is not None and ollama_ok else None
     return Artifact.from_path(
         js,
         name=REPORT,
@@ -232,6 +238,12 @@ def _artifact(
             "errors": [f.message for f in errors][:10],
             "summary": summary_lines(result),
             "markdown": str(md),
+            "card": {
+                "lines": card_lines(result),
+                "turn_end": result.turn_end.token.piece if result.turn_end.token else None,
+                "ollama_template": mf.template if mf else None,
+                "ollama_stops": list(mf.stops) if mf else [],
+            },
         },
     )
 

@@ -238,8 +238,12 @@ def build_card(
     extra_files: list[dict[str, str]] | None = None,
     endpoint: str = "https://huggingface.co",
     splits: list[Artifact] | None = None,
+    template_contract: Artifact | None = None,
 ) -> str:
     """The README.md text for the model repo (rendered and validated).
+
+    `template_contract` (the `report:template-contract` artifact) adds the chat format, its stop token and
+    what the contract checked to the usage section, with the Ollama Modelfile that gives the same tokens.
 
     A GGUF published as llama.cpp shards (`splits`, the quantize stage's `gguf-split` artifacts) is listed
     by its first shard inside its folder, which is what the repo holds and what llama.cpp loads."""
@@ -347,6 +351,7 @@ def build_card(
         "eval_note": eval_note,
         "training": training_rows(adapter, base_name, settings.datasets),
         "extra_files": extra_files or [],
+        "chat": chat_usage(template_contract),
     }
     template_path = Path(settings.template).expanduser() if settings.template else DEFAULT_TEMPLATE
     if not template_path.is_file():
@@ -357,6 +362,19 @@ def build_card(
     text = render_template(template_path, data, context)
     validate_card(text, data)
     return text
+
+
+def chat_usage(report: Artifact | None) -> dict[str, Any] | None:
+    """The usage section's chat-format lines from the template contract's record (no paths in it)."""
+    view = (report.meta.get("card") if report is not None else None) or None
+    if not view:
+        return None
+    return {
+        "lines": list(view.get("lines") or []),
+        "turn_end": view.get("turn_end"),
+        "ollama_template": view.get("ollama_template"),
+        "ollama_stops": list(view.get("ollama_stops") or []),
+    }
 
 
 def render_template(template_path: Path, data: Any, context: dict[str, Any]) -> str:
@@ -437,6 +455,7 @@ def card(
     endpoint: str | None = None,
     token: Any = None,
     splits: list[Artifact] | None = None,
+    template_contract: Artifact | None = None,
 ) -> Artifact:
     """Render README.md to `out_path`; when `pushed` (a real push record) is given and the card changed, commit it."""
     if not ggufs:
@@ -457,6 +476,7 @@ def card(
         extra_files=(pushed.meta.get("extra_files") if pushed else None),
         endpoint=(endpoint or "https://huggingface.co"),
         splits=splits,
+        template_contract=template_contract,
     )
     atomic_write_text(out_path, text)
     meta: dict[str, Any] = {
@@ -464,7 +484,7 @@ def card(
         "has_eval": eval_report is not None,
         "quants": sorted(str(a.meta.get("quant")) for a in ggufs),
     }
-    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed) if x is not None)]
+    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed, template_contract) if x is not None)]
     if pushed is not None and not pushed.meta.get("dry_run") and token is not None:
         commit = update_readme(
             repo_id,
@@ -500,6 +520,7 @@ def _card_task_fn(
     endpoint: str | None = None,
     _token: Any = None,
     splits: list[Artifact] | None = None,
+    template_contract: Artifact | None = None,
 ) -> Artifact:
     return card(
         ggufs,
@@ -516,6 +537,7 @@ def _card_task_fn(
         endpoint=endpoint,
         token=_token,
         splits=splits,
+        template_contract=template_contract,
     )
 
 

@@ -220,6 +220,7 @@ def hub_push(
     token: Any = None,
     dry_run: bool = False,
     splits: list[Artifact] | None = None,
+    template_contract: Artifact | None = None,
 ) -> Artifact:
     """Stage the repo folder and (with a token, not dry_run) push it in one commit. Returns the 'publish:hub' record."""
 
@@ -256,6 +257,7 @@ def hub_push(
         extra_files=extra_preview,
         endpoint=endpoint,
         splits=splits,
+        template_contract=template_contract,
     )
     folder = publish_dir / "hub" / repo_id.replace("/", "__")
     known = stage_repo_folder(
@@ -340,6 +342,7 @@ def _hub_push_task_fn(
     dry_run: bool = False,
     _token: Any = None,
     splits: list[Artifact] | None = None,
+    template_contract: Artifact | None = None,
 ) -> Artifact:
     return hub_push(
         ggufs,
@@ -357,6 +360,7 @@ def _hub_push_task_fn(
         token=_token,
         dry_run=dry_run or _token is None,
         splits=splits,
+        template_contract=template_contract,
     )
 
 
