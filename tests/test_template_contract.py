@@ -168,6 +168,8 @@ def test_a_wrong_stop_token_in_generation_config_is_caught(tmp_path, qwen2_base,
     assert art.meta["verdict"] == "fail" and len(stops) == 1
     assert stops[0]["runtime"] == "transformers" and "generate() will not stop" in stops[0]["message"]
     assert "<|im_end|>" in stops[0]["message"]
+    rep = json.loads((tmp_path / "r" / "template-contract.json").read_text())
+    assert rep["gguf_tokens"]["eos"] == 2  # <|im_end|>: the GGUF kept it; only generation_config.json says 0
 
 
 def test_an_end_of_turn_token_llama_cpp_does_not_stop_on_is_caught_by_the_served_model(
@@ -231,3 +233,16 @@ def test_settings_name_unknown_conversations_and_runtimes():
         TemplateContractSettings(conversations=["nope"])
     with pytest.raises(ValidationError, match="runtimes: transformers, llama.cpp, ollama, lmstudio"):
         TemplateContractSettings(runtimes=["olama"])
+
+
+def test_a_gguf_eos_none_of_transformers_stops_is_named():
+    """The rewritten-EOS rule on its own: the GGUF's EOS/EOT against transformers' list."""
+    from types import SimpleNamespace
+
+    from tasks.chat.runtimes.base import StopSet
+    from tasks.chat.stops import gguf_eos_agreement
+
+    vocab = SimpleNamespace(eos_id=0, eot_id=None, piece=lambda i: {0: "<|endoftext|>"}[i])
+    found = gguf_eos_agreement(vocab, StopSet(token_ids=(2,), source="generation_config.json eos_token_id"))
+    assert len(found) == 1 and "'<|endoftext|>'(0)" in found[0].message and "changed the EOS" in found[0].message
+    assert gguf_eos_agreement(vocab, StopSet(token_ids=(0, 2))) == []

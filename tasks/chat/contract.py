@@ -264,6 +264,7 @@ def check(inputs: ContractInputs) -> ContractResult:
         served = GgufRuntime(load_vocab(inputs.server.gguf)).stops()
         stop_sets["served"] = StopSet(served.token_ids, served.strings, f"llama-cpp-python server: {served.source}")
     findings += stops.agreement(end, stop_sets, hf_name="transformers")
+    findings += stops.gguf_eos_agreement(vocab, stop_sets.get("transformers"))
     probes = _probes(inputs, end, findings)
     statuses = [RuntimeStatus(r.name, r.title, True, r.describe()) for r in runtimes] + statuses
     return ContractResult(

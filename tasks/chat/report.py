@@ -64,6 +64,12 @@ def to_json(r: ContractResult) -> dict[str, Any]:
             for c in r.conversations
         ],
         "differences": [d.as_dict() for d in r.differences],
+        "gguf_tokens": {
+            "eos": r.vocab.eos_id,
+            "eot": r.vocab.eot_id,
+            "bos": r.vocab.bos_id,
+            "add_bos": r.vocab.add_bos,
+        },
         "turn_end": {
             "id": end.token.id if end.token else None,
             "piece": end.token.piece if end.token else None,
@@ -116,6 +122,10 @@ def summary_lines(r: ContractResult) -> list[str]:
     elif r.turn_end.token:
         lines.append("Stops: every checked runtime stops on " + r.turn_end.token.piece)
     return lines
+
+
+def _tok(r: ContractResult, token: int | None) -> str:
+    return f"`{r.vocab.piece(token)}` ({token})" if token is not None else "none"
 
 
 def _row(*cells: object) -> str:
@@ -205,6 +215,9 @@ def to_markdown(r: ContractResult) -> str:
         "End of an assistant turn: "
         + (f"`{end.token.piece}` ({end.token.id})" if end.token else "not found")
         + f" — {end.how}",
+        "",
+        f"The GGUF's EOS: {_tok(r, r.vocab.eos_id)}, EOT: {_tok(r, r.vocab.eot_id)}, BOS: {_tok(r, r.vocab.bos_id)} "
+        f"(add_bos_token={r.vocab.add_bos})",
         "",
         "| runtime | stops on (ids) | stop strings | from |",
         "| --- | --- | --- | --- |",

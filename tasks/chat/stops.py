@@ -93,3 +93,26 @@ def agreement(end: TurnEnd, stops: dict[str, StopSet], hf_name: str = "transform
                 )
             )
     return out
+
+
+def gguf_eos_agreement(vocab, hf: StopSet | None) -> list[Finding]:
+    """The GGUF's EOS/EOT must be among transformers' stops: else the merge or the converter rewrote the EOS.
+
+    llama.cpp may still stop at the end of a turn (it recognises `<|im_end|>`, `<|eot_id|>` ... by their text),
+    which the end-of-turn check shows; this names the rewritten EOS itself.
+    """
+    if hf is None or not hf.token_ids:
+        return []
+    ids = [i for i in (vocab.eos_id, vocab.eot_id) if i is not None]
+    if not ids or set(ids) & set(hf.token_ids):
+        return []
+    named = ", ".join(f"{vocab.piece(i)!r}({i})" for i in dict.fromkeys(ids))
+    return [
+        Finding(
+            Severity.WARNING,
+            "stops",
+            f"the GGUF's EOS/EOT ({named}) is none of transformers' stops {list(hf.token_ids)} ({hf.source}): the "
+            "merged model's config or the converter changed the EOS",
+            "llama.cpp",
+        )
+    ]
