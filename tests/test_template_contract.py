@@ -246,3 +246,28 @@ def test_a_gguf_eos_none_of_transformers_stops_is_named():
     found = gguf_eos_agreement(vocab, StopSet(token_ids=(2,), source="generation_config.json eos_token_id"))
     assert len(found) == 1 and "'<|endoftext|>'(0)" in found[0].message and "changed the EOS" in found[0].message
     assert gguf_eos_agreement(vocab, StopSet(token_ids=(0, 2))) == []
+
+
+def test_the_command_checks_a_finished_run_folder(tmp_path, llama_chat_base, llama_chat_ggufs):
+    """`python -m tasks.chat RUN_DIR` reads the run's manifest and writes the report there; exit 0 on PASS."""
+    import subprocess
+    import sys
+
+    from tasks.core.run import RunFolder
+
+    run = RunFolder.for_model(tmp_path / "runs", "demo", "v1").ensure()
+    ggufs = gguf_artifacts(llama_chat_ggufs)
+    run.record("convert", "done", [merged_of(llama_chat_base), *ggufs])
+    run.record("local_deploy", "done", _deploy(tmp_path, ggufs))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.chat", str(run.root), "--no-serve"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "template contract: PASS" in proc.stdout and (run.reports_dir / "template-contract.md").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "tasks.chat", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "manifest.json does not exist" in missing.stderr
