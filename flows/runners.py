@@ -273,6 +273,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         dry_run=dry,
         _token=token,
         splits=_released(ctx, "hub_push", ArtifactKind.GGUF_SPLIT) or None,
+        template_contract=ctx.artifacts.get("report:template-contract"),
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["hub_push"] = True
@@ -323,6 +324,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         endpoint=endpoint,
         _token=token,
         splits=_released(ctx, "card", ArtifactKind.GGUF_SPLIT) or None,
+        template_contract=ctx.artifacts.get("report:template-contract"),
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
     ctx.notes.setdefault("messages", {})["card"] = (
@@ -431,6 +433,48 @@ def run_local_deploy(ctx: RunContext) -> list[Artifact]:
             )
     ctx.notes.setdefault("messages", {})["local_deploy"] = "; ".join(parts)
     return made
+
+
+def run_template_contract(ctx: RunContext) -> list[Artifact]:
+    """The chat-template contract on this run's GGUFs, merged model and local_deploy records.
+
+    A server of this run (serve) is used for the served generation; without one the check starts its own.
+    A FAIL verdict raises after the report is written (the run fails, or is degraded under continue_on_error),
+    and the report stays in ctx.artifacts so the card's usage section can still say what was found."""
+    from tasks.chat.contract import Server
+    from tasks.chat.stage import REPORT, deployed_key, environment_key, failure, template_contract_task
+
+    ggufs = _need(ctx, ArtifactKind.GGUF, "template_contract")
+    s = ctx.config.template_contract
+    local = [a for a in ctx.of_kind(ArtifactKind.PUBLISH) if a.name.startswith("local:")]
+    servers = ctx.notes.get("servers") or ctx.of_kind(ArtifactKind.SERVICE)
+    server = None
+    if s.served_generation and servers:
+        up = servers[0]
+        served = ctx.artifacts.get(f"gguf:{up.meta['quant']}")
+        if served is not None:
+            server = Server(up.meta["base_url"], up.meta["model_id"], served.local_path)
+    report = ctx.call(
+        "template_contract",
+        template_contract_task,
+        ggufs,
+        ctx.artifacts.get("merged"),
+        s,
+        ctx.run.reports_dir,
+        environment_key(),
+        deployed_key(local),
+        _local=local,
+        _server=server,
+    )
+    ctx.notes.setdefault("links", {})["template contract"] = report.meta["markdown"]
+    ctx.notes.setdefault("messages", {})["template_contract"] = f"{report.meta['verdict'].upper()}: " + "; ".join(
+        report.meta["summary"]
+    )
+    err = failure(report) if s.fail_on_mismatch else None
+    if err is not None:
+        ctx.artifacts[REPORT] = report  # the card and the summary still see what was found
+        raise err
+    return [report]
 
 
 def run_serve(ctx: RunContext) -> list[Artifact]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from flows import runners
+from tasks.chat.stage import TemplateContractSettings
 from tasks.core.lineage import Wanted
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.download.settings import DownloadSettings
@@ -206,6 +207,17 @@ TABLE: tuple[StageSpec, ...] = (
         cache=Caching.NONE,
     ),
     StageSpec(
+        Stage.TEMPLATE_CONTRACT,
+        "template_contract",
+        TemplateContractSettings,
+        runners.run_template_contract,
+        "fixed conversations give the same tokens in transformers, llama.cpp, Ollama (Go) and LM Studio; stops agree",
+        takes=(K.GGUF, K.MERGED, K.PUBLISH, K.SERVICE),
+        makes=(K.REPORT,),
+        needs=(Stage.CONVERT, Stage.LOCAL_DEPLOY),
+        uses=(Stage.SERVE,),
+    ),
+    StageSpec(
         Stage.HUB_PUSH,
         "hub",
         HubSettings,
@@ -214,7 +226,7 @@ TABLE: tuple[StageSpec, ...] = (
         takes=(K.GGUF, K.GGUF_SPLIT, K.ADAPTER, K.MERGED, K.REPORT),
         makes=(K.PUBLISH,),
         needs=(Stage.GATE,),
-        uses=(Stage.EVALUATE,),
+        uses=(Stage.EVALUATE, Stage.TEMPLATE_CONTRACT),
         cache=Caching.REMOTE,
     ),
     StageSpec(
@@ -226,7 +238,7 @@ TABLE: tuple[StageSpec, ...] = (
         takes=(K.GGUF, K.GGUF_SPLIT, K.ADAPTER, K.REPORT, K.PUBLISH),
         makes=(K.REPORT,),
         needs=(Stage.GATE,),
-        uses=(Stage.EVALUATE, Stage.HUB_PUSH),
+        uses=(Stage.EVALUATE, Stage.TEMPLATE_CONTRACT, Stage.HUB_PUSH),
         cache=Caching.REMOTE,
     ),
     StageSpec(

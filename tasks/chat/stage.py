@@ -271,19 +271,25 @@ def environment_key() -> dict[str, Any]:
 def template_contract_task(
     ggufs: list[Artifact],
     merged: Artifact | None,
-    local: list[Artifact],
     settings: TemplateContractSettings,
     out_dir: Path,
     environment: dict[str, Any],
-    lmstudio_config_digest: str,
+    deployed: dict[str, Any],
+    _local: list[Artifact],
     _server: Server | None = None,
 ) -> Artifact:
-    """Cached on the GGUFs, merged model, local-deploy records, settings, Go's availability and LM Studio's
-    per-model config (the user may edit it in the app); `_server` (a running endpoint) is not part of the key."""
-    return template_contract(ggufs, merged, local, settings, out_dir, _server)
+    """Cached on the GGUFs, the merged model, the settings, Go's availability (`environment_key`) and what the
+    deployed runtimes read (`deployed_key`: the Modelfile, LM Studio's file and per-model config, which the user
+    may edit in the app). The local_deploy records themselves change every run (placed/unchanged), and a running
+    server is not an input: both are passed outside the key."""
+    return template_contract(ggufs, merged, _local, settings, out_dir, _server)
 
 
-def lmstudio_config_digest(local: list[Artifact]) -> str:
-    """A digest of the LM Studio per-model config the contract will read (it lives outside the run folder)."""
+def deployed_key(local: list[Artifact]) -> dict[str, Any]:
+    """What the Ollama and LM Studio renderings depend on, by content (not the records' bookkeeping)."""
+    modelfile = modelfile_of(_record(local, "local:ollama"))
     lm = lmstudio_input(_record(local, "local:lmstudio"))
-    return digest_of(lm.config if lm else None)
+    return {
+        "modelfile": digest_of(modelfile.read_text()) if modelfile else None,
+        "lmstudio": digest_of({"gguf": lm.gguf.name, "config": lm.config}) if lm else None,
+    }

@@ -25,6 +25,7 @@ class Stage(StrEnum):
     EVALUATE = "evaluate"
     GATE = "gate"
     LOCAL_DEPLOY = "local_deploy"
+    TEMPLATE_CONTRACT = "template_contract"
     HUB_PUSH = "hub_push"
     CARD = "card"
     SPACE = "space"
