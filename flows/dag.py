@@ -81,7 +81,7 @@ def run_graph(
     the stages already running finish, and the function returns.
     """
     from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect.utilities.annotations import quote
+    from prefect.utilities.annotations import allow_failure, quote
 
     task = _stage_task()
     results: dict[Stage, StageResult] = {}
@@ -109,7 +109,9 @@ def run_graph(
                     why = f"{blocked}: {results[blocked].blocks}"
                     res = StageResult(s, StageStatus.SKIPPED, message=f"skipped because {why}", blocks=why)
                 else:
-                    waits = [submitted[u] for u in upstream if u in submitted]
+                    # allow_failure: a degraded upstream (failed, continue_on_error) must not stop a stage that
+                    # only `uses` it; blocking through `needs` is decided above, from the results
+                    waits = [allow_failure(submitted[u]) for u in upstream if u in submitted]
                     params = {"name": str(s), "ctx": quote(ctx.for_stage(s)), "execute": quote(execute)}
                     futures[s] = submitted[s] = pool.submit(
                         task.with_options(task_run_name=f"stage:{s}"), params, wait_for=waits

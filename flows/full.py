@@ -213,6 +213,7 @@ def execute_stage(ctx: RunContext, stage: Stage) -> StageResult:
             StageStatus.FAILED if fatal else StageStatus.DEGRADED,
             time.monotonic() - t0,
             message,
+            list(getattr(exc, "artifacts", None) or []),  # FailedWithReport: the report that says why
             blocks=f"failed ({message})",
             error=exc,
             fatal=fatal,

@@ -439,10 +439,10 @@ def run_template_contract(ctx: RunContext) -> list[Artifact]:
     """The chat-template contract on this run's GGUFs, merged model and local_deploy records.
 
     A server of this run (serve) is used for the served generation; without one the check starts its own.
-    A FAIL verdict raises after the report is written (the run fails, or is degraded under continue_on_error),
-    and the report stays in ctx.artifacts so the card's usage section can still say what was found."""
+    A FAIL verdict raises after the report is written (the run fails, or is degraded under continue_on_error);
+    the error carries the report, so the manifest records it and the card's usage section says what was found."""
     from tasks.chat.contract import Server
-    from tasks.chat.stage import REPORT, deployed_key, environment_key, failure, template_contract_task
+    from tasks.chat.stage import deployed_key, environment_key, failure, template_contract_task
 
     ggufs = _need(ctx, ArtifactKind.GGUF, "template_contract")
     s = ctx.config.template_contract
@@ -472,7 +472,6 @@ def run_template_contract(ctx: RunContext) -> list[Artifact]:
     )
     err = failure(report) if s.fail_on_mismatch else None
     if err is not None:
-        ctx.artifacts[REPORT] = report  # the card and the summary still see what was found
         raise err
     return [report]
 

@@ -75,6 +75,7 @@ def test_a_failing_contract_fails_the_run_or_degrades_it(prefect_api, tmp_path, 
     by = {s.stage: s for s in summary.stages}
     assert summary.degraded and by["template_contract"].status == "degraded"
     assert "template-contract.md" in by["template_contract"].message
-    assert by["card"].status == "done"
+    assert by["card"].status == "done" and by["template_contract"].artifacts == ["report:template-contract"]
+    assert run.load_manifest().artifacts["report:template-contract"].meta["verdict"] == "fail"  # recorded anyway
     card = (run.reports_dir / "README.md").read_text()
     assert "template contract found a difference" in card and "FROM hf.co/" not in card  # no unchecked Modelfile

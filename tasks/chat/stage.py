@@ -24,7 +24,7 @@ from tasks.chat.conversations import CONVERSATIONS, by_name
 from tasks.chat.findings import Verdict
 from tasks.chat.report import card_lines, summary_lines, write
 from tasks.core.artifacts import Artifact
-from tasks.core.errors import PermanentError
+from tasks.core.errors import FailedWithReport, PermanentError
 from tasks.core.hashing import digest_of
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
@@ -248,15 +248,16 @@ def _artifact(
     )
 
 
-def failure(report: Artifact) -> PermanentError | None:
+def failure(report: Artifact) -> FailedWithReport | None:
     """The error a FAIL verdict raises (with the first problem and where the report is); None otherwise."""
     if report.meta.get("verdict") != Verdict.FAIL.value:
         return None
     errors = report.meta.get("errors") or ["see the report"]
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return PermanentError(
+    return FailedWithReport(
         f"chat-template contract failed: {errors[0]}{more}",
         hint=f"see {report.meta.get('markdown')}; template_contract.fail_on_mismatch: false only reports it",
+        artifacts=[report],
     )
 
 

@@ -30,6 +30,15 @@ class TransientError(PipelineError):
     """Worth retrying: the same call may succeed in a moment."""
 
 
+class FailedWithReport(PermanentError):
+    """A stage that fails on what it found, and still hands over the report that says so (`artifacts`): the
+    flow records them and later stages (the model card) can read them, also when the run goes on degraded."""
+
+    def __init__(self, message: str, hint: str | None = None, artifacts: list[Any] | None = None):
+        super().__init__(message, hint)
+        self.artifacts = list(artifacts or [])
+
+
 class ConfigError(PermanentError):
     """The configuration is invalid; the message names the field path."""
 
