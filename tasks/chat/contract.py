@@ -148,13 +148,15 @@ def _compare_all(
     renderings: dict[str, dict[str, Rendering]] = {}
     references: dict[str, dict[str, Rendering]] = {}
     diffs: list[Difference] = []
+    broken: list[Runtime] = []
     for rt in others:
         if isinstance(rt, OllamaRuntime):
             try:
                 rt.prefetch(list(inputs.conversations))
             except Exception as exc:  # a TEMPLATE Go cannot parse: every conversation fails the same way
                 findings.append(Finding(Severity.ERROR, "tokens", f"ollama: {exc}", "ollama"))
-                others = [o for o in others if o is not rt]
+                broken.append(rt)
+    others = [o for o in others if o not in broken]
     bos_piece = vocab.bos_text or None
     for conv in inputs.conversations:
         row = renderings.setdefault(conv.name, {})
