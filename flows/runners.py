@@ -338,14 +338,16 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.space import space_task
 
     pushed = ctx.artifacts.get("publish:hub")
-    if pushed is None:
+    merged_repo = _merged_repo(ctx)
+    if pushed is None and merged_repo is None:
         raise PermanentError(
-            "the space stage needs the hub_push record (publish:hub) and this run has none",
+            "the space stage needs a Hub push record (publish:hub) and this run has none",
             hint="enable hub_push, or run with --from space after a run that pushed",
         )
     ggufs = _released(ctx, "space")
     settings, fallback = _space_settings(ctx, ggufs)
-    real = not pushed.meta.get("dry_run") and not ctx.dry_run
+    source = merged_repo if pushed is None else pushed
+    real = not source.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     read_token = _hub_token(ctx, ctx.config.space.read_token, "space.read_token") if real else None
     made = ctx.call(
@@ -360,6 +362,8 @@ def run_space(ctx: RunContext) -> list[Artifact]:
         dry_run=not real,
         _token=token,
         _read_token=read_token,
+        merged_repo=merged_repo,
+        task=_model_task(ctx),
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["space"] = True
@@ -373,6 +377,29 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     if fallback:
         ctx.notes["messages"]["space"] += f"; {fallback}"
     return [made]
+
+
+def _merged_repo(ctx: RunContext) -> Artifact | None:
+    """The merged (transformers) repo's push record, when hub.repos published one."""
+    for art in ctx.artifacts.values():
+        if art.kind == ArtifactKind.PUBLISH and art.meta.get("repo_kind") == "merged":
+            return art
+    return None
+
+
+def _model_task(ctx: RunContext) -> str:
+    """The model's task for space.template auto: card.pipeline_tag when set explicitly, else the merged
+    model's architectures (a Whisper or wav2vec2 model is speech recognition), else text generation."""
+    import json
+
+    from tasks.publish.space_templates import model_task
+
+    card = ctx.config.card
+    config = None
+    merged = ctx.artifacts.get("merged")
+    if merged is not None and (Path(merged.path) / "config.json").is_file():
+        config = json.loads((Path(merged.path) / "config.json").read_text(encoding="utf-8"))
+    return model_task(config, card.pipeline_tag if "pipeline_tag" in card.model_fields_set else None)
 
 
 def _space_settings(ctx: RunContext, ggufs: list[Artifact]) -> tuple[Any, str]:

@@ -246,8 +246,9 @@ TABLE: tuple[StageSpec, ...] = (
         "space",
         SpaceSettings,
         runners.run_space,
-        "a Gradio chat demo Space for one quant of the model repo, with its variables, secret and hardware",
-        takes=(K.PUBLISH, K.GGUF),
+        "a Gradio demo Space from a registered template (GGUF chat, transformers chat, ASR), with its variables, "
+        "secret and hardware",
+        takes=(K.PUBLISH, K.GGUF, K.MERGED),
         makes=(K.PUBLISH,),
         needs=(Stage.HUB_PUSH,),
         cache=Caching.REMOTE,

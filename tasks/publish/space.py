@@ -1,7 +1,8 @@
-"""Stage 7, Space deploy: a Gradio chat demo (templates/spaces/gguf_chat) for one GGUF of the model repo.
+"""Stage 7, Space deploy: a Gradio demo of the model from a Space template (tasks/publish/space_templates.py).
 
-The Space folder (app.py, requirements.txt, README.md with the Spaces YAML header) is rendered under
-publish/space/<owner>__<name>/. app.py is a plain file configured by Space variables (MODEL_REPO,
+The template (space.template, or auto from the model's task and the published repos: gguf_chat for a GGUF
+repo, transformers_chat for the merged repo, asr for speech models) is rendered under
+publish/space/<owner>__<name>/. Its app is a plain file configured by Space variables (MODEL_REPO,
 MODEL_FILE, TITLE, EXAMPLES, ...), so the same app serves any model; only README.md is a template, and
 its YAML header is made by huggingface_hub's SpaceCardData (user titles cannot break it).
 
@@ -29,23 +30,29 @@ from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
-from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
 from tasks.publish.secret_scan import refuse_secrets
+from tasks.publish.space_templates import AUTO, SPACE_TEMPLATES, SpaceInputs, SpaceTemplate, check_template, choose_template
 
 STAGE = Stage.SPACE
 log = logging.getLogger("loraship.space")
 
-TEMPLATE_DIR = TEMPLATES_DIR / "spaces" / "gguf_chat"
-GRADIO_VERSION = "6.31.0"  # the version the browser test ran the app with (pyproject test extra)
+GRADIO_VERSION = SPACE_TEMPLATES["gguf_chat"].manifest.sdk_version  # what the browser test ran the app with
 FAILED_STAGES = ("BUILD_ERROR", "RUNTIME_ERROR", "CONFIG_ERROR", "NO_APP_FILE")
 
 
 class SpaceSettings(StrictModel):
+    template: str = Field(
+        AUTO,
+        description=(
+            "the Space template (templates/spaces/<name>/): gguf_chat, transformers_chat, asr, ...; "
+            "auto: chosen from the model's task and the repos this run published"
+        ),
+    )
     space_id: str = Field("", description="owner/name of the Space; empty: <model repo owner>/<model>-demo")
     quant: str = Field(
         default_factory=quant_types.default_quant,
@@ -76,6 +83,11 @@ class SpaceSettings(StrictModel):
     poll_interval: float = Field(10.0, gt=0, description="seconds between runtime checks")
     max_restarts: int = Field(2, ge=0, description="restarts after BUILD_ERROR/RUNTIME_ERROR before the stage fails")
 
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v)
+
     @field_validator("space_id")
     @classmethod
     def _space_id(cls, v: str) -> str:
@@ -87,55 +99,43 @@ class SpaceSettings(StrictModel):
         return quant_types.check_quant(v)
 
 
-def space_variables(settings: SpaceSettings, model_repo: str, model_file: str, title: str) -> dict[str, str]:
-    """The Space variables (public configuration; never a secret)."""
-    return {
-        "MODEL_REPO": model_repo,
-        "MODEL_FILE": model_file,
-        "TITLE": title,
-        "EXAMPLES": json.dumps(settings.examples),
-        "MAX_TOKENS": str(settings.max_tokens),
-        "RATE_LIMIT_PER_MINUTE": str(settings.rate_limit_per_minute),
-    }
+def space_inputs(
+    settings: SpaceSettings, model_repo: str, model_file: str, title: str, model_url: str = ""
+) -> SpaceInputs:
+    """What the template's variables and README are set from (public values only; never a secret)."""
+    return SpaceInputs(
+        model_repo=model_repo,
+        model_file=model_file,
+        model_url=model_url,
+        title=title,
+        examples=json.dumps(settings.examples),
+        max_tokens=str(settings.max_tokens),
+        rate_limit_per_minute=str(settings.rate_limit_per_minute),
+    )
+
+
+def space_variables(
+    settings: SpaceSettings, model_repo: str, model_file: str, title: str, template: SpaceTemplate | None = None
+) -> dict[str, str]:
+    """The Space variables (public configuration; never a secret) the template's app reads."""
+    template = template or SPACE_TEMPLATES["gguf_chat"]
+    return template.variables(space_inputs(settings, model_repo, model_file, title))
 
 
 def render_space(
-    dest: Path, *, settings: SpaceSettings, model_repo: str, model_file: str, model_url: str, title: str, license: str
+    dest: Path,
+    *,
+    settings: SpaceSettings,
+    model_repo: str,
+    model_file: str,
+    model_url: str,
+    title: str,
+    license: str,
+    template: SpaceTemplate | None = None,
 ) -> Path:
-    """Write the Space folder (atomically): app.py and requirements.txt as they are, README.md rendered."""
-    import jinja2
-    from huggingface_hub import SpaceCardData
-
-    header = SpaceCardData(
-        title=title[:60],
-        emoji=settings.emoji,
-        colorFrom="indigo",
-        colorTo="blue",
-        sdk="gradio",
-        sdk_version=GRADIO_VERSION,
-        app_file="app.py",
-        license=license,
-        models=[model_repo],
-        pinned=False,
-        short_description=f"Chat with {model_file}"[:60],
-    )
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    readme = env.from_string((TEMPLATE_DIR / "README.md.j2").read_text(encoding="utf-8")).render(
-        space_header=header.to_yaml(), title=title, model_repo=model_repo, model_file=model_file, model_url=model_url
-    )
-    with atomic_dir(dest) as tmp:
-        shutil.copyfile(TEMPLATE_DIR / "app.py", tmp / "app.py")
-        shutil.copyfile(TEMPLATE_DIR / "requirements.txt", tmp / "requirements.txt")
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-    from huggingface_hub import SpaceCard
-
-    data = SpaceCard((dest / "README.md").read_text(encoding="utf-8")).data.to_dict()
-    if data.get("sdk") != "gradio" or data.get("app_file") != "app.py" or data.get("models") != [model_repo]:
-        raise PermanentError(
-            f"the rendered Space README.md header is wrong: {data}",
-            hint="check templates/spaces/gguf_chat/README.md.j2",
-        )
-    return dest
+    """Write the Space folder (atomically) from the template (default gguf_chat): files copied, README rendered."""
+    template = template or SPACE_TEMPLATES["gguf_chat"]
+    return template.render_to(dest, space_inputs(settings, model_repo, model_file, title, model_url), license)
 
 
 def not_read_only(me: dict[str, Any]) -> str | None:
@@ -233,8 +233,20 @@ def _logs(api: Any, space_id: str, build: bool) -> list[str]:
         return []
 
 
+def _source(
+    pushed: Artifact | None, merged_repo: Artifact | None, settings: SpaceSettings, task: str
+) -> tuple[SpaceTemplate, Artifact]:
+    """The template to deploy and the push record of the repo it runs from."""
+    repos = {k: a for k, a in (("gguf", pushed), ("merged", merged_repo)) if a is not None}
+    template = choose_template(settings.template, task, set(repos))
+    source = repos[template.manifest.runs_from]
+    if not source.meta.get("repo_id"):
+        raise PermanentError(f"the {source.name} push record has no repo_id", hint="run the hub_push stage first")
+    return template, source
+
+
 def space(
-    pushed: Artifact,
+    pushed: Artifact | None,
     ggufs: list[Artifact],
     settings: SpaceSettings,
     publish_dir: Path,
@@ -245,27 +257,24 @@ def space(
     read_token: Any = None,
     dry_run: bool = False,
     sleep: Any = time.sleep,
+    merged_repo: Artifact | None = None,
+    task: str = "text-generation",
 ) -> Artifact:
-    """Render the Space folder and (with a write token, after a real push) deploy it. Returns 'publish:space'."""
-    model_repo = str(pushed.meta.get("repo_id") or "")
-    if not model_repo:
-        raise PermanentError("the Hub push record has no repo_id", hint="run the hub_push stage first")
-    endpoint = str(pushed.meta.get("endpoint") or "https://huggingface.co").rstrip("/")
-    model_file = _pick_file(pushed, ggufs, settings.quant)
+    """Render the Space folder and (with a write token, after a real push) deploy it. Returns 'publish:space'.
+
+    `pushed` is the GGUF repo's push record, `merged_repo` the merged (transformers) repo's, when published;
+    `task` the model's task (space_templates.model_task), which space.template auto chooses by."""
+    template, source = _source(pushed, merged_repo, settings, task)
+    model_repo = str(source.meta["repo_id"])
+    endpoint = str(source.meta.get("endpoint") or "https://huggingface.co").rstrip("/")
+    model_file = _pick_file(source, ggufs, settings.quant) if template.manifest.runs_from == "gguf" else ""
     space_id = settings.space_id or f"{model_repo.split('/')[0]}/{model_name}-demo"
     title = settings.title or model_name
     folder = publish_dir / "space" / space_id.replace("/", "__")
-    render_space(
-        folder,
-        settings=settings,
-        model_repo=model_repo,
-        model_file=model_file,
-        model_url=f"{endpoint}/{model_repo}",
-        title=title,
-        license=license,
-    )
+    inputs = space_inputs(settings, model_repo, model_file, title, f"{endpoint}/{model_repo}")
+    template.render_to(folder, inputs, license)
     refuse_secrets(folder, f"to the Space {space_id}")  # before any upload, like the model repo
-    variables = space_variables(settings, model_repo, model_file, title)
+    variables = template.variables(inputs)
     secret = token.get_secret_value() if token is not None else None
     read = read_token.get_secret_value() if read_token is not None else None
     if read and secret and read == secret:
@@ -277,7 +286,7 @@ def space(
         r
         for r, on in (
             ("no hub.token configured", not secret),
-            ("the model repo was not pushed (dry run)", bool(pushed.meta.get("dry_run"))),
+            ("the model repo was not pushed (dry run)", bool(source.meta.get("dry_run"))),
         )
         if on
     ]
@@ -285,6 +294,7 @@ def space(
         reasons = ["--dry-run"]
     meta: dict[str, Any] = {
         "space_id": space_id,
+        "template": template.name,
         "model_repo": model_repo,
         "model_file": model_file,
         "variables": variables,
@@ -311,7 +321,7 @@ def space(
             name="publish:space",
             kind=ArtifactKind.PUBLISH,
             stage=STAGE,
-            inputs=[pushed],
+            inputs=[source],
             settings=settings,
             tools=["huggingface_hub"],
             meta=meta,
@@ -329,7 +339,7 @@ def space(
                     "only): Space secrets are readable by the Space's code"
                 ),
             )
-    elif pushed.meta.get("private"):
+    elif source.meta.get("private"):
         log.warning(
             "the model repo is private and no space.read_token is set: the Space will not be able to download %s",
             model_file,
@@ -347,9 +357,9 @@ def space(
         token=secret,
         endpoint=settings_endpoint,
         private=settings.private,
-        commit_message=f"loraship: demo for {model_repo} ({model_file})",
+        commit_message=f"loraship: {template.name} demo for {model_repo}" + (f" ({model_file})" if model_file else ""),
         repo_type="space",
-        space_sdk="gradio",
+        space_sdk=template.manifest.sdk,
     )
     # Compared with the Space's variables now (not with a record of an earlier run): only changes are sent.
     current = {
@@ -393,7 +403,7 @@ def space(
         name="publish:space",
         kind=ArtifactKind.PUBLISH,
         stage=STAGE,
-        inputs=[pushed],
+        inputs=[source],
         settings=settings,
         tools=["huggingface_hub", "gradio"],
         meta=meta,
@@ -401,7 +411,7 @@ def space(
 
 
 def _space_task_fn(
-    pushed: Artifact,
+    pushed: Artifact | None,
     ggufs: list[Artifact],
     settings: SpaceSettings,
     publish_dir: Path,
@@ -410,6 +420,8 @@ def _space_task_fn(
     dry_run: bool = False,
     _token: Any = None,
     _read_token: Any = None,
+    merged_repo: Artifact | None = None,
+    task: str = "text-generation",
 ) -> Artifact:
     return space(
         pushed,
@@ -421,13 +433,15 @@ def _space_task_fn(
         token=_token,
         read_token=_read_token,
         dry_run=dry_run,
+        merged_repo=merged_repo,
+        task=task,
     )
 
 
 def _make_task() -> Any:
     from tasks.core.stage import stage_task
 
-    files = [TEMPLATE_DIR / n for n in ("README.md.j2", "app.py", "requirements.txt")]
+    files = [f for template in SPACE_TEMPLATES.values() for f in template.files()]
     return stage_task(STAGE, key_files=files)(_space_task_fn)
 
 

@@ -132,9 +132,10 @@ with gr.Blocks(title=TITLE) as demo:
     stats = gr.Markdown("", elem_id="stats")
     gr.Examples(EXAMPLES, inputs=box, label="Examples")
     clear = gr.Button("Clear", elem_id="clear")
-    box.submit(respond, [box, chatbot], [chatbot, box, stats])
-    send.click(respond, [box, chatbot], [chatbot, box, stats])
-    clear.click(lambda: ([], ""), None, [chatbot, stats])
+    # /chat is the API the live smoke test calls (gradio_client: predict(message, [], api_name="/chat"))
+    box.submit(respond, [box, chatbot], [chatbot, box, stats], api_name="chat")
+    send.click(respond, [box, chatbot], [chatbot, box, stats], api_visibility="private")
+    clear.click(lambda: ([], ""), None, [chatbot, stats], api_visibility="private")
 
 demo.queue(default_concurrency_limit=2)
 
