@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,21 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
-from tasks.core.atomic import atomic_dir, atomic_write_json
+from tasks.core.atomic import atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
 from tasks.publish.secret_scan import refuse_secrets
-from tasks.publish.space_templates import AUTO, SPACE_TEMPLATES, SpaceInputs, SpaceTemplate, check_template, choose_template
+from tasks.publish.space_templates import (
+    AUTO,
+    SPACE_TEMPLATES,
+    SpaceInputs,
+    SpaceTemplate,
+    check_template,
+    choose_template,
+)
 
 STAGE = Stage.SPACE
 log = logging.getLogger("loraship.space")
