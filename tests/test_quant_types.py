@@ -39,6 +39,21 @@ def test_table_covers_every_ftype_of_the_installed_llama_cpp():
     assert not wrong, f"ftype values differ from the runtime's (table, runtime): {wrong}"
 
 
+def test_table_covers_every_file_type_gguf_py_knows():
+    """gguf-py's `LlamaFileType` mirrors llama.cpp's enum too (the reader/validator side): same names, same values."""
+    import gguf
+
+    known = {
+        member.removeprefix("MOSTLY_").removeprefix("ALL_"): int(value)
+        for member, value in gguf.LlamaFileType.__members__.items()
+        if member != "GUESSED"  # not a file type: the converter's "pick for me"
+    }
+    missing = sorted(set(known) - set(quant_types.names()))
+    assert not missing, f"gguf-py knows {missing}: add a row each to tasks/data/quant_types.json"
+    wrong = {q: (quant_types.get(q).ftype, v) for q, v in known.items() if quant_types.get(q).ftype != v}
+    assert not wrong, f"ftype values differ from gguf-py's LlamaFileType (table, gguf-py): {wrong}"
+
+
 @pytest.mark.parametrize("qt", ROWS, ids=lambda q: q.name)
 def test_row(qt):
     import gguf

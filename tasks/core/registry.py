@@ -7,13 +7,20 @@ all of them; stage code fetches the entry with `lookup`, which raises the same m
 PermanentError for callers that bypass the config (tests, benchmarks, the Python API).
 
 Modelled on mergekit's `merge_methods/registry.py`: a plain table built from a list, no import magic.
+
+Every registry also says what its entries promise (a `Contract`: the class they subclass, the method that
+does their work, the check that says why one cannot run here), and `EXTENSION_POINTS` lists the registries,
+so one conformance test (tests/test_registries.py) checks every entry of every registry and a new registry
+or entry gets those checks by being listed.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Generic, Protocol, TypeVar
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from tasks.core.errors import PermanentError
 
@@ -24,14 +31,38 @@ class Named(Protocol):
 
 T = TypeVar("T", bound=Named)
 
+# Every registry of the project: the setting that names an entry -> "module:attribute" of its table. Imported
+# only when asked (`extension_points()`): the tables live in the stage packages, which import tasks.core.
+EXTENSION_POINTS: dict[str, str] = {
+    "source.kind": "tasks.download.sources:SOURCES",
+    "merge.backend": "tasks.merge.backends:MERGE_BACKENDS",
+    "deployment.targets": "tasks.local.targets:LOCAL_TARGETS",
+}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What every entry of one registry provides, said once so one test can check all registries alike.
+
+    `base`: the class every entry is an instance of (its docstring is the contract's documentation);
+    `run`: the name of the method that does the entry's work (a merge backend's `run`, a source's `fetch`);
+    `unavailable`: called with an entry, why it cannot run on this machine now (a missing package, no GPU,
+    no CLI), or None when it can. Cheap and side-effect free: stages call it before any work.
+    """
+
+    base: type
+    run: str
+    unavailable: Callable[[Any], str | None]
+
 
 class Registry(Mapping[str, T], Generic[T]):
     """Entries by name. `what` is how errors call an entry ("merge backend"), `field` the setting that names
-    one ("merge.backend")."""
+    one ("merge.backend"), `contract` what every entry provides (None only for ad-hoc tables in tests)."""
 
-    def __init__(self, what: str, field: str, entries: Iterable[T] = ()) -> None:
+    def __init__(self, what: str, field: str, entries: Iterable[T] = (), contract: Contract | None = None) -> None:
         self.what = what
         self.field = field
+        self.contract = contract
         self._entries: dict[str, T] = {}
         for entry in entries:
             self.register(entry)
@@ -40,6 +71,8 @@ class Registry(Mapping[str, T], Generic[T]):
         """Add `entry` under its name; a second entry with the same name is a programming error."""
         if not entry.name or entry.name in self._entries:
             raise ValueError(f"{self.what} {entry.name!r}: the name is empty or already registered")
+        if self.contract is not None and not isinstance(entry, self.contract.base):
+            raise TypeError(f"{self.what} {entry.name!r} is not a {self.contract.base.__name__}")
         self._entries[entry.name] = entry
         return entry
 
@@ -72,3 +105,12 @@ class Registry(Mapping[str, T], Generic[T]):
         if name not in self._entries:
             raise PermanentError(f"{self.field}: {self.unknown(name)}", hint=f"set {self.field} to a registered name")
         return self._entries[name]
+
+
+def extension_points() -> dict[str, Registry[Any]]:
+    """Every registry in `EXTENSION_POINTS`, by the setting that names its entries (imports their packages)."""
+    out: dict[str, Registry[Any]] = {}
+    for field, ref in EXTENSION_POINTS.items():
+        module, _, attr = ref.partition(":")
+        out[field] = getattr(importlib.import_module(module), attr)
+    return out

@@ -2,8 +2,9 @@
 
 A source is small: its `name` (the `source.kind` value), a one-line `description`, `check(settings)`
 (what is missing or contradictory in the `source:` section for this kind: config validation calls it,
-so a mistake fails when the config is loaded), `available(settings)` (can it run on this machine now,
-and if not, why: the stage says so before trying), and `fetch(settings, dest, on_bytes)`, which brings
+so a mistake fails when the config is loaded), `unavailable()` (why it cannot run on this machine at all,
+or None), `available(settings)` (can it run with these settings now, and if not, why: the stage says so
+before trying), and `fetch(settings, dest, on_bytes)`, which brings
 the run into `dest`, verified, and returns the `adapter` artifact. Adding a source is one module in this
 package and its instance in `SOURCES` (tasks/download/sources/__init__.py).
 """
@@ -30,9 +31,14 @@ class Source(ABC):
     def check(self, settings: DownloadSettings) -> list[str]:
         """Problems with `settings` for this source (empty: fine); each names the field to set."""
 
+    def unavailable(self) -> str | None:
+        """Why this source cannot run on this machine whatever the settings (a missing package), or None."""
+        return None
+
     def available(self, settings: DownloadSettings) -> tuple[bool, str]:
-        """(True, how it will run) or (False, why not and what to install)."""
-        return True, ""
+        """(True, how it will run with these settings) or (False, why not and what to install)."""
+        reason = self.unavailable()
+        return (False, reason) if reason else (True, "")
 
     @abstractmethod
     def fetch(

@@ -25,9 +25,12 @@ class SshSource(Source):
             return [f"kind: {self.name} needs source.host or source.host_block (a saved TrainingHost block)"]
         return []
 
+    def unavailable(self) -> str | None:
+        return "paramiko is not installed (pip install paramiko)" if importlib.util.find_spec("paramiko") is None else None
+
     def available(self, settings: DownloadSettings) -> tuple[bool, str]:
-        if importlib.util.find_spec("paramiko") is None:
-            return False, "paramiko is not installed (pip install paramiko)"
+        if reason := self.unavailable():
+            return False, reason
         if settings.transfer == "rsync" and not (shutil.which("rsync") and shutil.which("ssh")):
             return False, "source.transfer is rsync but rsync or ssh is not installed here (apt-get install rsync)"
         if not (shutil.which("rsync") and shutil.which("ssh")):

@@ -9,13 +9,16 @@ conformance checks over every entry: `python -m pytest -q -p no:cacheprovider te
 
 from __future__ import annotations
 
-from tasks.core.registry import Registry
+from tasks.core.registry import Contract, Registry
 from tasks.local.targets.base import Availability, LocalTarget
 from tasks.local.targets.lmstudio import LMStudioTarget
 from tasks.local.targets.ollama import OllamaTarget
 
 LOCAL_TARGETS: Registry[LocalTarget] = Registry(
-    "local target", "deployment.targets", [LMStudioTarget(), OllamaTarget()]
+    "local target",
+    "deployment.targets",
+    [LMStudioTarget(), OllamaTarget()],
+    contract=Contract(LocalTarget, run="deploy", unavailable=LocalTarget.unavailable),
 )
 
 __all__ = ["LOCAL_TARGETS", "Availability", "LocalTarget"]

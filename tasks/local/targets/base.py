@@ -44,6 +44,11 @@ class LocalTarget(ABC):
         """One line for the settings help, the README and logs."""
         return f"{self.title}: {self.description}"
 
+    def unavailable(self) -> str | None:
+        """Why this target cannot deploy on this machine at all, or None. Today's targets always can (they
+        write files; a missing app CLI is a mode that `availability` describes), so the default is None."""
+        return None
+
     @abstractmethod
     def availability(self, settings: LocalDeploySettings) -> Availability:
         """Is the app's CLI here? Never raises: a missing app is a reason, not an error."""

@@ -9,14 +9,17 @@ entry: `python -m pytest -q -p no:cacheprovider tests/test_merge_backends.py`.
 
 from __future__ import annotations
 
-from tasks.core.registry import Registry
+from tasks.core.registry import Contract, Registry
 from tasks.merge.backends.base import MergeBackend, MergeJob
 from tasks.merge.backends.peft import PeftBackend
 from tasks.merge.backends.streaming import StreamingBackend
 from tasks.merge.backends.unsloth import UnslothBackend
 
 MERGE_BACKENDS: Registry[MergeBackend] = Registry(
-    "merge backend", "merge.backend", [StreamingBackend(), PeftBackend(), UnslothBackend()]
+    "merge backend",
+    "merge.backend",
+    [StreamingBackend(), PeftBackend(), UnslothBackend()],
+    contract=Contract(MergeBackend, run="run", unavailable=MergeBackend.unavailable),
 )
 DEFAULT_BACKEND = "streaming"
 
