@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
 from tasks.core.vocab import ArtifactKind, Stage
+from tasks.gguf import quant_types
 
 log = logging.getLogger("loraship.flow")
 
@@ -117,7 +118,7 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
 
     ggufs = _need(ctx, ArtifactKind.GGUF, "quantize")
     source_name = f"gguf:{ctx.config.convert.outtype.upper()}"
-    f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == "convert"), None)
+    f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == Stage.CONVERT), None)
     if f16 is None:
         raise PermanentError(
             f"stage quantize needs the converted {source_name} file",
@@ -409,8 +410,7 @@ def _space_settings(ctx: RunContext, ggufs: list[Artifact]) -> tuple[Any, str]:
     gate = ctx.artifacts.get("report:gate")
     if s.quant in shipped or gate is None or s.quant not in (gate.meta.get("withheld") or {}):
         return s, ""
-    order = ["Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "Q5_0", "Q3_K_M", "Q2_K", "F16", "BF16"]
-    pick = min(shipped, key=lambda q: order.index(q) if q in order else len(order))
+    pick = min(shipped, key=quant_types.display_key)  # the table's display rank: the card's best pick first
     return s.model_copy(update={"quant": pick}), f"runs {pick}: the release gate withheld space.quant {s.quant}"
 
 

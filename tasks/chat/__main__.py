@@ -14,6 +14,7 @@ from pathlib import Path
 from tasks.chat.stage import TemplateContractSettings, failure, template_contract
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PipelineError
+from tasks.core.vocab import ArtifactKind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = TemplateContractSettings(served_generation=not args.no_serve, natural_stop=args.natural_stop)
     try:
         report = template_contract(
-            [a for a in arts if a.kind == "gguf"],
+            [a for a in arts if a.kind == ArtifactKind.GGUF],
             next((a for a in arts if a.name == "merged"), None),
             [a for a in arts if a.name.startswith("local:")],
             settings,

@@ -35,6 +35,7 @@ from tasks.core.progress import Progress
 from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
+from tasks.gguf import quant_types
 
 STAGE = Stage.CONVERT
 log = logging.getLogger("loraship.convert")
@@ -77,7 +78,6 @@ class ConvertSettings(StrictModel):
     )
 
 
-_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 1.0625}
 _SRC_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -95,7 +95,8 @@ def estimate_gguf_bytes(merged_dir: Path, outtype: str) -> int:
     if cfg.is_file():
         data = json.loads(cfg.read_text())
         src = _SRC_BYTES.get(str(data.get("torch_dtype") or data.get("dtype") or "float16"), 2)
-    return int(weights * _BYTES[outtype] / src) + 16 * 1024 * 1024
+    per_weight = (quant_types.bits_per_weight(outtype) or 16.0) / 8  # the table's nominal bits: q8_0 is 8.5
+    return int(weights * per_weight / src) + 16 * 1024 * 1024
 
 
 def disk_preflight(folder: Path, need: int, what: str) -> None:

@@ -31,10 +31,12 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.settings import StrictModel
 from tasks.core.vocab import ArtifactKind, Stage
+from tasks.gguf import quant_types
 
 STAGE = Stage.GATE
 log = logging.getLogger("loraship.gate")
-REFERENCE = ("F16", "BF16", "F32")
+# The unquantized types (the table's float rows, by rank: F16, BF16, F32): the reference, never withheld.
+REFERENCE = tuple(q for q in quant_types.names() if quant_types.is_float(q))
 
 
 class QuantLimits(StrictModel):
