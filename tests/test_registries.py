@@ -28,7 +28,7 @@ MINIMAL = {"model": {"name": "m"}, "source": {"kind": "local", "path": "/tmp/ada
 
 
 def _module_level_registries() -> set[str]:
-    """"module:NAME" of every module-level `NAME = Registry(...)` under tasks/ (read from the source)."""
+    """ "module:NAME" of every module-level `NAME = Registry(...)` under tasks/ (read from the source)."""
     found = set()
     for path in (ROOT / "tasks").rglob("*.py"):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")

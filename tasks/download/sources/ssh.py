@@ -26,7 +26,9 @@ class SshSource(Source):
         return []
 
     def unavailable(self) -> str | None:
-        return "paramiko is not installed (pip install paramiko)" if importlib.util.find_spec("paramiko") is None else None
+        return (
+            "paramiko is not installed (pip install paramiko)" if importlib.util.find_spec("paramiko") is None else None
+        )
 
     def available(self, settings: DownloadSettings) -> tuple[bool, str]:
         if reason := self.unavailable():
