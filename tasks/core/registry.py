@@ -37,6 +37,7 @@ EXTENSION_POINTS: dict[str, str] = {
     "source.kind": "tasks.download.sources:SOURCES",
     "merge.backend": "tasks.merge.backends:MERGE_BACKENDS",
     "deployment.targets": "tasks.local.targets:LOCAL_TARGETS",
+    "space.template": "tasks.publish.space_templates:SPACE_TEMPLATES",
 }
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.core.atomic import atomic_dir
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
-from tasks.core.registry import Registry
+from tasks.core.registry import Contract, Registry
 
 SPACES_DIR = TEMPLATES_DIR / "spaces"
 AUTO = "auto"
@@ -176,7 +176,13 @@ def _load_all(root: Path = SPACES_DIR) -> list[SpaceTemplate]:
     return sorted(found, key=lambda t: (t.manifest.auto_rank, t.name))
 
 
-SPACE_TEMPLATES: Registry[SpaceTemplate] = Registry("Space template", "space.template", _load_all())
+SPACE_TEMPLATES: Registry[SpaceTemplate] = Registry(
+    "Space template",
+    "space.template",
+    _load_all(),
+    # a template is files: it renders on any machine (what the Space itself needs is its requirements.txt)
+    contract=Contract(SpaceTemplate, run="render_to", unavailable=lambda template: None),
+)
 
 # Architecture name endings -> the model's task (the Hub's pipeline tags)
 _ARCH_TASKS = (
