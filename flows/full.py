@@ -21,13 +21,13 @@ prepare_environment()
 
 from prefect import flow, get_run_logger  # noqa: E402
 
+from flows.cleanup import cleanup_intermediates  # noqa: E402
 from flows.config import load_config, parse_config  # noqa: E402
 from flows.context import RunContext  # noqa: E402
 from flows.dag import StageResult, run_graph  # noqa: E402
 from flows.notifications import notify_run, release_lines  # noqa: E402
 from flows.orchestration import (  # noqa: E402
     apply_log_level,
-    cleanup_intermediates,
     ensure_concurrency_limit,
     publish_summary_markdown,
     stage_slot,

@@ -1,5 +1,5 @@
 """Run-level Prefect plumbing around the pipeline: tags, the heavy-stage concurrency limit, the task
-runner choice, the run summary as a markdown artifact, and cleanup of intermediates.
+runner choice, the run summary as a markdown artifact (cleanup of intermediates: flows/cleanup.py).
 
 All of it is Prefect's own machinery (tags, global concurrency limits, task runners, artifacts); this
 module only decides names and when to use them. None of it may fail a run that otherwise succeeded,
@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.notifications import release_lines
 from flows.stages import HEAVY_STAGES
 from flows.summary import RunSummary
-from tasks.core.vocab import ArtifactKind
-from tasks.gguf import quant_types
 
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
-    from tasks.core.artifacts import Artifact
 
 log = logging.getLogger("loraship.orchestration")
 
@@ -137,34 +132,3 @@ def publish_summary_markdown(summary: RunSummary, key: str) -> None:
         )
     except Exception as exc:  # pragma: no cover - UI nicety
         log.debug("no markdown artifact: %s", exc)
-
-
-def cleanup_intermediates(cfg: PipelineConfig, artifacts: dict[str, Artifact]) -> list[str]:
-    """Delete what `pipeline.cleanup` asks for, only once what was made from it exists. Returns the paths removed.
-
-    merged/ goes once a GGUF was made from it; the F16 GGUF goes once at least one quantization exists.
-    The manifest keeps their records (digests), so provenance stays traceable.
-    """
-    removed: list[str] = []
-    ggufs = [a for a in artifacts.values() if a.kind == ArtifactKind.GGUF]
-    f16 = [a for a in ggufs if quant_types.is_float(str(a.meta.get("quant", a.name.partition(":")[2])))]
-    quants = [a for a in ggufs if a not in f16]
-    if cfg.pipeline.cleanup.delete_merged and ggufs:
-        for a in (a for a in artifacts.values() if a.kind == ArtifactKind.MERGED):
-            removed += _remove(Path(a.path))
-    if cfg.pipeline.cleanup.delete_f16 and quants:
-        for a in f16:
-            removed += _remove(Path(a.path))
-    for p in removed:
-        log.info("cleanup: removed %s", p)
-    return removed
-
-
-def _remove(path: Path) -> list[str]:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    else:
-        return []
-    return [str(path)]

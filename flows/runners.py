@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.cleanup import remove_intermediates
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
 from tasks.core.vocab import ArtifactKind, Stage
@@ -72,8 +73,6 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
 
 
 def run_convert(ctx: RunContext) -> list[Artifact]:
-    import shutil
-
     from tasks.gguf.convert import convert_task
 
     merged = _need(ctx, ArtifactKind.MERGED, "convert")[0]
@@ -102,12 +101,19 @@ def run_convert(ctx: RunContext) -> list[Artifact]:
         )
         made.append(lora)
         msg += f"; LoRA {Path(lora.path).name} ({lora.meta['tensor_count']} tensors)"
-    if ctx.config.pipeline.cleanup.delete_merged and f16.is_intact() and merged.is_dir and merged.local_path.is_dir():
-        shutil.rmtree(merged.local_path)
-        ctx.artifacts.pop(merged.name, None)
-        msg += "; merged/ deleted (pipeline.cleanup.delete_merged)"
+    msg += _clean_up(ctx, [merged, *made])
     ctx.notes.setdefault("messages", {})["convert"] = msg
     return made
+
+
+def _clean_up(ctx: RunContext, artifacts: list[Artifact]) -> str:
+    """pipeline.cleanup right after the stage that consumed an intermediate (flows/cleanup.py's rule); the
+    stage message's tail saying what went."""
+    said = ""
+    for art, setting in remove_intermediates(ctx.config, artifacts):
+        ctx.artifacts.pop(art.name, None)
+        said += f"; {art.local_path.name}{'/' if art.is_dir else ''} deleted (pipeline.cleanup.{setting})"
+    return said
 
 
 def run_quantize(ctx: RunContext) -> list[Artifact]:
@@ -179,10 +185,7 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
             ", ".join(f"{a.meta['quant']} into {a.meta['split_count']}" for a in splits)
             or f"none above {s.split_max_size}"
         )
-    if ctx.config.pipeline.cleanup.delete_f16 and all(a.is_intact() for a in made):
-        f16.local_path.unlink(missing_ok=True)
-        ctx.artifacts.pop(f16.name, None)
-        msg += f"; {f16.local_path.name} deleted (pipeline.cleanup.delete_f16)"
+    msg += _clean_up(ctx, [f16, *made])
     ctx.notes.setdefault("messages", {})["quantize"] = msg
     return made + splits
 

@@ -149,8 +149,8 @@ def test_notification_errors_hide_webhook_urls() -> None:
 
 
 def test_cleanup_removes_only_what_was_superseded(tmp_path: Path) -> None:
+    from flows.cleanup import cleanup_intermediates
     from flows.config import parse_config
-    from flows.orchestration import cleanup_intermediates
     from tasks.core.artifacts import Artifact
 
     merged = tmp_path / "merged"
