@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cleanup import remove_intermediates, removable
+from flows.cleanup import removable, remove_intermediates
 from flows.config import parse_config
 from tasks.core.artifacts import Artifact
 
