@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 
 from flows.stages import CRITICAL_STAGES, SECTION_OWNERS, STAGES, TABLE
 from tasks.core.errors import ConfigError
+from tasks.core.runlog import LoggingSettings
 from tasks.core.settings import SecretRef, StrictModel
 from tasks.core.vocab import Stage
 from tasks.release.gate import GateSettings
@@ -56,10 +57,6 @@ class NotificationSettings(StrictModel):
         description="notification blocks told when a run completes degraded (a non-critical stage failed)",
     )
     ui_url: str = Field("", description="base URL of the Prefect UI for links in messages (default: PREFECT_UI_URL)")
-
-
-class LoggingSettings(StrictModel):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class CleanupSettings(StrictModel):
@@ -201,7 +198,8 @@ PipelineConfig = _build_config_model()
 SECTION_OWNERS: dict[str, str] = {
     "model": "flows/config.py",
     **SECTION_OWNERS,
-    **{k: "flows/config.py" for k in ("notifications", "logging", "pipeline", "performance", "trigger")},
+    "logging": "tasks/core/runlog.py",
+    **{k: "flows/config.py" for k in ("notifications", "pipeline", "performance", "trigger")},
 }
 
 

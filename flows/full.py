@@ -40,6 +40,7 @@ from tasks.core.hashing import digest_of  # noqa: E402
 from tasks.core.lineage import Lineage  # noqa: E402
 from tasks.core.run import RunFolder, manifest_table  # noqa: E402
 from tasks.core.runlock import RUN_FOLDER_HOOKS, open_run_folder  # noqa: E402
+from tasks.core.runlog import RUN_LOG_HOOKS, current_run_logs, open_run_logs, stage_context, stage_failed  # noqa: E402
 from tasks.core.scrub import scrub  # noqa: E402
 from tasks.core.vocab import Stage, StageStatus  # noqa: E402
 
@@ -98,7 +99,11 @@ def notify_setup_failure(config: dict[str, Any] | None, config_path: str | None,
     return notify_run(settings, summary, failed=True, error=f"before the first stage: {type(exc).__name__}: {exc}")
 
 
-@flow(name="loraship-full", log_prints=True, **RUN_FOLDER_HOOKS)  # the hooks release the run folder
+# the hooks release the run folder and close the run's log files, however the run ends
+_HOOKS = {hook: RUN_FOLDER_HOOKS[hook] + RUN_LOG_HOOKS[hook] for hook in RUN_FOLDER_HOOKS}
+
+
+@flow(name="loraship-full", log_prints=True, **_HOOKS)
 def full(
     config: dict[str, Any] | None = None,
     config_path: str | None = None,
@@ -123,6 +128,7 @@ def full(
         apply_log_level(cfg.logging.level)
         run = RunFolder.for_model(cfg.pipeline.runs_dir, cfg.model.name, cfg.model.version).ensure()
         open_run_folder(run)  # one run per run folder: locked, cleared of a killed run's leftovers
+        logs = open_run_logs(cfg.logging, run.root, cfg.model.name, cfg.model.version)  # after retention
         run.set_config_digest(digest_of(cfg))
         previous = run.load_manifest()
         ctx = RunContext(
@@ -134,7 +140,12 @@ def full(
             records={**{n: s.artifact for n, s in previous.superseded.items()}, **previous.artifacts},
         )
         summary = RunSummary(
-            model=cfg.model.name, version=cfg.model.version, run_dir=str(run.root), manifest=str(run.manifest_path)
+            model=cfg.model.name,
+            version=cfg.model.version,
+            run_dir=str(run.root),
+            manifest=str(run.manifest_path),
+            log_dir=str(logs.dir),
+            logs_removed=len(logs.removed.runs),
         )
         logger.info("run folder %s; stages: %s", run.root, ", ".join(stages) or "(none)")
         tag_current_flow_run(cfg)
@@ -166,6 +177,8 @@ def full(
         summary.links.update(ctx.notes.get("links", {}))
         notify_run(cfg.notifications, summary, failed=True, error=f"{fatal.stage}: {fatal.message}")
         _run_cleanups(ctx)
+        _publish_summary_artifacts(summary)  # the failed stage's log is linked there too
+        _write_summary_log(summary)
         raise fatal.error
     _run_cleanups(ctx)
     removed = cleanup_intermediates(cfg, ctx.lineage.artifacts)
@@ -181,6 +194,7 @@ def full(
     summary.links.update(ctx.notes.get("links", {}))
     _publish_summary_artifacts(summary)
     notify_run(cfg.notifications, summary)
+    _write_summary_log(summary)
     return summary
 
 
@@ -193,7 +207,7 @@ def execute_stage(ctx: RunContext, stage: Stage) -> StageResult:
     cfg = ctx.config
     started_at, t0 = time.time(), time.monotonic()
     try:
-        with stage_slot(cfg, stage):
+        with stage_context(stage), stage_slot(cfg, stage):  # the stage's records go to logs/<stage>.log
             made = RUNNERS[stage](ctx)
     except StageSkipped as why:  # nothing to do: its dependants run on what the lineage has (unless it blocks)
         return StageResult(
@@ -208,6 +222,9 @@ def execute_stage(ctx: RunContext, stage: Stage) -> StageResult:
     except Exception as exc:
         message = scrub(f"{type(exc).__name__}: {exc}")
         fatal = stage in CRITICAL_STAGES or not cfg.pipeline.continue_on_error
+        log_path = stage_failed(stage, exc)  # its error and traceback in logs/<stage>.log
+        if log_path is not None:
+            ctx.notes.setdefault("links", {})[f"log of {stage}"] = str(log_path)
         return StageResult(
             stage,
             StageStatus.FAILED if fatal else StageStatus.DEGRADED,
@@ -329,6 +346,13 @@ def _delete_superseded(ctx: RunContext, superseded: dict[str, str]) -> list[str]
     return removed
 
 
+def _write_summary_log(summary: RunSummary) -> None:
+    """The stage table printed at the end of a run, also in logs/summary.log (appended per run)."""
+    logs = current_run_logs()
+    if logs is not None:
+        logs.write_summary(format_summary(summary))
+
+
 def _run_cleanups(ctx: RunContext) -> None:
     """Call what stages registered in ctx.notes["cleanups"] (e.g. stop the servers of the serve stage)."""
     for fn in ctx.notes.pop("cleanups", []):
@@ -384,6 +408,9 @@ def format_summary(summary: RunSummary) -> str:
     lines += [f"  {line}" if line else line for line in release_lines(summary)]
     if summary.links:
         lines += ["", "links:"] + [f"  {k}: {v}" for k, v in summary.links.items()]
+    if summary.log_dir:
+        n = summary.logs_removed
+        lines += ["", f"logs: {summary.log_dir}" + (f" (retention removed the logs of {n} older run(s))" if n else "")]
     lines += [
         "",
         f"manifest: {summary.manifest}",

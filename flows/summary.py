@@ -24,6 +24,8 @@ class RunSummary(BaseModel):
     version: str
     run_dir: str
     manifest: str
+    log_dir: str = Field("", description="the run's log files: pipeline.log, summary.log, <stage>.log")
+    logs_removed: int = Field(0, description="runs whose logs logging.retention_days removed at the start of this run")
     degraded: bool = False
     stages: list[StageOutcome] = Field(default_factory=list)
     artifacts: list[dict[str, Any]] = Field(default_factory=list)

@@ -32,6 +32,7 @@ from tasks.core.atomic import atomic_write_json
 from tasks.core.constants import PROJECT_ROOT
 from tasks.core.errors import PermanentError, TransientError
 from tasks.core.runlock import process_start
+from tasks.core.runlog import follow_output
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
@@ -133,6 +134,7 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
         {"quant": quant, "size": gguf.size, "sha256": gguf.sha256, "artifact": gguf.name},
     )
     log_path = state_dir / f"serve-{quant}.log"
+    follow_output(log_path, f"the server of {alias}")  # what it prints in this run goes to logs/serve.log too
     attempts = 3
     for attempt in range(attempts):
         port = free_port(settings.host, settings.port_range)

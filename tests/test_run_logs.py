@@ -1,0 +1,344 @@
+"""Run logs on disk (tasks/core/runlog.py): logs/pipeline.log, logs/<stage>.log, logs/summary.log.
+
+Unit tests drive RunLogs and the router directly: records from stages running in parallel threads land in
+their own stage's file, lines keep reaching the files while llama-cpp-python's own suppress_stdout_stderr
+(what `Llama(verbose=False)` uses) has /dev/null over fds 1 and 2, retention removes old runs' parts and
+nothing else. Flow tests run the real flow on Prefect's test API: a failing stage (a runner replaced in
+flows.stages.RUNNERS) leaves its error and traceback in its log, linked from the summary, the Prefect
+summary artifact and the notification; a token value appears in no log file; the real converter's warning
+reaches logs/convert.log (and its per-tensor lines do not); the UI still receives every line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.core.runlog import (
+    LoggingSettings,
+    RunLogs,
+    apply_retention,
+    close_run_logs,
+    log_dir_for,
+    open_run_logs,
+    stage_context,
+)
+
+TOKEN = "hf_runlogsSecretValue0123456789abcdefXYZ"  # shaped like a Hub token, and registered as a secret
+PLAIN_SECRET = "s3cr3t-webhook-key-4711"  # no known shape: only registration scrubs it
+
+
+def _header(run: str, when: dt.datetime) -> str:
+    return f"\n===== loraship run {run} started {when.isoformat(timespec='seconds')} (m v1) =====\n"
+
+
+# --- retention ---------------------------------------------------------------------------------------------
+
+
+def test_retention_removes_old_runs_parts_and_nothing_else(tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    old, older, recent = now - dt.timedelta(days=40), now - dt.timedelta(days=31), now - dt.timedelta(days=2)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "pipeline.log").write_text(
+        _header("run-old", old) + "old line\n" + _header("run-older", older) + "older\n" + _header("run-new", recent)
+    )
+    (logs / "merge.log").write_text(_header("run-old", old) + "merge of an old run\n")  # only old: file goes
+    (logs / "convert.log").write_text("a line before any header (not ours)\n" + _header("run-old", old) + "x\n")
+    (logs / "notes.log").write_text("a user's file without our headers\n")
+    (logs / "keep.txt").write_text(_header("run-old", old))  # not a .log file
+    (logs / "sub").mkdir()
+    (logs / "sub" / "pipeline.log").write_text(_header("run-old", old))  # not in the folder itself
+    (logs / "undated.log").write_text("\n===== loraship run run-x started yesterday =====\nkept\n")
+    current = logs / "serve.log"
+    current.write_text(_header("run-now", old) + "the current run is never removed\n")
+
+    removed = apply_retention(logs, days=30, keep_run="run-now")
+
+    assert removed.runs == {"run-old", "run-older"}
+    assert removed.files_removed == ["merge.log"]
+    assert not (logs / "merge.log").exists()
+    assert (logs / "pipeline.log").read_text() == _header("run-new", recent)
+    assert (logs / "convert.log").read_text() == "a line before any header (not ours)\n"
+    assert (logs / "notes.log").read_text() == "a user's file without our headers\n"
+    assert (logs / "keep.txt").read_text() == _header("run-old", old)
+    assert (logs / "sub" / "pipeline.log").read_text() == _header("run-old", old)
+    assert "kept" in (logs / "undated.log").read_text()
+    assert "never removed" in current.read_text()
+    assert apply_retention(logs, days=30, keep_run="run-now").runs == set()  # nothing more to do
+
+
+def test_log_dir_setting(tmp_path: Path) -> None:
+    assert log_dir_for(LoggingSettings(), tmp_path, "m", "v1") == tmp_path / "logs"
+    custom = LoggingSettings(log_dir=str(tmp_path / "all" / "{model}-{version}"))
+    assert log_dir_for(custom, tmp_path / "run", "m", "v2") == tmp_path / "all" / "m-v2"
+    from tasks.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"logging.log_dir .*\{model\} and \{version\}"):
+        log_dir_for(LoggingSettings(log_dir="/x/{user}"), tmp_path, "m", "v1")
+    with pytest.raises(ValueError, match="retention_days"):
+        LoggingSettings(retention_days=0)
+
+
+# --- routing -----------------------------------------------------------------------------------------------
+
+
+def test_parallel_stages_write_their_own_files_and_fd_1_2_do_not_matter(tmp_path: Path) -> None:
+    """Two stages in two threads at once, one while llama-cpp-python has /dev/null over fds 1 and 2."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    logs = open_run_logs(LoggingSettings(log_dir=str(tmp_path / "logs")), tmp_path, "m", "v1", flow_run_id="unit-1")
+    log = logging.getLogger("loraship.test.routing")
+    log.setLevel(logging.INFO)
+    both = threading.Barrier(2, timeout=30)
+    ctx_parent = __import__("contextvars").copy_context()
+
+    def stage(name: str, quiet: bool) -> None:
+        with stage_context(name):
+            both.wait()
+            for i in range(50):
+                if quiet and i == 10:
+                    with suppress_stdout_stderr(disable=False):  # what Llama(verbose=False) does while loading
+                        log.info("%s line %d while fds 1 and 2 are /dev/null", name, i)
+                else:
+                    log.info("%s line %d", name, i)
+                if i % 10 == 0:
+                    time.sleep(0.001)
+            both.wait()
+
+    threads = [
+        threading.Thread(target=ctx_parent.run, args=(stage, "health", True)),
+        threading.Thread(target=__import__("contextvars").copy_context().run, args=(stage, "evaluate", False)),
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        log.info("after the stages")
+    finally:
+        close_run_logs(flow_run_id="unit-1")
+    health = (tmp_path / "logs" / "health.log").read_text()
+    evaluate = (tmp_path / "logs" / "evaluate.log").read_text()
+    pipeline = logs.pipeline_log.read_text()
+    assert health.count("health line") == 50 and "evaluate line" not in health
+    assert evaluate.count("evaluate line") == 50 and "health line" not in evaluate
+    assert "health line 10 while fds 1 and 2 are /dev/null" in health
+    assert pipeline.count(" line ") == 100 and "after the stages" in pipeline and "after the stages" not in health
+    assert health.startswith("\n===== loraship run unit-1 started ")
+    log.info("logs closed: written nowhere")
+    assert "written nowhere" not in logs.pipeline_log.read_text()
+
+
+def test_a_closed_run_keeps_nothing_and_other_runs_stay_apart(tmp_path: Path) -> None:
+    """Two flow runs in one process (flows/multi.py runs them in threads): each context writes its own run."""
+    import contextvars
+
+    log = logging.getLogger("loraship.test.runs")
+    log.setLevel(logging.INFO)
+    made: dict[str, RunLogs] = {}
+
+    def one(name: str) -> None:
+        made[name] = open_run_logs(LoggingSettings(), tmp_path / name, name, "v1", flow_run_id=f"run-{name}")
+        with stage_context("download"):
+            log.info("this is %s", name)
+        close_run_logs(flow_run_id=f"run-{name}")
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(one, n)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name, other in (("a", "b"), ("b", "a")):
+        text = (tmp_path / name / "logs" / "download.log").read_text()
+        assert f"this is {name}" in text and f"this is {other}" not in text
+
+
+# --- the flow ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, prefect_api) -> dict[str, Path]:
+    from flows.demo import demo_inputs
+
+    base, adapter = demo_inputs()
+    return {"base": base, "adapter": adapter, "runs": tmp_path_factory.mktemp("runs")}
+
+
+def _config(demo: dict[str, Path], name: str, **sections: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "model": {"name": name, "version": "v1", "base_model": str(demo["base"])},
+        "source": {"kind": "local", "path": str(demo["adapter"])},
+        "merge": {"base_model": str(demo["base"])},
+        "pipeline": {"runs_dir": str(demo["runs"])},
+    }
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+def _all_logs(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.glob("*.log"))}
+
+
+def _broken_merge(ctx: Any) -> list[Any]:
+    from tasks.core.settings import SecretRef
+
+    token = SecretRef.model_validate("env:LORASHIP_RUNLOG_TOKEN").resolve()
+    logging.getLogger("loraship.merge").info("merging with token %s", token.get_secret_value())
+    print(f"a print with the token {token.get_secret_value()} and the key {PLAIN_SECRET}")
+    _deep_failure(token.get_secret_value())
+    return []
+
+
+def _deep_failure(token: str) -> None:
+    raise RuntimeError(f"the base refused token {token} (stand-in for a broken merge)")
+
+
+def test_a_failing_stage_leaves_its_traceback_in_its_log_linked_everywhere(
+    demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    from flows import stages
+    from flows.full import full
+    from tasks.core.scrub import register_secret
+    from tests.prefect_server import receiver
+
+    monkeypatch.setenv("LORASHIP_RUNLOG_TOKEN", TOKEN)
+    register_secret(PLAIN_SECRET)
+    monkeypatch.setitem(stages.RUNNERS, "merge", _broken_merge)
+    logs = demo["runs"] / "failing" / "v1" / "logs"
+    logs.mkdir(parents=True)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=90)
+    (logs / "merge.log").write_text(_header("an-old-run", long_ago) + "yesterday's merge\n")
+    with receiver() as rec:
+        CustomWebhookNotificationBlock(
+            name="runlog-hook", url=rec.url, json_data={"subject": "{{subject}}", "text": "{{body}}"}
+        ).save("runlog-hook", overwrite=True)
+        cfg = _config(
+            demo,
+            "failing",
+            logging={"retention_days": 30},
+            notifications={"on_failure": ["custom-webhook/runlog-hook"]},
+        )
+        state = full(config=cfg, only=["download", "merge"], return_state=True)
+        assert state.is_failed()
+        got = rec.wait_for(1)
+    files = _all_logs(logs)
+    assert set(files) >= {"pipeline.log", "download.log", "merge.log", "summary.log"}
+    merge = files["merge.log"]
+    assert "yesterday's merge" not in merge  # retention: 90 days old, limit 30
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert f"===== loraship run {flow_run_id} started " in merge
+    assert "Traceback (most recent call last)" in merge and "in _deep_failure" in merge
+    assert "RuntimeError: the base refused token" in merge and "merging with token" in merge
+    assert "merging with token" not in files["download.log"]
+    assert "a print with the token" in files["pipeline.log"]  # log_prints: the flow's print goes in too
+    for name, text in files.items():
+        assert TOKEN not in text and PLAIN_SECRET not in text, f"a secret in {name}"
+    # the run summary: the stage table, the failed stage's log, the retention count
+    summary_log = files["summary.log"]
+    assert f"log of merge: {logs / 'merge.log'}" in summary_log
+    assert "merge" in summary_log and "failed" in summary_log
+    assert "retention removed the logs of 1 older run(s)" in summary_log
+    # the notification and the Prefect summary artifact link it too
+    assert f"log of merge: {logs / 'merge.log'}" in got[0]["json"]["text"]
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(
+            artifact_filter=__import__("prefect.client.schemas.filters", fromlist=["x"]).ArtifactCollectionFilter(
+                key={"any_": ["summary-failing"]}
+            )
+        )
+    assert artifact and str(logs / "merge.log") in str(artifact[0].data)
+
+
+def test_parallel_stages_in_the_flow_and_the_ui_gets_every_line(
+    demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve and evaluate run at the same time (both wait only for quantize, carried here); each logs from its
+    own thread and evaluate also from a mapped child task in the flow's task runner."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows import stages
+    from flows.full import full
+
+    both = threading.Barrier(2, timeout=60)
+    log = logging.getLogger("loraship.test.flow")
+
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    def item(i: int) -> int:
+        logging.getLogger("loraship.test.item").info("evaluate item %d from a task runner thread", i)
+        return i
+
+    def stand_in(name: str):
+        def runner(ctx: Any) -> list[Any]:
+            both.wait()
+            for i in range(20):
+                log.info("%s line %d", name, i)
+            if name == "evaluate":
+                ctx.map("evaluate", item, [1, 2])
+            both.wait()
+            return []
+
+        return runner
+
+    monkeypatch.setitem(stages.RUNNERS, "serve", stand_in("serve"))
+    monkeypatch.setitem(stages.RUNNERS, "evaluate", stand_in("evaluate"))
+    state = full(config=_config(demo, "parallel"), only=["serve", "evaluate"], return_state=True)
+    assert state.is_completed(), state.message
+    logs = demo["runs"] / "parallel" / "v1" / "logs"
+    files = _all_logs(logs)
+    assert files["serve.log"].count("serve line") == 20 and "evaluate" not in files["serve.log"].split("=====")[-1]
+    assert files["evaluate.log"].count("evaluate line") == 20 and "serve line" not in files["evaluate.log"]
+    assert files["evaluate.log"].count("from a task runner thread") == 2
+    assert "serve: done" in files["pipeline.log"] or "serve: " in files["pipeline.log"]
+    summary = state.result()
+    assert summary.log_dir == str(logs) and "logs: " + str(logs) in files["summary.log"]
+    APILogHandler.flush()
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            lines = [
+                r.message
+                for r in client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+                )
+            ]
+            if sum("line" in m for m in lines) >= 40 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert sum(m.startswith("serve line") for m in lines) == 20
+    assert sum(m.startswith("evaluate line") for m in lines) == 20
+
+
+def test_the_converter_warning_reaches_convert_log(
+    demo: dict[str, Path], qwen2_base: Path, qwen2_adapter: Path
+) -> None:
+    """Qwen2's home-trained BPE tokenizer has a pre-tokenizer hash llama.cpp does not know: with vocab_pre
+    the converter warns and goes on. The warning (a subprocess's output) is in convert.log, the converter's
+    per-tensor lines are not (as on the terminal), and nothing of convert is in merge.log."""
+    from flows.full import full
+
+    cfg = _config(demo, "convert-warn", convert={"vocab_pre": "qwen2"})
+    cfg["model"]["base_model"] = str(qwen2_base)
+    cfg["merge"]["base_model"] = str(qwen2_base)
+    cfg["source"]["path"] = str(qwen2_adapter)
+    state = full(config=cfg, only=["download", "merge", "convert"], return_state=True)
+    assert state.is_completed(), state.message
+    files = _all_logs(demo["runs"] / "convert-warn" / "v1" / "logs")
+    convert = files["convert.log"]
+    assert "converter: WARNING" in convert and "unknown BPE pre-tokenizer hash" in convert
+    assert "blk.0.attn_q.weight" not in convert  # per-tensor lines stay out
+    assert "converter:" not in files["merge.log"]
