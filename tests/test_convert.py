@@ -171,7 +171,7 @@ def test_special_tokens_survive_conversion(llama_ggufs, qwen2_ggufs, llama_base,
 def test_disk_preflight_refuses_before_work(tmp_path):
     import shutil as _shutil
 
-    from tasks.gguf.convert import disk_preflight
+    from tasks.core.disk import disk_preflight
 
     disk_preflight(tmp_path, 1024, "small.gguf")  # fits
     free = _shutil.disk_usage(tmp_path).free

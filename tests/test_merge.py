@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
-from tasks.merge.plan import disk_preflight
 from tasks.merge.stage import MergeSettings, merge, resolve_base
 from tests.merge_helpers import as_artifact, bf16_ulp, copy_model, load_weights, peft_adapter, tiny_gpt2
 

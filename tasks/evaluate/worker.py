@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.disk import disk_preflight
+from tasks.core.errors import PermanentError
 from tasks.evaluate.kl import (
     BaseHeader,
     BaseWriter,
@@ -108,12 +109,11 @@ def score_reference(
         used = windows.tokens[: windows.n_chunk * windows.n_ctx]
         header = BaseHeader(windows.n_ctx, dec.n_vocab, windows.n_chunk, used)
         if out is not None:
-            free = shutil.disk_usage(out.parent).free
-            if header.file_size() + (64 << 20) > free:
-                raise SystemExit(
-                    f"the F16 reference log-probabilities need {header.file_size() / 1e9:.2f} GB in {out.parent}, "
-                    f"{free / 1e9:.2f} GB is free: lower evaluation.max_heldout_tokens"
-                )
+            try:
+                what, hint = "the F16 reference log-probabilities", "lower evaluation.max_heldout_tokens"
+                disk_preflight(out.parent, header.file_size(), what, hint=hint)
+            except PermanentError as exc:  # this is the worker process: its exit message reaches the stage
+                raise SystemExit(str(exc)) from None
         with open(out, "wb") if out else contextlib.nullcontext() as fh:
             writer = BaseWriter(fh, header) if fh else None
             for _, logits, targets in dec.scored(windows):

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pydantic import Field
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
+from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
 from tasks.core.settings import GIT_CHECKOUT, StrictModel
@@ -97,17 +97,6 @@ def estimate_gguf_bytes(merged_dir: Path, outtype: str) -> int:
         src = _SRC_BYTES.get(str(data.get("torch_dtype") or data.get("dtype") or "float16"), 2)
     per_weight = (quant_types.bits_per_weight(outtype) or 16.0) / 8  # the table's nominal bits: q8_0 is 8.5
     return int(weights * per_weight / src) + 16 * 1024 * 1024
-
-
-def disk_preflight(folder: Path, need: int, what: str) -> None:
-    """Fail before the work when the disk cannot hold the result (with a 10% margin)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < need * 1.1:
-        raise PermanentError(
-            f"not enough disk space in {folder} for {what}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free",
-            hint="free some space, point pipeline.runs_dir at a bigger disk, or enable pipeline.cleanup",
-        )
 
 
 @contextlib.contextmanager

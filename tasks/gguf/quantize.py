@@ -23,11 +23,12 @@ from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
+from tasks.core.disk import disk_preflight
 from tasks.core.errors import ConfigError, PermanentError
 from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
-from tasks.gguf.convert import disk_preflight, file_progress, gguf_name
+from tasks.gguf.convert import file_progress, gguf_name
 from tasks.gguf.plan import QuantPlan, plan_jobs
 from tasks.gguf.quant_types import bits_per_weight, parse_quant, quant_types, recommended
 

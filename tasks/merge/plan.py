@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,20 +473,3 @@ def base_is_quantized(base_config: dict[str, Any]) -> str | None:
     if not q:
         return None
     return str(q.get("quant_method") or ("bitsandbytes 4-bit" if q.get("load_in_4bit") else "quantized"))
-
-
-# --- disk ----------------------------------------------------------------------------------------------------
-
-
-def disk_preflight(dest_parent: Path, needed: int, free: int | None = None, margin: int = 64 * 1024 * 1024) -> None:
-    """Fail before writing when the output (plus a margin) will not fit."""
-    dest_parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dest_parent).free if free is None else free
-    if needed + margin > free:
-        raise PermanentError(
-            (
-                f"not enough disk space for the merged model in {dest_parent}: it needs about {needed / 1e9:.2f} "
-                f"GB (+{margin / 1e6:.0f} MB margin), {free / 1e9:.2f} GB is free"
-            ),
-            hint="free some space, or set pipeline.runs_dir to a bigger disk",
-        )

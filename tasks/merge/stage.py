@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
+from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
 from tasks.core.progress import Progress
 from tasks.core.settings import StrictModel
@@ -37,7 +38,6 @@ from tasks.merge.plan import (
     MergePlan,
     base_is_quantized,
     build_plan,
-    disk_preflight,
     load_adapter,
     output_bytes,
     read_json,
@@ -418,7 +418,7 @@ def merge(
     )
     base_bytes = plan.base_bytes() if plan is not None else sum(f.stat().st_size for f in base_dir.glob("*.bin"))
     needed = (output_bytes(plan, job.target_st) if plan is not None else base_bytes) + _dir_size(base_dir) - base_bytes
-    disk_preflight(out_dir.parent, max(needed, 0))
+    disk_preflight(out_dir.parent, max(needed, 0), "the merged model")
 
     meta: dict[str, Any] = {
         "backend": backend.name,
