@@ -213,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if not head:
+        if not head and self.command != "HEAD":  # a body after a HEAD answer corrupts the kept-alive connection
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:

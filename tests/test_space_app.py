@@ -7,47 +7,17 @@ chromium (driven by playwright, never `playwright install`) types a prompt and r
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from tests.space_apps import browser_page, chat_once, keep_screenshots, launched
+
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, limit: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the app did not answer on {url}:\n{log.read_text()[-3000:]}")
-
-
 def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
-    pytest.importorskip("gradio", reason="gradio is in the test extra: pip install -e .[test]")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (./setup.sh --test installs it)"
     from tasks.core.artifacts import Artifact
     from tasks.publish.card import CardSettings
     from tasks.publish.hub_push import HubSettings, hub_push
@@ -79,62 +49,18 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
         license="apache-2.0",
     )
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE",))}
-    env.update(space_variables(settings, pushed.meta["repo_id"], gguf.name, "Tiny chat"))
-    env.update(
-        {
-            "HF_ENDPOINT": hub_server.url,
-            "HF_TOKEN": "hf_read_alice",
-            "HF_HOME": str(tmp_path / "hf"),
-            "GRADIO_SERVER_NAME": "127.0.0.1",
-            "GRADIO_SERVER_PORT": str(port),
-            "GRADIO_ANALYTICS_ENABLED": "False",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        }
-    )
-    log = tmp_path / "app.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        _wait_http(url, proc, log)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--headless",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                ],
-            )
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url)
+    with launched(folder, space_variables(settings, pushed.meta["repo_id"], gguf.name, "Tiny chat"), hub_server.url, tmp_path) as url:
+        with browser_page(url) as page:
             page.get_by_text("Tiny chat").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "space_loaded.png"), full_page=True)
             page.get_by_text("Hello there").first.wait_for(timeout=30_000)  # the example prompt is shown
-            box = page.locator("#prompt textarea")
-            box.fill("Tell me a story")
-            box.press("Enter")
-            page.locator("#stats").get_by_text("tokens/s").wait_for(timeout=120_000)
-            page.wait_for_function(
-                (
-                    "() => document.querySelector('#stats').innerText.includes('first token') || "
-                    "document.querySelector('#stats').innerText.includes('error')"
-                ),
-                timeout=120_000,
-            )
-            stats = page.locator("#stats").inner_text()
+            stats, bot = chat_once(page, "Tell me a story", timeout=120_000)
             chat = page.locator("#chat").inner_text()
             assert "error" not in stats.lower(), chat
             assert "Tell me a story" in chat
-            bot = page.locator("#chat .bot, #chat [data-testid='bot']").last.inner_text()
             assert bot.strip() and "Error" not in bot, chat
             page.screenshot(path=str(tmp_path / "space_chat.png"), full_page=True)
+            box = page.locator("#prompt textarea")
             # the per-session rate limit (3 per minute here) answers in the chat instead of failing
             for i in range(3):
                 box.fill(f"again {i}")
@@ -155,19 +81,66 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
                 )
             page.get_by_text("Rate limit").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "space_rate_limit.png"), full_page=True)
-            browser.close()
-        shots = os.environ.get("LORASHIP_SCREENSHOTS")
-        if shots:
-            Path(shots).mkdir(parents=True, exist_ok=True)
-            for name in ("space_loaded.png", "space_chat.png", "space_rate_limit.png"):
-                shutil.copyfile(tmp_path / name, Path(shots) / name)
-        downloads = hub_server.state.calls("GET", r"/alice/llama-GGUF/resolve/main/llama-Q4_K_M.gguf")
-        assert downloads and downloads[-1].authorized_as == "alice", (
-            "the app fetched the private GGUF with the read token"
-        )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        keep_screenshots(tmp_path, ["space_loaded.png", "space_chat.png", "space_rate_limit.png"])
+    downloads = hub_server.state.calls("GET", r"/alice/llama-GGUF/resolve/main/llama-Q4_K_M.gguf")
+    assert downloads and downloads[-1].authorized_as == "alice", (
+        "the app fetched the private GGUF with the read token"
+    )
+
+
+def _merged_repo(tmp_path, hub_server, base) -> str:
+    """The tiny Llama's folder pushed as a private merged (transformers) repo; returns its id."""
+    from tasks.publish.hub_io import push_folder
+    from tasks.support.tiny_models import copy_tree
+
+    merged = copy_tree(base, tmp_path / "merged")
+    for marker in merged.glob(".*"):
+        marker.unlink()
+    push_folder(
+        merged,
+        "alice/llama",
+        token="hf_write_alice",
+        endpoint=hub_server.url,
+        private=True,
+        commit_message="merged model",
+    )
+    return "alice/llama"
+
+
+def test_transformers_chat_streams_in_chromium_on_zero_gpu_path(tmp_path, hub_server, llama_base):
+    """transformers_chat: the merged repo run with transformers; ZERO_GPU=1 wraps generation in the real
+    spaces.GPU (a no-op off ZeroGPU hardware), tokens are streamed to the page and to gradio_client."""
+    from gradio_client import Client
+
+    from tasks.publish.space import SpaceSettings, space_inputs
+    from tasks.publish.space_templates import SPACE_TEMPLATES
+
+    repo = _merged_repo(tmp_path, hub_server, llama_base)
+    template = SPACE_TEMPLATES["transformers_chat"]
+    settings = SpaceSettings(template="transformers_chat", hardware="zero-a10g", examples=["Hi"], max_tokens=24)
+    inputs = space_inputs(settings, repo, "", "Tiny transformers chat", f"{hub_server.url}/{repo}")
+    folder = template.render_to(tmp_path / "space", inputs, "apache-2.0")
+    variables = template.variables(inputs)
+    assert variables["ZERO_GPU"] == "1" and variables["MODEL_REPO"] == repo and "MODEL_FILE" not in variables
+    with launched(folder, variables, hub_server.url, tmp_path) as url:
+        with browser_page(url) as page:
+            page.get_by_text("Tiny transformers chat").first.wait_for(timeout=60_000)
+            page.get_by_text("ZeroGPU").first.wait_for(timeout=10_000)
+            stats, bot = chat_once(page, "Tell me a story")
+            chat = page.locator("#chat").inner_text()
+            assert "error" not in stats.lower() and "Error" not in bot, chat
+            assert bot.strip() and "Tell me a story" in chat
+            n = int(stats.split(" tokens")[0])
+            assert 0 < n <= 24, stats
+            page.screenshot(path=str(tmp_path / "transformers_chat.png"), full_page=True)
+        keep_screenshots(tmp_path, ["transformers_chat.png"])
+        # streamed: the endpoint yields after every generated token (TextIteratorStreamer releases the text a
+        # word at a time, so the token count in the stats is what grows one by one), then the final answer
+        job = Client(url, verbose=False).submit("Once upon a time", [], api_name="/chat")
+        job.result(timeout=180)
+        counts = [int(out[2].split(" tokens")[0]) for out in job.outputs() if " tokens" in str(out[2])]
+        assert len(set(counts)) >= 3 and counts == sorted(counts), f"the answer was not streamed: {counts}"
+        final = job.outputs()[-1][0][-1]["content"]
+        assert "Error" not in str(final) and str(final).strip(), final
+    downloads = hub_server.state.calls("GET", r"/alice/llama/resolve/[^/]+/model.safetensors")
+    assert downloads and downloads[-1].authorized_as == "alice", "the app fetched the private repo with the read token"

@@ -117,6 +117,7 @@ def space_inputs(
         examples=json.dumps(settings.examples),
         max_tokens=str(settings.max_tokens),
         rate_limit_per_minute=str(settings.rate_limit_per_minute),
+        zero_gpu="1" if settings.hardware.startswith("zero-") else "",
     )
 
 
