@@ -49,7 +49,9 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
         license="apache-2.0",
     )
 
-    with launched(folder, space_variables(settings, pushed.meta["repo_id"], gguf.name, "Tiny chat"), hub_server.url, tmp_path) as url:
+    with launched(
+        folder, space_variables(settings, pushed.meta["repo_id"], gguf.name, "Tiny chat"), hub_server.url, tmp_path
+    ) as url:
         with browser_page(url) as page:
             page.get_by_text("Tiny chat").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "space_loaded.png"), full_page=True)
@@ -83,9 +85,7 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
             page.screenshot(path=str(tmp_path / "space_rate_limit.png"), full_page=True)
         keep_screenshots(tmp_path, ["space_loaded.png", "space_chat.png", "space_rate_limit.png"])
     downloads = hub_server.state.calls("GET", r"/alice/llama-GGUF/resolve/main/llama-Q4_K_M.gguf")
-    assert downloads and downloads[-1].authorized_as == "alice", (
-        "the app fetched the private GGUF with the read token"
-    )
+    assert downloads and downloads[-1].authorized_as == "alice", "the app fetched the private GGUF with the read token"
 
 
 def _merged_repo(tmp_path, hub_server, base) -> str:
