@@ -12,15 +12,17 @@ import json
 import logging
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tasks.core.errors import PermanentError, TransientError, is_transient
-from tasks.download.ssh import local_target, safe_relpath
+from tasks.download.ssh import RemoteFile, local_target, safe_relpath
 from tasks.download.stage import DownloadSettings, download
-from tasks.download.transfer import RSYNC_PARTIAL, SFTP_PARTIAL
+from tasks.download.transfer import RSYNC_PARTIAL, SFTP_PARTIAL, LandingHasher
 
 # The plain functions log outside a flow run; Prefect's API log handler warns about that, harmlessly.
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'loraship.download' attempted to send logs")
@@ -185,6 +187,64 @@ def test_interrupted_big_file_resumes_with_only_the_remainder(ssh_server, remote
     assert rec["matched_bytes"] >= kept * 0.95
     assert remainder * 0.9 <= rec["bytes_received"] <= remainder * 1.1 + 64 * 1024, (rec["bytes_received"], remainder)
     assert not partial.exists()
+
+
+def test_files_are_hashed_while_rsync_writes_them(ssh_server, remote, tmp_path):
+    """The local verification reads each big file as it lands (no second read after rsync), and the digest
+    it takes is the real one: compared with the remote's and with a fresh hash of the landed file."""
+    size = 6 * 1024 * 1024
+    run = make_run(remote / "out", big=size)
+    dest = tmp_path / "run" / "adapter"
+    art = download(ssh_settings(ssh_server, run, bwlimit_kbps=20000), dest)  # ~0.3 s: the follower sees it
+    rec = json.loads((dest.parent / "download.json").read_text())
+    assert "adapter_model.safetensors" in rec["hashed_on_arrival"]
+    got = {f.path: f.sha256 for f in art.files}
+    want = sha(run / "adapter_model.safetensors")
+    assert got["adapter_model.safetensors"] == sha(dest / "adapter_model.safetensors") == want
+
+
+def _write_like_rsync(folder: Path, name: str, data: bytes, suffix: str, *, rename: bool) -> None:
+    """Append `data` to `.name.suffix` in pieces, as rsync's receiver does, then rename it (or drop it)."""
+    tmp = folder / f".{name}.{suffix}"
+    with open(tmp, "wb") as fh:
+        for i in range(0, len(data), 256 * 1024):
+            fh.write(data[i : i + 256 * 1024])
+            fh.flush()
+            time.sleep(0.002)
+    if rename:
+        os.replace(tmp, folder / name)
+    else:
+        tmp.unlink()
+
+
+def test_landing_hasher_trusts_only_the_inode_it_followed(tmp_path):
+    """A digest counts only for the very file that became the final one: a temporary that rsync threw away
+    (its whole-file check failed, the file was sent again) or one left by a killed earlier run is not it."""
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    first, second = os.urandom(3 * 1024 * 1024), os.urandom(3 * 1024 * 1024)
+    (folder / ".stale.bin.Zz99Yy").write_bytes(b"old" * 1000)  # left by a killed run before this one started
+    files = [
+        RemoteFile("ok.bin", len(first), 0),
+        RemoteFile("resent.bin", len(second), 0),
+        RemoteFile("stale.bin", len(first), 0),
+    ]
+    with LandingHasher(folder, files) as hasher:
+
+        def writer() -> None:
+            _write_like_rsync(folder, "ok.bin", first, "Ab12Cd", rename=True)
+            _write_like_rsync(folder, "resent.bin", first, "Ef34Gh", rename=False)  # the same size, thrown away
+            _write_like_rsync(folder, "resent.bin", second, "Ij56Kl", rename=True)
+            _write_like_rsync(folder, "stale.bin", first, "Mn78Op", rename=True)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+        hasher.stop()
+        digests = hasher.digests()
+    assert digests["ok.bin"] == hashlib.sha256(first).hexdigest()
+    assert "resent.bin" not in digests  # it followed the first temporary, which is not the final file
+    assert digests["stale.bin"] == hashlib.sha256(first).hexdigest()  # the stale temporary was passed over
 
 
 def test_corrupted_local_file_is_detected_and_repaired(ssh_server, remote, tmp_path):

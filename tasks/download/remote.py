@@ -14,6 +14,7 @@ import logging
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,24 +86,25 @@ def resolve_target(settings: DownloadSettings) -> tuple[SshTarget, str, dict[str
     return target, path, facts
 
 
-class _RemoteHashes:
-    """Remote sha256 in a background thread (its own SSH channel), so it overlaps the local hashing and,
-    on a fresh pull, the transfer itself; `result()` waits and re-raises its error."""
+class _Background:
+    """A call on its own thread (paramiko opens a channel per remote command, so remote questions can be
+    asked side by side): the remote sha256 overlaps the local hashing and, on a fresh pull, the transfer
+    itself; the rsync probe overlaps the discovery. `result()` waits and re-raises the call's error."""
 
-    def __init__(self, session: RemoteSession, run_dir: str, rels: list[str]):
-        self._out: dict[str, str] = {}
+    def __init__(self, name: str, fn: Callable[[], Any]):
+        self._out: Any = None
         self._err: BaseException | None = None
 
         def work() -> None:
             try:
-                self._out = session.sha256(run_dir, rels)
+                self._out = fn()
             except BaseException as exc:  # handed to the caller in result()
                 self._err = exc
 
-        self._thread = threading.Thread(target=work, name="remote-sha256", daemon=True)
+        self._thread = threading.Thread(target=work, name=name, daemon=True)
         self._thread.start()
 
-    def result(self) -> dict[str, str]:
+    def result(self) -> Any:
         self._thread.join()
         if self._err is not None:
             raise self._err
@@ -144,6 +146,8 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
     target, path, facts = resolve_target(settings)
     dest.mkdir(parents=True, exist_ok=True)
     with RemoteSession(target) as session:
+        # rsync on both sides? asked while the run folder is found and listed (a remote command each way)
+        probe = _Background("rsync-probe", lambda: _choose_method(session, settings))
         root = session.realpath(path)
         run_dir, how = session.find_run(root, settings.final_glob, settings.checkpoint_glob)
         files = session.list_files(run_dir, settings.include, settings.exclude)
@@ -161,7 +165,8 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
                 hint="check source.include / source.exclude",
             )
         log.info("run folder %s (%s): %d file(s), %.1f MB", run_dir, how, len(files), sum(f.size for f in files) / 1e6)
-        hashing = _RemoteHashes(session, run_dir, [f.rel for f in files])
+        rels = [f.rel for f in files]
+        hashing = _Background("remote-sha256", lambda: session.sha256(run_dir, rels))
         local = _local_digests(dest, files)
         verified: dict[str, str] = {}
         expected: dict[str, str] = {}
@@ -174,7 +179,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         refetched: list[str] = []
         method = "none"
         if todo:
-            method, local_info, remote_info = _choose_method(session, settings)
+            method, local_info, remote_info = probe.result()
             total = sum(f.size for f in todo)
             for attempt in (1, 2):
                 with Progress(f"download {Path(run_dir).name} from {target.host}", total) as progress:
@@ -248,6 +253,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         "matched_bytes": sum(s.matched_bytes for s in stats_list),
         "compression": next((s.compression for s in stats_list if s.compression), None),
         "files_fetched": sorted({r for s in stats_list for r in s.files}),
+        "hashed_on_arrival": sorted({r for s in stats_list for r in s.digests}),
         "refetched": refetched,
         "removed": removed,
         "seconds": round(seconds, 3),

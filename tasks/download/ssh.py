@@ -38,7 +38,7 @@ log = logging.getLogger("loraship.download")
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/]")
 _HASH_BATCH = 200
-# Used when the remote has no sha256sum: reads each named file and prints "<hex>" per line, in order.
+# The remote hash (python3's hashlib): reads each named file and prints "<hex>" per line, in order.
 _PY_SHA256 = (
     "import hashlib,sys\n"
     "for p in sys.argv[1:]:\n"
@@ -495,19 +495,23 @@ class RemoteSession:
 
     # -- hashing -------------------------------------------------------------------------------
     def sha256(self, run_dir: str, rels: list[str]) -> dict[str, str]:
-        """sha256 of each file, computed on the remote (sha256sum, else python3/python)."""
+        """sha256 of each file, computed on the remote (python3, else sha256sum, else python).
+
+        python3 first: its hashlib is OpenSSL's, which uses the CPU's SHA instructions; coreutils'
+        sha256sum (Debian/Ubuntu build) does not: 0.47 s against 0.11 s for 128 MB here. The remote hash
+        runs while rsync sends, on the same cores, so the cheaper one is the faster download.
+        """
         out: dict[str, str] = {}
         for i in range(0, len(rels), _HASH_BATCH):
             batch = rels[i : i + _HASH_BATCH]
-            for attempt in (["sha256sum", "-b", "--"], ["python3", "-c", _PY_SHA256], ["python", "-c", _PY_SHA256]):
+            failed = ""
+            for attempt in (["python3", "-c", _PY_SHA256], ["sha256sum", "-b", "--"], ["python", "-c", _PY_SHA256]):
                 rc, stdout, stderr = self.run(attempt + batch, cwd=run_dir)
                 if rc == 127:  # command not found: try the next way
                     continue
-                if rc != 0:
-                    raise PermanentError(
-                        f"hashing files in {run_dir} on {self.target.host} failed: {stderr.strip()[-400:]}",
-                        hint="are the files readable by source.user?",
-                    )
+                if rc != 0:  # an unreadable file fails every way; a broken python3 does not fail sha256sum
+                    failed = failed or stderr.strip()[-400:] or f"{attempt[0]} exited with {rc}"
+                    continue
                 lines = [ln for ln in stdout.splitlines() if ln.strip()]
                 if len(lines) != len(batch):
                     raise TransientError(f"remote {attempt[0]} printed {len(lines)} digests for {len(batch)} files")
@@ -518,6 +522,11 @@ class RemoteSession:
                     out[rel] = digest
                 break
             else:
+                if failed:
+                    raise PermanentError(
+                        f"hashing files in {run_dir} on {self.target.host} failed: {failed}",
+                        hint="are the files readable by source.user?",
+                    )
                 raise PermanentError(
                     f"{self.target.host} has neither sha256sum nor python3 to hash the files",
                     hint="install coreutils or python3 on the training box",

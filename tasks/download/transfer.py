@@ -5,6 +5,13 @@ kept, and the next run uses it as the basis of rsync's delta transfer, so only a
 crosses the wire. It is started as an argument list (never through a shell); its `--info=progress2`
 output feeds tasks.core.progress.Progress and its `--stats` give the bytes actually received.
 
+Verification overlaps the copy: `LandingHasher` follows each file rsync is receiving (rsync writes the new
+file sequentially into a temporary `.<name>.XXXXXX` beside its final name, then renames it) and hashes the
+bytes as they land, so no file is read again after the transfer. A digest only counts when the final
+file is the very inode that was followed (its descriptor is held open, so the number cannot be reused)
+and holds exactly the bytes hashed; anything else (a tiny file renamed before it was seen, rsync's own
+re-send of a file) is hashed after the transfer as before.
+
 The SFTP fallback (no rsync on one side, the seed's "SCP fallback") appends to a partial file from its
 byte offset and hashes while it writes, so a resumed file is not read twice. Partial data lives under
 `.partial-rsync/` and `.partial-sftp/` inside the destination: the `.partial-` prefix keeps it out of
@@ -13,16 +20,19 @@ artifact listings (tasks.core.hashing.iter_files) and final names only ever hold
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tasks.core.errors import PermanentError, TransientError
 from tasks.core.progress import Progress
@@ -47,8 +57,136 @@ class TransferStats:
     literal_bytes: int = 0  # file data sent as-is (rsync: not matched against a local basis)
     matched_bytes: int = 0  # file data rsync reconstructed from a local (partial) basis
     files: list[str] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)  # computed while transferring (SFTP)
+    digests: dict[str, str] = field(default_factory=dict)  # computed while transferring (SFTP; rsync: as it lands)
     compression: str | None = None
+
+
+@dataclass
+class _Followed:
+    """One temporary file being hashed while rsync writes it."""
+
+    fd: int
+    hasher: Any
+    done: int = 0
+
+
+class LandingHasher:
+    """sha256 of the files rsync is writing into `dest`, computed while they arrive (a thread).
+
+    rsync's receiver writes each file from the first byte to the last into a temporary file in the same
+    folder (no --inplace, no --sparse here) and renames it when complete, so following that file and
+    hashing what was appended gives the digest of the final file without reading it a second time.
+    `digests()` (after rsync exited) keeps a digest only where the final file is the inode that was
+    followed and its size is what was hashed; the rest is left to the caller, who hashes it as before.
+    """
+
+    def __init__(self, dest: Path, files: list[RemoteFile], *, poll_s: float = 0.003, chunk: int = 4 << 20) -> None:
+        self.dest = dest
+        self.poll_s = poll_s
+        self.chunk = chunk
+        self._sizes = {f.rel: f.size for f in files}
+        self._pending = {f.rel for f in files if f.size > 0}
+        self._followed: dict[str, _Followed] = {}
+        self._stale = self._candidates_now()  # temporaries of a killed earlier run are not this transfer's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="landing-sha256", daemon=True)
+
+    def __enter__(self) -> LandingHasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        for f in self._followed.values():
+            os.close(f.fd)
+        self._followed.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _temp_pattern(self, rel: str) -> tuple[Path, re.Pattern[str]]:
+        path = self.dest / rel
+        return path.parent, re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9]{{6}}")
+
+    def _candidates_now(self) -> set[tuple[int, int]]:
+        out: set[tuple[int, int]] = set()
+        for rel in self._pending:
+            folder, pat = self._temp_pattern(rel)
+            for entry in _scandir(folder):
+                if pat.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat(follow_symlinks=False)
+                        out.add((st.st_dev, st.st_ino))
+        return out
+
+    def _find(self) -> None:
+        """Open the temporary file of every pending file that rsync has started."""
+        by_folder: dict[Path, list[tuple[str, re.Pattern[str]]]] = {}
+        for rel in self._pending - self._followed.keys():
+            folder, pat = self._temp_pattern(rel)
+            by_folder.setdefault(folder, []).append((rel, pat))
+        for folder, wanted_here in by_folder.items():
+            for entry in _scandir(folder):
+                for rel, pat in wanted_here:
+                    if rel in self._followed or not pat.fullmatch(entry.name):
+                        continue
+                    try:
+                        fd = os.open(folder / entry.name, os.O_RDONLY | os.O_NOFOLLOW)
+                    except OSError:  # renamed or removed in between: a small file, hashed afterwards
+                        continue
+                    st = os.fstat(fd)
+                    if (st.st_dev, st.st_ino) in self._stale or not stat.S_ISREG(st.st_mode):
+                        os.close(fd)
+                        continue
+                    self._followed[rel] = _Followed(fd=fd, hasher=hashlib.sha256())
+
+    def _drain(self, f: _Followed, limit: int) -> bool:
+        """Hash what was appended since the last call; True when something was read."""
+        got = False
+        while f.done < limit:
+            data = os.pread(f.fd, min(self.chunk, limit - f.done), f.done)
+            if not data:
+                break
+            f.hasher.update(data)
+            f.done += len(data)
+            got = True
+        return got
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._pending - self._followed.keys():
+                self._find()
+            busy = False
+            for rel, f in self._followed.items():
+                busy |= self._drain(f, self._sizes[rel])
+            if not busy:
+                self._stop.wait(self.poll_s)
+        for rel, f in self._followed.items():  # rsync has exited: what is there now is all there is
+            self._drain(f, self._sizes[rel])
+
+    def digests(self) -> dict[str, str]:
+        """Digests of the final files that are exactly what was followed and hashed (call after stop())."""
+        out: dict[str, str] = {}
+        for rel, f in self._followed.items():
+            try:
+                final = os.stat(self.dest / rel, follow_symlinks=False)
+            except OSError:
+                continue
+            held = os.fstat(f.fd)
+            same = (final.st_dev, final.st_ino) == (held.st_dev, held.st_ino)
+            if same and f.done == final.st_size == self._sizes[rel]:
+                out[rel] = f.hasher.hexdigest()
+        return out
+
+
+def _scandir(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:
+        return []
 
 
 def local_rsync_info(binary: str = "rsync") -> dict | None:
@@ -108,6 +246,33 @@ def rsync_pull(
         f" (compression {compression})" if compression else "",
     )
     env = {**os.environ, "LC_ALL": "C"}
+    with LandingHasher(dest, files) as landing:
+        rc, stats_text, stderr = _run_rsync(argv, env, progress, on_bytes)
+        landing.stop()
+        digests = landing.digests() if rc == 0 else {}
+    text = stats_text.decode("utf-8", "replace")
+    stats = TransferStats(
+        method="rsync",
+        bytes_received=_stat(text, "Total bytes received"),
+        literal_bytes=_stat(text, "Literal data"),
+        matched_bytes=_stat(text, "Matched data"),
+        files=[f.rel for f in files],
+        digests=digests,
+        compression=compression,
+    )
+    if rc != 0:
+        msg = f"rsync from {session.target.label} exited with {rc}: {stderr[-600:] or 'no message'}"
+        if rc in _RSYNC_TRANSIENT:
+            raise TransientError(msg, hint="the partial data is kept; a retry resumes it")
+        raise PermanentError(msg, hint="check source.path, the free space here and the rsync versions")
+    log.debug("hashed %d of %d file(s) while they landed", len(digests), len(files))
+    return stats
+
+
+def _run_rsync(
+    argv: list[str], env: dict[str, str], progress: Progress | None, on_bytes: BytesHook | None
+) -> tuple[int, bytearray, str]:
+    """Run rsync, feeding its --info=progress2 lines to the progress bar; (exit code, stats lines, stderr)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     err_chunks: list[bytes] = []
     err_thread = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
@@ -137,22 +302,7 @@ def rsync_pull(
         proc.wait()
         raise
     err_thread.join(timeout=10)
-    stderr = b"".join(err_chunks).decode("utf-8", "replace").strip()
-    text = stats_text.decode("utf-8", "replace")
-    stats = TransferStats(
-        method="rsync",
-        bytes_received=_stat(text, "Total bytes received"),
-        literal_bytes=_stat(text, "Literal data"),
-        matched_bytes=_stat(text, "Matched data"),
-        files=[f.rel for f in files],
-        compression=compression,
-    )
-    if rc != 0:
-        msg = f"rsync from {session.target.label} exited with {rc}: {stderr[-600:] or 'no message'}"
-        if rc in _RSYNC_TRANSIENT:
-            raise TransientError(msg, hint="the partial data is kept; a retry resumes it")
-        raise PermanentError(msg, hint="check source.path, the free space here and the rsync versions")
-    return stats
+    return rc, stats_text, b"".join(err_chunks).decode("utf-8", "replace").strip()
 
 
 def _rsh_string(argv: list[str]) -> str:
