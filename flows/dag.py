@@ -5,7 +5,9 @@ this run is submitted as a Prefect task (`stage:<name>`) to a thread pool of its
 upstreams' task runs, so independent branches run at the same time and the Prefect UI draws the graph;
 the stage's own work (cached, retried) runs inside it as child task runs, and its fan-outs (quantize) go
 to the flow's task runner (threads or Dask). A stage that does not run this time (not selected, disabled)
-is settled at once by carrying its manifest records that are still in the lineage (tasks/core/lineage.py).
+is settled by carrying its manifest records that are still in the lineage (tasks/core/lineage.py): once its
+upstreams are settled when it has records to judge, at once when it has none (so `--skip template_contract`
+lets the Hub push run beside local_deploy).
 A stage whose hard upstream failed, or was skipped because of one, or was blocked (the release gate
 withheld everything), is skipped with that reason; dependants of a soft upstream run regardless.
 
@@ -97,12 +99,15 @@ def run_graph(
                     break
                 spec = SPECS[s]
                 upstream = spec.upstream_for(ctx.config)
-                if any(u not in results for u in upstream):
+                # a stage that does not run waits for its upstreams only to judge its records against them
+                # (lineage); with no records there is nothing to judge, and its dependants need not wait
+                nothing_to_carry = s not in selected and not any(a.stage == s for a in ctx.records.values())
+                if not nothing_to_carry and any(u not in results for u in upstream):
                     continue
                 if s in selected and len(futures) >= limit:
                     break  # in table order: with max_parallel 1 the stages run one after another
                 pending.remove(s)
-                blocked = next((u for u in spec.needs if results[u].blocks), None)
+                blocked = None if s not in selected else next((u for u in spec.needs if results[u].blocks), None)
                 if s not in selected:
                     res = carry(s)
                 elif blocked is not None:
