@@ -58,7 +58,11 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
     adapter = _need(ctx, ArtifactKind.ADAPTER, "merge")[0]
     settings, default_base = ctx.config.merge, ctx.config.model.base_model
     base_key = base_fingerprint(settings, default_base, adapter)
-    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key)
+    needs = merged_weights_needed(ctx.config)
+    fused = settings.fused_convert and not needs
+    if settings.fused_convert and needs:
+        log.info("merge.fused_convert: merged/ is written in full, %s needs it", needs)
+    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key, fused)
     diff, tensors = merged.meta.get("max_abs_logit_diff"), merged.meta.get("tensor_check") or {}
     check = f"{tensors['tensors_checked']} tensors checked (worst {tensors['max_err_ulps']} ulps); " if tensors else ""
     check += (
@@ -70,6 +74,26 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
         f"{merged.meta.get('backend')} merge, {merged.meta.get('dtype')}, {merged.size / 1e6:.1f} MB; {check}"
     )
     return [merged]
+
+
+def merged_weights_needed(config: Any) -> str | None:
+    """Which setting needs merged/'s safetensors after convert (so merge.fused_convert still writes them), or None.
+
+    Today hub.include_merged; a merged-model repo (hub.repos), a transformers Space or a transformers serving
+    engine are read by name when their settings exist."""
+    hub = config.hub
+    if getattr(hub, "include_merged", False):
+        return "hub.include_merged"
+    repos = getattr(hub, "repos", None) or []
+    for r in repos.values() if isinstance(repos, dict) else repos:
+        if "merged" in (r, getattr(r, "kind", None), getattr(r, "type", None)):
+            return "hub.repos (a merged repo)"
+    if str(getattr(config.serving, "engine", "") or "") == "transformers":
+        return "serving.engine: transformers"
+    space = getattr(config, "space", None)
+    if space is not None and getattr(space, "enabled", True) and "transformers" in str(getattr(space, "template", "")):
+        return f"space.template: {space.template}"
+    return None
 
 
 def run_convert(ctx: RunContext) -> list[Artifact]:

@@ -128,7 +128,8 @@ TABLE: tuple[StageSpec, ...] = (
         "convert",
         ConvertSettings,
         runners.run_convert,
-        "merged/ to <model>-F16.gguf with llama.cpp's converter (and the adapter as a GGUF LoRA)",
+        "merged/ to <model>-F16.gguf with llama.cpp's converter (merge.fused_convert: from the base + "
+        "adapter in one pass); the adapter as a GGUF LoRA",
         takes=(K.MERGED, K.ADAPTER),
         makes=(K.GGUF, K.GGUF_LORA),
         needs=(Stage.MERGE,),

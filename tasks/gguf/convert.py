@@ -191,11 +191,28 @@ def hf_tokenize(model_dir: Path, text: str) -> list[int]:
 
 
 def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_name: str) -> Artifact:
-    """Convert the merged HF folder `merged` into `out_dir/{model_name}-{OUTTYPE}.gguf` and validate it."""
+    """Convert the merged HF folder `merged` into `out_dir/{model_name}-{OUTTYPE}.gguf` and validate it.
+
+    A merged/ that holds a fused.json recipe instead of weights (merge.fused_convert) is converted from the
+    base and the adapter in one pass: the converter reads a folder of links to the base's shards and the
+    recipe's side files, through the fused tensor source (tasks/merge/fused.py).
+    """
+    from tasks.merge.fused import converter_folder, is_fused
+
+    src = Path(merged.path)
+    if not is_fused(src):
+        return _convert(merged, src, settings, out_dir, model_name)
+    with converter_folder(src) as view:
+        return _convert(merged, view, settings, out_dir, model_name, fused=src)
+
+
+def _convert(
+    merged: Artifact, src: Path, settings: ConvertSettings, out_dir: Path, model_name: str, fused: Path | None = None
+) -> Artifact:
+    """`convert` on the folder `src` the converter reads (merged/, or the fused path's view of the base)."""
     from tasks.gguf.toolchain import resolve_converter
     from tasks.gguf.validate import generate_check, llama_tokenize, validate_gguf
 
-    src = Path(merged.path)
     if not (src / "config.json").is_file():
         raise PermanentError(
             f"{src} has no config.json: it is not a Hugging Face model folder",
@@ -223,9 +240,13 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
         if settings.vocab_pre:
             cmd += ["--vocab-pre", settings.vocab_pre]
+        report_file = tmp.with_name(tmp.name + ".fused.json")
+        if fused is not None:
+            cmd += ["--fused", str(fused), "--fused-report", str(report_file)]
         with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
             cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype, "--model-name", model_name]
             rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
+        fused_meta = _fused_report(report_file, rc, tail) if fused is not None else None
         if rc != 0:
             raise _converter_error(rc, tail, unknown_bpe, src, settings)
     seconds = time.monotonic() - started
@@ -255,6 +276,8 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         "seconds": round(seconds, 2),
         "notes": list(conv.notes),
     }
+    if fused_meta is not None:
+        meta["fused"] = fused_meta
     if settings.check_tokenizer:
         ours, theirs = llama_tokenize(final, TOKENIZER_TEXT), hf_ids.result()
         meta["tokenizer_check"] = {"text": TOKENIZER_TEXT, "matches": ours == theirs}
@@ -286,6 +309,39 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
         tools=TOOLS,
         meta=meta,
     )
+
+
+def _fused_report(path: Path, rc: int, tail: list[str]) -> dict:
+    """What the fused tensor source did (tasks/merge/fused.py); raises when its per-tensor check failed."""
+    from tasks.merge.fused import CHECK_FAILED
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        report = None
+    finally:
+        path.unlink(missing_ok=True)
+    failed = (report or {}).get("tensor_check") or {}
+    line = next((x for x in tail if CHECK_FAILED in x), None)
+    if failed.get("failed") or line:
+        what = "; ".join(failed.get("failed") or []) or str(line).split(CHECK_FAILED + ":", 1)[-1].strip()
+        raise PermanentError(
+            f"fused convert: merged tensor(s) differ from W + s·B·A recomputed from the base and adapter files: {what}",
+            hint="set merge.fused_convert: false and report the adapter",
+        )
+    if report is None:
+        if rc == 0:
+            raise PermanentError(f"fused convert: the converter wrote no report ({path.name})")
+        return {}
+    log.info(
+        "fused convert: %d tensors merged while converting (%.1f s), %s",
+        report["tensors_merged"],
+        report["merge_seconds"],
+        "per-tensor check: %d tensors, worst %s ulps" % (failed["tensors_checked"], failed["max_err_ulps"])
+        if failed
+        else "no per-tensor check (merge.verify: never)",
+    )
+    return report
 
 
 def _converter_error(

@@ -10,11 +10,17 @@ tokenizes a fixed text, and refuses any hash it does not know ("BPE pre-tokenize
 imports the converter's `conversion.base`, wraps `TextModel.get_vocab_base_pre` so that when the hash
 is unknown it returns the configured name (e.g. `gpt-2`, `llama-bpe`, `qwen2`) instead of raising, and
 then runs the unmodified converter script in this process. A known hash keeps upstream's answer.
+
+With `--fused RECIPE_DIR --fused-report FILE` (merge.fused_convert) it also makes the converter read the base
+through tasks/merge/fused.py's tensor source, which applies the adapter tensor by tensor as the converter reads
+(this imports the project's own modules), and writes what that source did and checked to FILE as JSON, also
+when the converter fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import runpy
 import sys
@@ -52,6 +58,20 @@ def _install_vocab_pre(name: str | None) -> None:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 
 
+def _install_fused(recipe_dir: Path) -> object:
+    """Route the converter's safetensors reading through the fused merge (tasks/merge/fused.py)."""
+    repo = str(Path(__file__).resolve().parents[2])
+    if repo not in sys.path:
+        sys.path.append(repo)
+    import gguf.utility  # the converter's own gguf-py (first on sys.path)
+
+    from tasks.merge.fused import FusedRecipe, FusedSource, install
+
+    source = FusedSource(FusedRecipe.read(recipe_dir))
+    install(source, gguf.utility)
+    return source
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -68,14 +88,22 @@ def main(argv: list[str] | None = None) -> None:
         choices=["convert_hf_to_gguf.py", "convert_lora_to_gguf.py"],
         help="which converter to run",
     )
+    p.add_argument("--fused", type=Path, default=None, help="merged/ folder holding a fused.json recipe")
+    p.add_argument("--fused-report", type=Path, default=None, help="where to write the fused source's report")
     args = p.parse_args(ours)
     root = args.llama_cpp.resolve()
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
     _install_vocab_pre(args.vocab_pre)
+    source = _install_fused(args.fused) if args.fused else None
     script = root / args.script
     sys.argv = [str(script), *theirs]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        if source is not None and args.fused_report:
+            args.fused_report.write_text(json.dumps(source.report(), indent=2))  # type: ignore[attr-defined]
+            source.close()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
@@ -137,11 +137,29 @@ class MergeSettings(StrictModel):
     max_shard_size: str = Field(
         "5GB", description="shard size for the peft backend's save_pretrained (streaming keeps the base's shards)"
     )
+    fused_convert: bool = Field(
+        False,
+        description=(
+            "merge while converting: llama.cpp's converter reads the base through a source that applies the adapter "
+            "tensor by tensor (the streaming merge's math and checks), so the F16/BF16 GGUF is written in one pass and "
+            "merged/ holds no weights; merged/ is still written in full when a later stage needs it "
+            "(hub.include_merged). Needs the streaming backend and a safetensors base"
+        ),
+    )
 
     @field_validator("backend")
     @classmethod
     def _registered_backend(cls, v: str) -> str:
         return MERGE_BACKENDS.check(v)
+
+    @model_validator(mode="after")
+    def _fused_needs_streaming(self) -> MergeSettings:
+        if self.fused_convert and self.backend != "streaming":
+            raise ValueError(
+                f"merge.fused_convert applies the streaming merge's math inside the converter; merge.backend is "
+                f"{self.backend}: set merge.backend: streaming or merge.fused_convert: false"
+            )
+        return self
 
 
 # --- the base model -------------------------------------------------------------------------------------
@@ -314,7 +332,9 @@ def available_backend(name: str) -> MergeBackend:
     return backend
 
 
-def _verify(settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes: int) -> dict[str, Any]:
+def _verify(
+    settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes: int, merged_state: Any = None
+) -> dict[str, Any]:
     """The logits check's meta; raises when the merged model does not reproduce PeftModel(base, adapter)."""
     if not (settings.verify == "always" or (settings.verify == "auto" and base_bytes <= settings.verify_max_gb * 1e9)):
         skipped = (
@@ -325,7 +345,7 @@ def _verify(settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes
         return {"max_abs_logit_diff": None, "verify_skipped": skipped}
     from tasks.merge.verify import verify_logits
 
-    result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.plan, job.qlora, job.dtype)
+    result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.plan, job.qlora, job.dtype, merged_state)
     problem = verification_problem(result, settings.verify_tolerance)
     if problem:
         raise PermanentError(
@@ -390,10 +410,57 @@ def _adapter_meta(adapter_cfg: dict[str, Any], plan: MergePlan | None) -> dict[s
     return meta
 
 
+def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key: str, tmp: Path) -> dict:
+    """merged/ for the fused convert (tasks/merge/fused.py): the recipe instead of the weights; the logit check on
+    the merged tensors made in memory. Returns the artifact's meta."""
+    from tasks.merge.fused import FusedRecipe, merged_state
+
+    if job.plan is None:
+        raise PermanentError(
+            f"merge.fused_convert reads the base's safetensors, and {job.base_dir} has PyTorch .bin weights",
+            hint="set merge.fused_convert: false (and merge.backend: peft) for this base",
+        )
+    FusedRecipe(
+        base_dir=str(job.base_dir),
+        base_key=base_key or job.base_ref,
+        adapter_dir=str(job.adapter_dir),
+        adapter_sha256=adapter.sha256,
+        dtype=job.dtype,
+        target_st=job.target_st,
+        qlora=job.qlora,
+        check=settings.verify != "never",
+        verify_rows=settings.verify_rows,
+    ).write(tmp)
+    meta: dict[str, Any] = {
+        "fused_convert": True,
+        "tensor_check": None,
+        "tensor_check_at": "convert: every tensor the converter reads, as it is made"
+        if settings.verify != "never"
+        else None,
+    }
+    plan = job.plan
+    meta["tokenizer_from"] = copy_side_files(
+        job.base_dir, job.adapter_dir, tmp, None if settings.dtype == "auto" else job.dtype
+    )
+    if plan.untied:
+        _untie_config(tmp)
+    meta.update(_verify(settings, job, tmp, plan.base_bytes(), lambda: merged_state(plan, job.target_st, job.qlora)))
+    return meta
+
+
 def merge(
-    adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = ""
+    adapter: Artifact,
+    settings: MergeSettings,
+    out_dir: Path,
+    default_base: str = "",
+    base_key: str = "",
+    fused: bool = False,
 ) -> Artifact:
-    """Merge `adapter` into its base model; write merged/ atomically; return the 'merged' artifact."""
+    """Merge `adapter` into its base model; write merged/ atomically; return the 'merged' artifact.
+
+    `fused` (merge.fused_convert, when no later stage needs the merged weights): everything is checked as
+    usual, and merged/ holds the config, tokenizer and a fused.json recipe; the convert stage applies the adapter
+    while converting (tasks/merge/fused.py)."""
     started = time.monotonic()
     backend = available_backend(settings.backend)  # fail before any work
     adapter_dir = adapter.local_path
@@ -418,7 +485,11 @@ def merge(
     )
     base_bytes = plan.base_bytes() if plan is not None else sum(f.stat().st_size for f in base_dir.glob("*.bin"))
     needed = (output_bytes(plan, job.target_st) if plan is not None else base_bytes) + _dir_size(base_dir) - base_bytes
-    disk_preflight(out_dir.parent, max(needed, 0), "the merged model")
+    disk_preflight(
+        out_dir.parent,
+        max(_dir_size(base_dir) - base_bytes if fused else needed, 0),
+        "the merged model's side files and recipe" if fused else "the merged model",
+    )
 
     meta: dict[str, Any] = {
         "backend": backend.name,
@@ -432,6 +503,20 @@ def merge(
         "qlora_base": f"{qlora_fmt.tag}-roundtrip" if qlora_fmt else "original",
         "qlora_format": qlora_fmt.model_dump() if qlora_fmt else None,
     }
+    if fused:
+        with atomic_dir(out_dir) as tmp:
+            meta.update(_fused_recipe(settings, job, adapter, base_key, tmp))
+        meta["merge_seconds"] = meta["seconds"] = round(time.monotonic() - started, 3)
+        return Artifact.from_path(
+            out_dir,
+            name="merged",
+            kind=ArtifactKind.MERGED,
+            stage=STAGE,
+            inputs={adapter.name: adapter.sha256, "base": base_key or ref},
+            settings=settings,
+            tools=["torch", "safetensors", "transformers", "peft"],
+            meta=meta,
+        )
     with atomic_dir(out_dir) as tmp:
         with Progress(f"merge ({backend.name})", max(base_bytes, 1)) as progress:
             meta.update(backend.run(job, tmp, progress))
@@ -459,7 +544,12 @@ def merge(
 
 @stage_task(STAGE)
 def merge_task(
-    adapter: Artifact, settings: MergeSettings, out_dir: Path, default_base: str = "", base_key: str = ""
+    adapter: Artifact,
+    settings: MergeSettings,
+    out_dir: Path,
+    default_base: str = "",
+    base_key: str = "",
+    fused: bool = False,
 ) -> Artifact:
     """The cache key covers the whole merge package (tasks/core/caching.py); base_key stands for the base."""
-    return merge(adapter, settings, out_dir, default_base, base_key)
+    return merge(adapter, settings, out_dir, default_base, base_key, fused)

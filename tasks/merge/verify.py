@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,23 @@ def _round_params(model: Any, dtype: str) -> None:
                 p.copy_(p.to(target).to(p.dtype))
 
 
+def _model_from_state(merged_dir: Path, state: dict[str, Any]) -> Any:
+    """A float32 model of merged_dir's config holding `state` (every tensor merged/ would hold)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(merged_dir)), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"the merged tensors do not fit the model of {merged_dir / 'config.json'}: missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    return model
+
+
 def verify_logits(
     base_dir: Path,
     adapter_dir: Path,
@@ -111,9 +129,13 @@ def verify_logits(
     plan: MergePlan | None = None,
     qlora: q4.QLoraFormat | None = None,
     out_dtype: str = "float32",
+    merged_state: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Largest |logit| difference between the merged model and PeftModel(base, adapter), in float32, with the
-    rounding allowance of `out_dtype` measured on the same prompts and the adapter's own effect."""
+    rounding allowance of `out_dtype` measured on the same prompts and the adapter's own effect.
+
+    `merged_state` (the fused path, merged/ without weights): the merged tensors made in memory, loaded into a
+    model built from merged_dir's config, instead of reading weights from merged_dir."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,7 +159,10 @@ def verify_logits(
         del exact
     del ref_model, base
     gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    if merged_state is None:
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    else:
+        merged = _model_from_state(merged_dir, merged_state())
     merged.eval()
     diff, where = 0.0, (0, 0)
     for i, (p, ref) in enumerate(zip(prompts, refs)):

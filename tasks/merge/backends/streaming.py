@@ -26,7 +26,7 @@ from tasks.core.progress import Progress
 from tasks.merge import qlora as q4
 from tasks.merge.backends.base import MergeBackend, MergeJob
 from tasks.merge.plan import WEIGHTS_INDEX, LoraOp, MergePlan, out_dtype_of
-from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, OutEntry, StreamingWriter, read_tensor
+from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, OutEntry, StreamingWriter, TensorInfo, read_tensor
 
 log = logging.getLogger("loraship.merge")
 
@@ -67,7 +67,7 @@ def _large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
         pass
 
 
-def _needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora: q4.QLoraFormat | None) -> bool:
+def needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora: q4.QLoraFormat | None) -> bool:
     return (
         info.name in plan.ops
         or info.name in plan.replace
@@ -75,6 +75,45 @@ def _needs_work(plan: MergePlan, info: Any, entry: OutEntry, qlora: q4.QLoraForm
         or entry.dtype != info.dtype
         or (qlora is not None and q4.applies(info.name, info.shape))
     )
+
+
+def source_tensor(plan: MergePlan, info: TensorInfo, fh: Any = None) -> Any:
+    """The values a merged tensor starts from: the adapter's saved copy (modules_to_save) or the base's bytes."""
+    return plan.replace[info.name] if info.name in plan.replace else read_tensor(info, fh)
+
+
+def merge_tensor(
+    plan: MergePlan,
+    info: TensorInfo,
+    out_dtype: str,
+    src: Any,
+    qlora: q4.QLoraFormat | None = None,
+    counts: dict[str, int] | None = None,
+) -> Any:
+    """The merged value of one output tensor, from `src` (source_tensor's): W + s·B·A (DoRA's rescale, lora_bias,
+    the QLoRA round trip) in float32, rounded once to the safetensors dtype `out_dtype`.
+
+    The one definition of a merged tensor: the streaming merge writes it to safetensors and the fused
+    merge->GGUF path (tasks/merge/fused.py) hands it to llama.cpp's converter, so both give the same bytes.
+    """
+    import torch
+
+    if out_dtype not in FLOAT_DTYPES:
+        return src
+    counts = counts if counts is not None else {"merged": 0, "converted": 0, "rounded": 0}
+    w = src.to(torch.float32, copy=True)
+    del src
+    if qlora is not None and q4.applies(info.name, info.shape) and info.name not in plan.replace:
+        w = q4.roundtrip(w, qlora)
+        counts["rounded"] += 1
+    ops = plan.ops.get(info.name, [])
+    apply_ops(w, ops)
+    for op in plan.bias_adds.get(info.name, []):
+        w.add_(op.bias.float(), alpha=op.scaling)
+    if ops and not math.isfinite(float(w.sum())):  # NaN/inf anywhere makes the sum non-finite
+        raise ValueError(f"merging produced NaN/inf in {info.name}: the adapter seems broken")
+    counts["merged" if ops or info.name in plan.bias_adds else "converted"] += 1
+    return w.to(getattr(torch, DTYPES[out_dtype][0]))
 
 
 def stream_merge(
@@ -90,10 +129,7 @@ def stream_merge(
     (one reader and one writer thread; file I/O and torch kernels release the GIL), with at most one
     tensor in each stage, so memory stays a few tensors while the disk and the CPU both stay busy.
     """
-    import torch
-
     _large_buffers_to_the_os()
-    torch_dtypes = {k: getattr(torch, v[0]) for k, v in DTYPES.items() if k in FLOAT_DTYPES}
     weight_map: dict[str, str] = {}
     total = 0
     counts = {"merged": 0, "copied": 0, "converted": 0, "rounded": 0}
@@ -102,24 +138,10 @@ def stream_merge(
         by_file.setdefault(info.file, []).append(info)
 
     def load(info: Any, fh: Any) -> Any:
-        return plan.replace[info.name] if info.name in plan.replace else read_tensor(info, fh)
+        return source_tensor(plan, info, fh)
 
     def compute(info: Any, entry: OutEntry, src: Any) -> Any:
-        if entry.dtype not in FLOAT_DTYPES:
-            return src
-        w = src.to(torch.float32, copy=True)
-        del src
-        if qlora is not None and q4.applies(info.name, info.shape) and info.name not in plan.replace:
-            w = q4.roundtrip(w, qlora)
-            counts["rounded"] += 1
-        ops = plan.ops.get(info.name, [])
-        apply_ops(w, ops)
-        for op in plan.bias_adds.get(info.name, []):
-            w.add_(op.bias.float(), alpha=op.scaling)
-        if ops and not math.isfinite(float(w.sum())):  # NaN/inf anywhere makes the sum non-finite
-            raise ValueError(f"merging produced NaN/inf in {info.name}: the adapter seems broken")
-        counts["merged" if ops or info.name in plan.bias_adds else "converted"] += 1
-        return w.to(torch_dtypes[entry.dtype])
+        return merge_tensor(plan, info, entry.dtype, src, qlora, counts)
 
     with (
         ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
@@ -128,7 +150,7 @@ def stream_merge(
         for shard in plan.shards:
             infos = sorted(by_file.get(shard, []), key=lambda t: (t.start, t.name in plan.added))
             entries = [OutEntry(t.name, out_dtype_of(t.dtype, target_dtype), t.shape) for t in infos]
-            work = [_needs_work(plan, i, e, qlora) for i, e in zip(infos, entries)]
+            work = [needs_work(plan, i, e, qlora) for i, e in zip(infos, entries)]
             todo = [k for k, w in enumerate(work) if w]
             writer = StreamingWriter(out_dir / shard.name, entries)
             pending: Future | None = None

@@ -1,0 +1,246 @@
+"""Merge straight into GGUF (`merge.fused_convert: true`): llama.cpp's converter reads the base through a tensor
+source that applies the adapter as it reads, so the F16/BF16 GGUF is written in one pass with no merged/ on disk.
+
+Why: merge-then-convert reads the base, writes a merged safetensors copy, reads that copy back in the converter
+and writes the GGUF: the model's bytes cross the disk twice more than needed (about 30 GB for a 7B bf16 model).
+
+How, in three pieces:
+- The merge stage checks everything as usual (tasks/merge/plan.py; the logit check builds the merged model in
+  memory) and writes merged/ with the config, tokenizer and chat template the merged model has, plus a
+  `fused.json` recipe (this module's `FusedRecipe`: the base folder and its fingerprint, the adapter and its
+  digest, the output dtype, the QLoRA choice) instead of the weights.
+- The convert stage sees the recipe and gives the converter a folder of links (`converter_folder`): the recipe's
+  side files and the base's safetensors shards.
+- In the converter's process (tasks/gguf/convert_entry.py --fused), `install` replaces gguf-py's
+  `SafetensorsLocal` (the converter's one reader of local safetensors files, behind ModelBase.index_tensors) by
+  a subclass whose tensors the merge changes are computed on demand by `merge_tensor`, the streaming merge's
+  own function (float32, rounded once to the dtype merged/ would hold), and checked row by row against the base
+  and adapter files (tasks/merge/tensor_check.py). Untouched tensors stay the converter's memory maps. The
+  converter itself is unmodified: it gets the same tensors, names, dtypes and order it would read from the
+  streaming-merged folder, so the GGUF's tensor data is byte-identical (tests/test_fused.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.core.errors import PermanentError
+from tasks.merge.plan import WEIGHTS_INDEX, MergePlan, build_plan, load_adapter, out_dtype_of, read_json
+from tasks.merge.qlora import QLoraFormat
+from tasks.merge.safetensors_io import TensorInfo
+
+log = logging.getLogger("loraship.merge")
+
+RECIPE_FILE = "fused.json"
+#: A line the converter's process prints when the per-tensor check fails (the stage's error quotes it).
+CHECK_FAILED = "LORASHIP_FUSED_CHECK_FAILED"
+
+
+class FusedRecipe(BaseModel):
+    """What the convert stage needs to merge while converting: written by the merge stage as merged/fused.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_dir: str  # the resolved local folder of the base (a Hub snapshot included)
+    base_key: str  # the base's fingerprint when the merge stage ran (tasks/merge/stage.py: base_fingerprint)
+    adapter_dir: str
+    adapter_sha256: str
+    dtype: str  # torch dtype name merged/ would have been written in
+    target_st: str | None  # safetensors dtype every float tensor is cast to; None: keep each tensor's
+    qlora: QLoraFormat | None = None
+    check: bool = True  # run the per-tensor check on every tensor the converter reads
+    verify_rows: int = 8
+
+    def write(self, folder: Path) -> Path:
+        path = folder / RECIPE_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> FusedRecipe:
+        path = folder / RECIPE_FILE
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise PermanentError(f"{path} is missing", hint="re-run the merge stage") from None
+        except ValueError as exc:
+            raise PermanentError(
+                f"{path} is not a fused-convert recipe ({exc})", hint="re-run the merge stage"
+            ) from None
+
+
+def is_fused(folder: Path) -> bool:
+    """merged/ holds a recipe instead of weights (merge.fused_convert)."""
+    return (folder / RECIPE_FILE).is_file() and not any(folder.glob("*.safetensors"))
+
+
+def plan_of(recipe: FusedRecipe) -> MergePlan:
+    """The merge plan again, from the files the recipe names (cheap: the adapter and the base's headers)."""
+    base_dir, adapter_dir = Path(recipe.base_dir), Path(recipe.adapter_dir)
+    for what, folder in (("base model", base_dir), ("adapter", adapter_dir)):
+        if not folder.is_dir():
+            raise PermanentError(
+                f"the fused convert reads the {what} from {folder}, which is gone",
+                hint="re-run the merge stage (it records where the base and the adapter are)",
+            )
+    adapter_cfg, tensors = load_adapter(adapter_dir)
+    return build_plan(base_dir, read_json(base_dir / "config.json"), adapter_cfg, tensors)
+
+
+@contextlib.contextmanager
+def converter_folder(recipe_dir: Path, plan: MergePlan | None = None) -> Iterator[Path]:
+    """A temporary folder the converter reads as the merged model: links to the recipe folder's files (config,
+    tokenizer, chat template) and to the base's safetensors shards, and the index merged/ would have (with an
+    untied lm_head in it)."""
+    recipe = FusedRecipe.read(recipe_dir)
+    plan = plan or plan_of(recipe)
+    with tempfile.TemporaryDirectory(prefix="loraship-fused-") as tmpd:
+        view = Path(tmpd) / recipe_dir.name
+        view.mkdir()
+        for p in recipe_dir.iterdir():
+            if p.is_file() and p.name != RECIPE_FILE:
+                (view / p.name).symlink_to(p.resolve())
+        for shard in plan.shards:
+            (view / shard.name).symlink_to(shard.resolve())
+        if plan.indexed:
+            weight_map = {name: info.file.name for name, info in plan.output_tensors().items()}
+            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+            (view / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        yield view
+
+
+class FusedSource:
+    """Merged tensors made on demand, in the output dtype merged/ would hold, each checked as it is made."""
+
+    def __init__(self, recipe: FusedRecipe, plan: MergePlan | None = None) -> None:
+        from tasks.merge.backends.streaming import needs_work
+        from tasks.merge.safetensors_io import OutEntry
+        from tasks.merge.tensor_check import TensorVerifier
+
+        self.recipe = recipe
+        self.plan = plan or plan_of(recipe)
+        self.verifier = TensorVerifier(self.plan, recipe.qlora, recipe.verify_rows) if recipe.check else None
+        self.counts = {"merged": 0, "converted": 0, "rounded": 0, "checked": 0, "untouched": 0}
+        self.results: list[Any] = []
+        self.made: set[str] = set()
+        self.seconds = 0.0
+        self._handles: dict[Path, Any] = {}
+        self.by_shard: dict[str, list[TensorInfo]] = {}
+        self.work: dict[str, str] = {}  # tensor -> output dtype, for those the merge changes (or casts)
+        for info in self.plan.output_tensors().values():
+            self.by_shard.setdefault(info.file.name, []).append(info)
+            dtype = out_dtype_of(info.dtype, recipe.target_st)
+            if needs_work(self.plan, info, OutEntry(info.name, dtype, info.shape), recipe.qlora):
+                self.work[info.name] = dtype
+
+    def _fh(self, path: Path) -> Any:
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")
+        return self._handles[path]
+
+    def produce(self, name: str) -> Any:
+        """The merged tensor `name` (HF layout, output dtype); raises naming the tensor when the check fails."""
+        from tasks.merge.backends.streaming import merge_tensor, source_tensor
+
+        started = time.monotonic()
+        info = self.plan.output_tensors()[name]
+        out = merge_tensor(self.plan, info, self.work[name], source_tensor(self.plan, info, self._fh(info.file)))
+        self.counts["merged" if name in self.plan.ops or name in self.plan.bias_adds else "converted"] += 1
+        if self.verifier is not None:
+            result = self.verifier.check_tensor(name, out)
+            self.results.append(result)
+            self.counts["checked"] += 1
+            if not result.ok:
+                raise RuntimeError(f"{CHECK_FAILED}: {name}: {result.detail}")
+        self.made.add(name)
+        self.seconds += time.monotonic() - started
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """What the fused convert did and what its check found (the convert stage reads it; goes into meta)."""
+        worst = max(self.results, key=lambda r: r.max_ulps, default=None)
+        failed = [r for r in self.results if not r.ok]
+        return {
+            "tensors_merged": self.counts["merged"],
+            "tensors_converted": self.counts["converted"],
+            "changed_not_read": sorted(set(self.work) - self.made),
+            "merge_seconds": round(self.seconds, 3),
+            "tensor_check": None
+            if self.verifier is None
+            else {
+                "tensors_checked": len(self.results),
+                "rows_checked": sum(r.rows for r in self.results),
+                "worst_tensor": worst.name if worst else None,
+                "max_err_ulps": round(worst.max_ulps, 3) if worst else 0.0,
+                "failed": [f"{r.name}: {r.detail}" for r in failed[:5]],
+            },
+        }
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+        if self.verifier is not None:
+            self.verifier.close()
+
+
+def install(source: FusedSource, utility: Any) -> None:
+    """Make gguf-py's `SafetensorsLocal` (module `utility`, the converter's own gguf-py) read through `source`.
+
+    The subclass keeps upstream's header parsing and memory maps, swaps in a `LocalTensor` whose `mmap_bytes()`
+    computes the merged tensor for each tensor the merge changes, adds tensors the merge adds (an untied
+    lm_head, in its embedding's shard) and keeps upstream's order (by name).
+    """
+    base_cls, local_tensor, tensor_range = utility.SafetensorsLocal, utility.LocalTensor, utility.LocalTensorRange
+
+    class MergedTensor(local_tensor):  # type: ignore[misc, valid-type]
+        def mmap_bytes(self) -> Any:
+            import torch
+
+            out = source.produce(self.merged_name)
+            return out.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    def merged(info: TensorInfo) -> Any:
+        t = MergedTensor(
+            dtype=source.work[info.name], shape=info.shape, data_range=tensor_range(info.file, info.start, info.nbytes)
+        )
+        t.merged_name = info.name
+        return t
+
+    class MergedSafetensors(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, filename: Path) -> None:
+            super().__init__(filename)
+            infos = source.by_shard.get(Path(filename).name)
+            if infos is None:
+                return  # not one of the base's shards (e.g. another model's file): upstream's reading
+            tensors = dict(self.tensors)
+            for info in infos:
+                if info.name in source.work:
+                    tensors[info.name] = merged(info)
+                    continue
+                source.counts["untouched"] += 1
+                if info.name not in tensors:  # added, unchanged: an untied lm_head is the embedding's bytes
+                    rng = tensor_range(info.file, info.start, info.nbytes)
+                    tensors[info.name] = local_tensor(dtype=info.dtype, shape=info.shape, data_range=rng)
+            self.tensors = dict(sorted(tensors.items(), key=lambda t: t[0]))
+
+    utility.SafetensorsLocal = MergedSafetensors
+
+
+def merged_state(plan: MergePlan, target_st: str | None, qlora: QLoraFormat | None = None) -> dict[str, Any]:
+    """Every tensor merged/ would hold, made in memory (the fused path's logit check on a small base)."""
+    from tasks.merge.backends.streaming import merge_tensor, source_tensor
+
+    return {
+        name: merge_tensor(plan, info, out_dtype_of(info.dtype, target_st), source_tensor(plan, info), qlora)
+        for name, info in plan.output_tensors().items()
+    }

@@ -1,0 +1,162 @@
+"""merge.fused_convert: llama.cpp's real converter reading the base through the fused tensor source.
+
+The claim under test: the fused GGUF's tensors (names, order, types, shapes, bytes) are exactly those of
+converting the streaming-merged folder, on the Llama and Qwen2 fixtures, with tied embeddings, modules_to_save,
+DoRA and rsLoRA; merged/ then holds no weights; the merge verification still runs (the logit check in the merge
+stage, the per-tensor check in the converter's process, which fails the stage on a wrong tensor).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.core.errors import PermanentError
+from tasks.gguf.convert import ConvertSettings, convert
+from tasks.merge.fused import RECIPE_FILE, FusedRecipe, FusedSource, is_fused
+from tasks.merge.stage import MergeSettings, merge
+from tests.merge_helpers import as_artifact, peft_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def _tensors(path: Path) -> list[tuple[str, int, tuple[int, ...], bytes]]:
+    from gguf import GGUFReader
+
+    return [
+        (t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), bytes(t.data.tobytes()))
+        for t in GGUFReader(path).tensors
+    ]
+
+
+def _both(base: Path, adapter: Path, tmp: Path, vocab_pre: str | None = None, **merge_kw):
+    """(streaming merged/ artifact, its GGUF, fused merged/ artifact, fused GGUF)."""
+    settings = MergeSettings(base_model=str(base), **merge_kw)
+    conv = ConvertSettings(vocab_pre=vocab_pre, check_tokenizer=False)
+    a = as_artifact(adapter)
+    merged = merge(a, settings, tmp / "s" / "merged", base_key="k")
+    gguf = convert(merged, conv, tmp / "s" / "gguf", "m")
+    recipe = merge(
+        a, settings.model_copy(update={"fused_convert": True}), tmp / "f" / "merged", base_key="k", fused=True
+    )
+    fused = convert(recipe, conv, tmp / "f" / "gguf", "m")
+    return merged, gguf, recipe, fused
+
+
+def _assert_identical(gguf, fused) -> None:
+    want, got = _tensors(Path(gguf.path)), _tensors(Path(fused.path))
+    assert [t[:3] for t in got] == [t[:3] for t in want]  # same tensors, order, types, shapes
+    differ = [w[0] for w, g in zip(want, got) if w[3] != g[3]]
+    assert not differ, f"tensor data differs: {differ[:5]}"
+
+
+def _assert_fused_record(recipe, fused, merged) -> None:
+    folder = Path(recipe.path)
+    assert is_fused(folder) and not list(folder.glob("*.safetensors"))
+    weights = sum(f.size for f in merged.files if f.path.endswith((".safetensors", ".index.json")))
+    assert 0 < recipe.size - (merged.size - weights) < 4096  # the same side files and the recipe, no weights
+    r = FusedRecipe.read(folder)
+    assert r.adapter_sha256 == merged.inputs["adapter"] and r.base_key == "k"
+    assert recipe.meta["fused_convert"] and recipe.meta["verify_passed"]  # the logit check ran, in memory
+    assert recipe.meta["max_abs_logit_diff"] == pytest.approx(merged.meta["max_abs_logit_diff"], abs=1e-5)
+    check = fused.meta["fused"]["tensor_check"]
+    assert check["tensors_checked"] == fused.meta["fused"]["tensors_merged"] + fused.meta["fused"]["tensors_converted"]
+    assert check["tensors_checked"] > 0 and not check["failed"] and not fused.meta["fused"]["changed_not_read"]
+    assert fused.inputs == {"merged": recipe.sha256}  # lineage: made from this run's recipe
+
+
+def test_llama_with_dora_is_byte_identical(llama_base, tmp_path):
+    adapter = peft_adapter(
+        llama_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True
+    )
+    merged, gguf, recipe, fused = _both(llama_base, adapter, tmp_path)
+    _assert_identical(gguf, fused)
+    _assert_fused_record(recipe, fused, merged)
+    assert recipe.meta["use_dora"]
+
+
+def test_qwen2_with_rslora_and_modules_to_save_is_byte_identical(qwen2_base, tmp_path):
+    from tasks.support.tiny_models import tiny_adapter
+
+    adapter = tiny_adapter(qwen2_base, r=4, alpha=16, use_rslora=True, modules_to_save=["lm_head"])
+    merged, gguf, recipe, fused = _both(qwen2_base, adapter, tmp_path, vocab_pre="qwen2")
+    _assert_identical(gguf, fused)
+    _assert_fused_record(recipe, fused, merged)
+    assert recipe.meta["use_rslora"] and recipe.meta["modules_to_save"] == ["lm_head"]
+
+
+def test_tied_embeddings_untied_by_the_adapter_are_byte_identical(tmp_path):
+    """A LoRA on the tied head: the fused source adds lm_head (it is in no base file) in the embedding's shard."""
+    from tasks.support.tiny_models import tiny_model
+
+    base = tiny_model("llama", hidden=256, tie=True)
+    adapter = peft_adapter(base, tmp_path / "head", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    merged, gguf, recipe, fused = _both(base, adapter, tmp_path, dtype="bfloat16")
+    _assert_identical(gguf, fused)
+    _assert_fused_record(recipe, fused, merged)
+    assert (
+        recipe.meta["untied_head"]
+        and json.loads((Path(recipe.path) / "config.json").read_text())["tie_word_embeddings"] is False
+    )
+    assert "output.weight" in {t[0] for t in _tensors(Path(fused.path))}
+
+
+def test_a_wrong_merged_tensor_fails_the_check(llama_base, llama_adapter, tmp_path, monkeypatch):
+    """The per-tensor check recomputes rows from the files: a source that drops the update is caught, by name."""
+    from tasks.merge.backends import streaming
+
+    recipe = merge(
+        as_artifact(llama_adapter),
+        MergeSettings(base_model=str(llama_base), fused_convert=True, verify="never"),
+        tmp_path / "merged",
+        fused=True,
+    )
+    folder = Path(recipe.path)
+    data = json.loads((folder / RECIPE_FILE).read_text())
+    (folder / RECIPE_FILE).write_text(json.dumps({**data, "check": True}))
+    source = FusedSource(FusedRecipe.read(folder))
+    name = next(iter(source.plan.ops))
+    assert source.produce(name) is not None  # the real merge passes
+    real = streaming.merge_tensor
+    monkeypatch.setattr(
+        streaming, "merge_tensor", lambda plan, info, dtype, src, *a, **k: real(plan, info, dtype, src).mul(1.01)
+    )
+    with pytest.raises(RuntimeError, match=f"LORASHIP_FUSED_CHECK_FAILED: {name}"):
+        source.produce(name)
+    source.close()
+
+
+def test_missing_base_is_named_before_the_converter(llama_base, llama_adapter, tmp_path):
+    from tasks.support.tiny_models import copy_tree
+
+    base = copy_tree(llama_base, tmp_path / "base")
+    recipe = merge(
+        as_artifact(llama_adapter),
+        MergeSettings(base_model=str(base), fused_convert=True, verify="never"),
+        tmp_path / "merged",
+        fused=True,
+    )
+    import shutil
+
+    shutil.rmtree(base)
+    with pytest.raises(PermanentError, match="reads the base model from .*which is gone"):
+        convert(recipe, ConvertSettings(check_tokenizer=False), tmp_path / "gguf", "m")
+
+
+def test_fused_convert_needs_the_streaming_backend():
+    with pytest.raises(ValueError, match="merge.fused_convert.*merge.backend is peft"):
+        MergeSettings(backend="peft", fused_convert=True)
+
+
+def test_merged_weights_are_written_when_a_later_stage_needs_them():
+    from flows.config import parse_config
+    from flows.runners import merged_weights_needed
+
+    cfg = parse_config(
+        {"model": {"name": "m"}, "source": {"kind": "local", "path": "/tmp/a"}, "merge": {"fused_convert": True}}
+    )
+    assert merged_weights_needed(cfg) is None
+    cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"include_merged": True})})
+    assert merged_weights_needed(cfg) == "hub.include_merged"
