@@ -79,8 +79,8 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
 def merged_weights_needed(config: Any) -> str | None:
     """Which setting needs merged/'s safetensors after convert (so merge.fused_convert still writes them), or None.
 
-    Today hub.include_merged; a merged-model repo (hub.repos), a transformers Space or a transformers serving
-    engine are read by name when their settings exist."""
+    hub.include_merged, a Space template that runs from the merged repo; a merged-model repo (hub.repos) and a
+    transformers serving engine are read by name when their settings exist."""
     hub = config.hub
     if getattr(hub, "include_merged", False):
         return "hub.include_merged"
@@ -90,9 +90,15 @@ def merged_weights_needed(config: Any) -> str | None:
             return "hub.repos (a merged repo)"
     if str(getattr(config.serving, "engine", "") or "") == "transformers":
         return "serving.engine: transformers"
-    space = getattr(config, "space", None)
-    if space is not None and getattr(space, "enabled", True) and "transformers" in str(getattr(space, "template", "")):
-        return f"space.template: {space.template}"
+    template = str(getattr(getattr(config, "space", None), "template", "") or "")
+    if template and template != "auto":
+        from tasks.publish.space_templates import SPACE_TEMPLATES
+
+        try:
+            if SPACE_TEMPLATES[template].manifest.runs_from == "merged":
+                return f"space.template: {template}"
+        except KeyError:
+            pass
     return None
 
 

@@ -160,3 +160,10 @@ def test_merged_weights_are_written_when_a_later_stage_needs_them():
     assert merged_weights_needed(cfg) is None
     cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"include_merged": True})})
     assert merged_weights_needed(cfg) == "hub.include_merged"
+    cfg = parse_config({"model": {"name": "m"}, "source": {"kind": "local", "path": "/tmp/a"}})
+    assert (
+        merged_weights_needed(cfg.model_copy(update={"space": cfg.space.model_copy(update={"template": "gguf_chat"})}))
+        is None
+    )
+    space = cfg.space.model_copy(update={"template": "transformers_chat"})
+    assert merged_weights_needed(cfg.model_copy(update={"space": space})) == "space.template: transformers_chat"
