@@ -42,6 +42,7 @@ from tasks.core.run import RunFolder, manifest_table  # noqa: E402
 from tasks.core.runlock import RUN_FOLDER_HOOKS, open_run_folder  # noqa: E402
 from tasks.core.runlog import RUN_LOG_HOOKS, current_run_logs, open_run_logs, stage_context, stage_failed  # noqa: E402
 from tasks.core.scrub import scrub  # noqa: E402
+from tasks.core.ui import artifact_key, publish_table  # noqa: E402
 from tasks.core.vocab import Stage, StageStatus  # noqa: E402
 
 
@@ -363,18 +364,10 @@ def _run_cleanups(ctx: RunContext) -> None:
 
 
 def _publish_summary_artifacts(summary: RunSummary) -> None:
-    """The manifest as a table in the Prefect UI (best effort: the run's result does not depend on it)."""
-    try:
-        from prefect.artifacts import create_table_artifact
-
-        create_table_artifact(
-            key=f"manifest-{_artifact_key(summary.model)}",
-            table=summary.artifacts or [{"artifact": "(none)"}],
-            description=f"Artifacts of {summary.model} {summary.version}: {summary.manifest}",
-        )
-        publish_summary_markdown(summary, _artifact_key(summary.model))
-    except Exception as exc:  # pragma: no cover - UI nicety
-        logging.getLogger("loraship").debug("no table artifact: %s", exc)
+    """The manifest as a table and the summary as markdown in the Prefect UI (best effort: tasks/core/ui.py)."""
+    description = f"Artifacts of {summary.model} {summary.version}: {summary.manifest}"
+    publish_table(artifact_key("manifest", summary.model), summary.artifacts or [{"artifact": "(none)"}], description)
+    publish_summary_markdown(summary, artifact_key(summary.model))
 
 
 def _runner_phrase(info: dict[str, Any]) -> str:
@@ -386,10 +379,6 @@ def _runner_phrase(info: dict[str, Any]) -> str:
         parts.append(f"{len(info['workers'])} worker(s)")
     detail = ", ".join(p for p in parts if p)
     return f"on {info['runner']}" + (f" ({detail})" if detail else "")
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "model"
 
 
 def format_summary(summary: RunSummary) -> str:

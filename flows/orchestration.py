@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from flows.notifications import release_lines
 from flows.stages import HEAVY_STAGES
 from flows.summary import RunSummary
+from tasks.core.ui import artifact_key, publish_markdown
 
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
@@ -122,13 +123,5 @@ def summary_markdown(summary: RunSummary) -> str:
 
 def publish_summary_markdown(summary: RunSummary, key: str) -> None:
     """The run summary (stages, links) as a markdown artifact in the Prefect UI; best effort."""
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(
-            key=f"summary-{key}",
-            markdown=summary_markdown(summary),
-            description=f"loraship run summary of {summary.model} {summary.version}",
-        )
-    except Exception as exc:  # pragma: no cover - UI nicety
-        log.debug("no markdown artifact: %s", exc)
+    description = f"loraship run summary of {summary.model} {summary.version}"
+    publish_markdown(artifact_key("summary", key), summary_markdown(summary), description)

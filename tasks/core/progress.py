@@ -1,4 +1,4 @@
-"""Progress of long work: a Prefect progress artifact in the UI and a tqdm bar on the terminal.
+"""Progress of long work: a Prefect progress artifact in the UI (tasks/core/ui.py) and a tqdm bar on the terminal.
 
 Plain stage functions accept an optional `Progress`; outside a Prefect run it only draws the bar (or
 nothing when stderr is not a terminal), so the functions stay testable without Prefect.
@@ -10,6 +10,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from tasks.core.ui import create_progress, update_progress
 
 log = logging.getLogger("loraship.progress")
 
@@ -32,7 +34,7 @@ class Progress:
                 self._bar = tqdm(total=total, desc=description, unit=unit, unit_scale=True, leave=False)
             except Exception:  # pragma: no cover
                 self._bar = None
-        self._artifact_id = _create_ui_progress(description)
+        self._artifact_id = create_progress(description)
 
     def update_to(self, done: float) -> None:
         delta = done - self.done
@@ -42,7 +44,7 @@ class Progress:
         now = time.monotonic()
         if self._artifact_id is not None and (now - self._last_ui >= self.min_interval or done >= self.total):
             self._last_ui = now
-            _update_ui_progress(self._artifact_id, 100.0 * min(done / self.total, 1.0))
+            update_progress(self._artifact_id, 100.0 * min(done / self.total, 1.0))
 
     def advance(self, amount: float) -> None:
         self.update_to(self.done + amount)
@@ -60,33 +62,3 @@ class Progress:
             self.close()
         elif self._bar is not None:
             self._bar.close()
-
-
-def _in_prefect_run() -> bool:
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-
-        return TaskRunContext.get() is not None or FlowRunContext.get() is not None
-    except Exception:
-        return False
-
-
-def _create_ui_progress(description: str) -> Any:
-    if not _in_prefect_run():
-        return None
-    try:
-        from prefect.artifacts import create_progress_artifact
-
-        return create_progress_artifact(progress=0.0, description=description)
-    except Exception as exc:  # the UI is a nicety: never fail the work for it
-        log.debug("no progress artifact: %s", exc)
-        return None
-
-
-def _update_ui_progress(artifact_id: Any, percent: float) -> None:
-    try:
-        from prefect.artifacts import update_progress_artifact
-
-        update_progress_artifact(artifact_id=artifact_id, progress=percent)
-    except Exception as exc:
-        log.debug("progress update failed: %s", exc)

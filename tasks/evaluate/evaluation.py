@@ -36,6 +36,7 @@ from tasks.core.hashing import digest_of
 from tasks.core.progress import Progress
 from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.ui import artifact_key, publish_table
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
@@ -293,24 +294,6 @@ def plot(table: dict[str, dict[str, Any]], path: Path, model: str) -> None:
     plt.close(fig)
 
 
-def _publish_table(model: str, table: dict[str, dict[str, Any]]) -> None:
-    try:
-        from tasks.core.progress import _in_prefect_run
-
-        if not _in_prefect_run():
-            return
-        from prefect.artifacts import create_table_artifact
-
-        key = "eval-" + "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-        create_table_artifact(
-            key=key,
-            table=[{"quant": q, **row} for q, row in table.items()],
-            description=f"Quantization comparison of {model}",
-        )
-    except Exception as exc:  # the UI is a nicety
-        log.debug("no table artifact: %s", exc)
-
-
 def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model: str) -> Artifact:
     """Evaluate every GGUF; write out_dir/{eval.json,eval.md,quality_vs_size.png}; return `report:eval`."""
     if not ggufs:
@@ -338,7 +321,8 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "eval.md").write_text(md)
         plot(table, tmp / "quality_vs_size.png", model)
-    _publish_table(model, table)
+    rows = [{"quant": q, **row} for q, row in table.items()]
+    publish_table(artifact_key("eval", model), rows, f"Quantization comparison of {model}")
     return Artifact.from_path(
         out_dir,
         name="report:eval",

@@ -27,6 +27,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
 from tasks.core.settings import SecretRef, StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.ui import artifact_key, publish_markdown
 from tasks.core.vocab import ArtifactKind, Stage
 
 STAGE = Stage.HEALTH
@@ -322,24 +323,6 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_markdown(key: str, markdown: str, description: str) -> None:
-    """A Prefect markdown artifact (best effort: outside a run, or without an API, nothing happens)."""
-    try:
-        from tasks.core.progress import _in_prefect_run
-
-        if not _in_prefect_run():
-            return
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(
-            key="".join(c if c.isalnum() else "-" for c in key.lower()).strip("-"),
-            markdown=markdown,
-            description=description,
-        )
-    except Exception as exc:  # the UI is a nicety
-        log.debug("no markdown artifact: %s", exc)
-
-
 def health(
     settings: HealthSettings,
     out_dir: Path,
@@ -357,7 +340,7 @@ def health(
         (tmp / "health.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "health.md").write_text(to_markdown(report))
     publish_markdown(
-        f"health-{report['model_id'] or 'model'}",
+        artifact_key("health", report["model_id"] or "model"),
         to_markdown(report),
         f"Health of {report['model_id']} at {report['base_url']}: {report['verdict']}",
     )
