@@ -12,10 +12,12 @@ module-level helpers of huggingface_hub read HF_ENDPOINT once, at import time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +93,32 @@ def translate(
     return PermanentError(f"{what} {repo_id}: {type(exc).__name__}: {detail}")
 
 
+@contextlib.contextmanager
+def translated(what: str, repo_id: str, *, token: str | None = None, repo_type: str = "model") -> Iterator[None]:
+    """Run the block's Hub calls with their failures raised as pipeline errors (`translate`), token scrubbed."""
+    try:
+        yield
+    except Exception as exc:
+        raise translate(exc, what=what, repo_id=repo_id, token=token, repo_type=repo_type) from exc
+
+
+def hub_caller(repo_id: str, *, token: str | None, repo_type: str = "model") -> Callable[..., Any]:
+    """`call(what, fn, *args, **kwargs)`: `fn(*args, **kwargs)` on `repo_id`, its failure translated as above.
+
+    The one wrapper every publishing stage uses around huggingface_hub calls, so a 401/403/404/5xx means the
+    same thing (and says the same thing) wherever it happens."""
+
+    def call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with translated(what, repo_id, token=token, repo_type=repo_type):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def whoami(api: Any, token: str) -> dict[str, Any]:
     """The token's user, checked once before any upload (a bad token fails here, not mid-upload)."""
-    try:
+    with translated("whoami", "(token check)", token=token):
         return api.whoami(token=token)
-    except Exception as exc:
-        raise translate(exc, what="whoami", repo_id="(token check)", token=token) from exc
 
 
 def validate_card_remote(api: Any, content: str, token: str | None, repo_type: str = "model") -> None:
@@ -117,10 +139,8 @@ def validate_card_remote(api: Any, content: str, token: str | None, repo_type: s
             f"the Hub rejected the model card's metadata: {errors}",
             hint="fix the card template or the card settings (license, language, tags)",
         )
-    try:
+    with translated("validate card for", "(card)", token=token):
         hf_raise_for_status(resp)
-    except Exception as exc:
-        raise translate(exc, what="validate card for", repo_id="(card)", token=token) from exc
     for w in body.get("warnings", []):
         log.warning("model card: %s", w.get("message"))
 
@@ -141,14 +161,9 @@ def git_blob_sha1(path: Path) -> str:
 def remote_files(api: Any, repo_id: str, token: str, repo_type: str = "model") -> dict[str, Any]:
     from huggingface_hub.hf_api import RepoFile
 
-    try:
-        return {
-            f.path: f
-            for f in api.list_repo_tree(repo_id, recursive=True, token=token, repo_type=repo_type)
-            if isinstance(f, RepoFile)
-        }
-    except Exception as exc:
-        raise translate(exc, what="list files of", repo_id=repo_id, token=token, repo_type=repo_type) from exc
+    with translated("list files of", repo_id, token=token, repo_type=repo_type):
+        tree = api.list_repo_tree(repo_id, recursive=True, token=token, repo_type=repo_type)
+        return {f.path: f for f in tree if isinstance(f, RepoFile)}
 
 
 def _unchanged(local: Path, sha256: str, remote: Any) -> bool:
@@ -188,11 +203,7 @@ def push_folder(
     known = known or {}
     api = hub_api(endpoint, token)
 
-    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        try:
-            return fn(*a, **kw)
-        except Exception as exc:
-            raise translate(exc, what=what, repo_id=repo_id, token=token, repo_type=repo_type) from exc
+    call = hub_caller(repo_id, token=token, repo_type=repo_type)
 
     url = str(
         call(
@@ -298,14 +309,13 @@ def published_before(
     if not name:
         return []
     with tempfile.TemporaryDirectory(prefix="loraship-owned-") as tmp:
-        try:
+        with translated(f"read {name} of", repo_id, token=token, repo_type=repo_type):
             path = api.hf_hub_download(repo_id, name, repo_type=repo_type, token=token, cache_dir=tmp)
+        try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except ValueError:
             log.warning("%s in %s is not JSON: no earlier files are removed", name, repo_id)
             return []
-        except Exception as exc:
-            raise translate(exc, what=f"read {name} of", repo_id=repo_id, token=token, repo_type=repo_type) from exc
     files = data.get("published_files") if isinstance(data, dict) else None
     return [str(f) for f in files] if isinstance(files, list) else []
 

@@ -33,7 +33,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
-from tasks.publish.hub_io import hub_api, push_folder, translate, whoami
+from tasks.publish.hub_io import hub_api, hub_caller, push_folder, whoami
 from tasks.publish.secret_scan import refuse_secrets
 from tasks.publish.space_templates import (
     AUTO,
@@ -184,11 +184,7 @@ def wait_until_running(
 ) -> dict[str, Any]:
     """Poll the runtime until RUNNING; stream build logs; restart on errors up to max_restarts."""
 
-    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        try:
-            return fn(*a, **kw)
-        except Exception as exc:
-            raise translate(exc, what=what, repo_id=space_id, token=token, repo_type="space") from exc
+    call = hub_caller(space_id, token=token, repo_type="space")
 
     started = time.monotonic()
     restarts = 0
@@ -352,11 +348,7 @@ def space(
             model_file,
         )
 
-    def call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        try:
-            return fn(*a, **kw)
-        except Exception as exc:
-            raise translate(exc, what=what, repo_id=space_id, token=secret, repo_type="space") from exc
+    call = hub_caller(space_id, token=secret, repo_type="space")
 
     result = push_folder(
         folder,
