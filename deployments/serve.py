@@ -1,6 +1,6 @@
 """One host, no worker: serve the loraship deployments from this process (`prefect.serve`).
 
-    python -m deployments.serve                      # all three, as defined in deployments/prefect.yaml
+    python -m deployments.serve                      # all of them, as defined in deployments/prefect.yaml
     python -m deployments.serve --cron "30 2 * * *"  # another time for the nightly health + eval
 
 The deployments (names, parameters, schedule, the `training.completed` trigger with its templated
@@ -61,7 +61,11 @@ def build_deployments(
             from prefect.schedules import Cron
 
             kwargs["schedules"] = [
-                Cron(cron or s["cron"], timezone=s.get("timezone") or "UTC", active=s.get("active", True))
+                Cron(
+                    (cron if spec["name"] == "loraship-nightly-health" else None) or s["cron"],
+                    timezone=s.get("timezone") or "UTC",
+                    active=s.get("active", True),
+                )
                 for s in schedules[:1]
             ]
         triggers = []

@@ -69,6 +69,8 @@ class Repo:
     sleep_time: int | None = None
     stage: str = "NO_APP_FILE"
     restarts: int = 0
+    volumes: list[dict[str, Any]] | None = None  # Space volumes (Storage Buckets mounted, e.g. at /data)
+    duplicated_from: str | None = None
 
     @property
     def head(self) -> Commit | None:
@@ -101,6 +103,9 @@ class HubState:
         self.faults: list[dict[str, Any]] = []
         self.runtime_script: dict[str, list[str]] = {}
         self.build_logs: dict[str, list[str]] = {}
+        # run logs as (timestamp ISO 8601, line); default: the stage line Spaces' log would show
+        self.run_logs: dict[str, list[tuple[str, str]]] = {}
+        self.buckets: dict[str, dict[str, Any]] = {}  # Storage Buckets by id: {private}
         self.pending_lfs: dict[str, int] = {}
 
     # --- test controls ---------------------------------------------------------------------------
@@ -332,8 +337,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._create_repo(data or {})
             if path == "/api/validate-yaml" and method == "POST":
                 return self._validate_yaml(data or {})
+            m = re.match(r"^/api/buckets/([^/]+)/([^/]+)$", path)
+            if m:
+                return self._bucket(method, f"{m.group(1)}/{m.group(2)}", data or {})
+            m = re.match(r"^/api/spaces/([^/]+/[^/]+)/duplicate$", path)
+            if m and method == "POST":
+                return self._duplicate(m.group(1), data or {})
             m = re.match(
-                r"^/api/spaces/([^/]+/[^/]+)/(secrets|variables|hardware|sleeptime|restart|pause|runtime|logs/build|logs/run)$",
+                r"^/api/spaces/([^/]+/[^/]+)/"
+                r"(secrets|variables|hardware|sleeptime|restart|pause|runtime|volumes|logs/build|logs/run)$",
                 path,
             )
             if m:
@@ -643,7 +655,8 @@ class Handler(BaseHTTPRequestHandler):
                 "requested": repo.requested_hardware or repo.hardware,
             },
             "gcTimeout": repo.sleep_time,
-            "storage": None,
+            "storage": None,  # the discontinued persistent storage tiers; Storage Buckets are volumes now
+            "volumes": repo.volumes,
             "replicas": {"current": 1, "requested": 1},
         }
 
@@ -690,6 +703,15 @@ class Handler(BaseHTTPRequestHandler):
             repo.stage = "BUILDING"
         elif what == "pause" and method == "POST":
             repo.stage = "PAUSED"
+        elif what == "volumes" and method == "PUT":
+            for vol in data.get("volumes") or []:
+                if vol.get("type") == "bucket" and vol.get("source") not in self.state.buckets:
+                    raise HubError(404, "RepoNotFound", f"Bucket {vol.get('source')!r} not found")
+            repo.volumes = list(data.get("volumes") or [])
+        elif what == "volumes" and method == "DELETE":
+            if not repo.volumes:
+                raise HubError(400, None, "This Space has no volumes")
+            repo.volumes = None
         elif what == "runtime" and method == "GET":
             script = self.state.runtime_script.get(rid)
             if script:
@@ -703,15 +725,66 @@ class Handler(BaseHTTPRequestHandler):
                 rid,
                 [f"===== Build Queued at {time.strftime('%Y-%m-%d %H:%M:%S')} =====", "installing requirements.txt"],
             )
+            stamped = [("2026-01-01T00:00:00Z", line) for line in lines]
             if what == "logs/run":
-                lines = [f"stage {repo.stage}"]
+                stamped = self.state.run_logs.get(rid) or [("2026-01-01T00:00:00Z", f"stage {repo.stage}")]
             body = "".join(
-                "data: " + json.dumps({"data": line + "\n", "timestamp": "2026-01-01T00:00:00Z"}) + "\n\n"
-                for line in lines
+                "data: " + json.dumps({"data": line + "\n", "timestamp": ts}) + "\n\n" for ts, line in stamped
             ).encode()
             self._send(200, body, ctype="text/event-stream")
             return 200
         self._json(200, self._runtime(repo))
+        return 200
+
+    def _bucket(self, method: str, bid: str, data: dict[str, Any]) -> int:
+        """Storage Buckets: create (POST, 409 when it exists) and info (GET)."""
+        if method == "POST":
+            user = self._need_user(write=True, owner=bid.split("/")[0])
+            if bid.split("/")[0] != user["name"]:
+                raise HubError(403, None, f"You don't have the rights to create a bucket under {bid.split('/')[0]!r}")
+            if bid in self.state.buckets:
+                # like create_repo's 409, the body carries the url (create_bucket(exist_ok=True) reads it)
+                raise HubError(409, None, "Bucket already exists", extra={"url": f"{self.server.url}/buckets/{bid}"})
+            self.state.buckets[bid] = {"private": data.get("visibility") == "private" or bool(data.get("private"))}
+            self._json(200, {"url": f"{self.server.url}/buckets/{bid}", "id": bid})
+            return 200
+        if method == "GET" and bid in self.state.buckets:
+            self._need_user(owner=bid.split("/")[0])
+            self._json(200, {"id": bid, "private": self.state.buckets[bid]["private"]})
+            return 200
+        raise HubError(404, "RepoNotFound", f"Bucket {bid!r} not found")
+
+    def _duplicate(self, from_id: str, data: dict[str, Any]) -> int:
+        """Duplicate a Space: its files (one commit), sdk, and the hardware/sleep/secrets/variables/volumes asked."""
+        source = self._repo("space", from_id)
+        user = self._need_user(write=True)
+        to_id = data.get("repository") or f"{user['name']}/{from_id.split('/')[1]}"
+        if to_id.split("/")[0] != user["name"]:
+            raise HubError(403, None, f"You don't have the rights to create a Space under {to_id.split('/')[0]!r}")
+        url = f"{self.server.url}/spaces/{to_id}"
+        if ("space", to_id) in self.state.repos:
+            raise HubError(409, None, "You already created this space repo", extra={"url": url})
+        private = data.get("visibility") == "private" if "visibility" in data else source.private
+        repo = Repo(type="space", id=to_id, private=private, sdk=source.sdk, duplicated_from=from_id)
+        if source.head:
+            repo.commits.append(
+                Commit(
+                    oid=uuid.uuid4().hex + uuid.uuid4().hex[:8],
+                    message=f"Duplicated from {from_id}",
+                    files=dict(source.head.files),
+                    parent=None,
+                )
+            )
+        repo.requested_hardware = data.get("hardware")
+        repo.sleep_time = data.get("sleepTimeSeconds")
+        for s in data.get("secrets") or []:
+            repo.secrets[s["key"]] = {"value": s["value"], "description": s.get("description")}
+        for v in data.get("variables") or []:
+            repo.variables[v["key"]] = {"value": v["value"], "description": v.get("description")}
+        repo.volumes = data.get("volumes")
+        repo.stage = "BUILDING"
+        self.state.repos[("space", to_id)] = repo
+        self._json(200, {"url": url})
         return 200
 
 

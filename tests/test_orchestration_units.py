@@ -66,7 +66,16 @@ def test_served_deployments_match_prefect_yaml() -> None:
 
     spec = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     served = {d.name: d for d in build_deployments()}
-    assert set(served) == set(spec) == {"loraship-full", "loraship-nightly-health", "loraship-on-training"}
+    assert (
+        set(served)
+        == set(spec)
+        == {
+            "loraship-full",
+            "loraship-nightly-health",
+            "loraship-on-training",
+            "loraship-space-idle",
+        }
+    )
     for name, d in served.items():
         assert d.parameters == spec[name].get("parameters", {})
     assert [s.schedule.cron for s in served["loraship-nightly-health"].schedules] == ["0 3 * * *"]

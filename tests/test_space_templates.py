@@ -64,6 +64,7 @@ def test_template_conformance(name, tmp_path):
     assert read - declared <= PLATFORM, f"{name}: the app reads settings the manifest does not name"
     api = m.smoke.api_name.lstrip("/")
     assert re.search(rf"""api_name=["']{api}["']""", app), f"{name}: the app declares no {m.smoke.api_name} endpoint"
+    assert "loraship: activity" in app, f"{name}: the idle schedule needs an activity line per request"
     reqs = [ln.strip() for ln in (out / "requirements.txt").read_text().splitlines()]
     reqs = [ln for ln in reqs if ln and not ln.startswith(("#", "--"))]
     assert reqs and all("==" in ln for ln in reqs), f"{name}: requirements must be pinned: {reqs}"

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -35,6 +35,7 @@ from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, hub_caller, push_folder, whoami
 from tasks.publish.secret_scan import refuse_secrets
+from tasks.publish.space_costs import duplicate_if_new, embed_url, ensure_storage, hf_home
 from tasks.publish.space_templates import (
     AUTO,
     SPACE_TEMPLATES,
@@ -88,6 +89,22 @@ class SpaceSettings(StrictModel):
     timeout: float = Field(1800, gt=0, description="seconds to wait for RUNNING")
     poll_interval: float = Field(10.0, gt=0, description="seconds between runtime checks")
     max_restarts: int = Field(2, ge=0, description="restarts after BUILD_ERROR/RUNTIME_ERROR before the stage fails")
+    storage: Literal["none", "bucket"] = Field(
+        "none",
+        description=(
+            "persistent storage: bucket = a private Storage Bucket mounted at /data, with the model cache there "
+            "(HF_HOME=/data/.huggingface) so a restart does not download the model again"
+        ),
+    )
+    storage_bucket: str = Field("", description="owner/name of the bucket; empty: <Space owner>/<Space name>-storage")
+    duplicate_from: str = Field(
+        "", description="owner/name of an existing Space to start from (copied once, then only configured)"
+    )
+    idle_hours: float | None = Field(
+        None, gt=0, description="the space-idle schedule pauses or downgrades the Space after this many idle hours"
+    )
+    idle_action: Literal["pause", "downgrade"] = Field("pause", description="what the space-idle schedule does")
+    idle_downgrade_to: str = Field("cpu-basic", description="the hardware idle_action downgrade moves the Space to")
 
     @field_validator("template")
     @classmethod
@@ -98,6 +115,11 @@ class SpaceSettings(StrictModel):
     @classmethod
     def _space_id(cls, v: str) -> str:
         return check_hub_id(v, "space_id", "the model repo")
+
+    @field_validator("storage_bucket", "duplicate_from")
+    @classmethod
+    def _ids(cls, v: str, info: Any) -> str:
+        return check_hub_id(v, info.field_name, "the Space id")
 
     @field_validator("quant")
     @classmethod
@@ -118,6 +140,7 @@ def space_inputs(
         max_tokens=str(settings.max_tokens),
         rate_limit_per_minute=str(settings.rate_limit_per_minute),
         zero_gpu="1" if settings.hardware.startswith("zero-") else "",
+        hf_home=hf_home(settings),
     )
 
 
@@ -305,6 +328,9 @@ def space(
         "hardware": settings.hardware,
         "sleep_time": settings.sleep_time,
         "url": f"{endpoint}/spaces/{space_id}",
+        "embed_url": embed_url(space_id, endpoint),
+        "duplicate_from": settings.duplicate_from or None,
+        "storage": settings.storage,
         "staged": str(folder),
         "dry_run": bool(reasons),
     }
@@ -350,16 +376,23 @@ def space(
 
     call = hub_caller(space_id, token=secret, repo_type="space")
 
-    result = push_folder(
-        folder,
-        space_id,
-        token=secret,
-        endpoint=settings_endpoint,
-        private=settings.private,
-        commit_message=f"loraship: {template.name} demo for {model_repo}" + (f" ({model_file})" if model_file else ""),
-        repo_type="space",
-        space_sdk=template.manifest.sdk,
-    )
+    sleep_time = settings.sleep_time if settings.hardware != "cpu-basic" else None
+    duplicated = duplicate_if_new(api, space_id, settings, variables, call, sleep_time)
+    if settings.duplicate_from:  # the Space's own app is kept: configured, never uploaded over
+        result = {"commit": None, "uploaded": [], "skipped": [], "url": None}
+    else:
+        result = push_folder(
+            folder,
+            space_id,
+            token=secret,
+            endpoint=settings_endpoint,
+            private=settings.private,
+            commit_message=f"loraship: {template.name} demo for {model_repo}"
+            + (f" ({model_file})" if model_file else ""),
+            repo_type="space",
+            space_sdk=template.manifest.sdk,
+        )
+    meta.update(ensure_storage(api, space_id, settings, call))
     # Compared with the Space's variables now (not with a record of an earlier run): only changes are sent.
     current = {
         k: getattr(v, "value", v)
@@ -377,10 +410,9 @@ def space(
             read,
             description="read-only token for the model repo (set by loraship)",
         )
-    sleep_time = settings.sleep_time if settings.hardware != "cpu-basic" else None
     call("request hardware for", api.request_space_hardware, space_id, settings.hardware, sleep_time=sleep_time)
-    if not result["uploaded"] and changed_vars:
-        # the files are as they were: a Space only rebuilds on a commit, so restart to pick up new variables
+    if not result["uploaded"] and (changed_vars or meta.get("storage_changed") or (duplicated and read)):
+        # the files are as they were: a Space only rebuilds on a commit, so restart to pick up new settings
         call("restart", api.restart_space, space_id)
     meta.update(
         {

@@ -51,6 +51,11 @@ def load_model():
         return _llm
 
 
+def activity() -> None:
+    """One run-log line per request: loraship's idle schedule reads the last one (the Space is not woken)."""
+    print(f"loraship: activity {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", flush=True)
+
+
 def allowed(session: str) -> float:
     """0 when this session may send a message now, else the seconds to wait."""
     now = time.monotonic()
@@ -70,6 +75,7 @@ def respond(message: str, history: list, request: gr.Request):
         yield history, "", gr.update()
         return
     history.append({"role": "user", "content": message})
+    activity()
     wait = allowed(getattr(request, "session_hash", None) or "anonymous")
     if wait:
         history.append(
