@@ -12,7 +12,10 @@ import yaml
 from tasks.core.errors import PermanentError
 from tasks.publish.space import SpaceSettings, space
 from tasks.publish.space_costs import check_idle, embed_url, idle_decision, last_activity
-from tests.test_space import FAST, READ, WRITE, pushed  # noqa: F401 - the fixture
+from tests import test_space
+from tests.test_space import FAST, READ, WRITE
+
+pushed = test_space.pushed  # the fixture: a GGUF repo pushed to the test Hub
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
 
