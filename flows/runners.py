@@ -286,7 +286,7 @@ def _hub_token(ctx: RunContext, ref, what: str):
 def run_hub_push(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.hub_push import hub_push_task
 
-    ggufs = _released(ctx, "hub_push")
+    ggufs = _released(ctx, "hub_push") if "gguf" in ctx.config.hub.repos else []
     token = None if ctx.dry_run else _hub_token(ctx, ctx.config.hub.token, "hub.token")
     dry = ctx.dry_run or token is None
     made = ctx.call(
@@ -309,36 +309,39 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         splits=_released(ctx, "hub_push", ArtifactKind.GGUF_SPLIT) or None,
         template_contract=ctx.artifacts.get("report:template-contract"),
     )
-    if made.meta.get("dry_run"):
-        ctx.notes.setdefault("dry_run", {})["hub_push"] = True
-        ctx.notes.setdefault("links", {})["hub repo (staged, not pushed)"] = made.meta["staged"]
-        ctx.notes.setdefault("messages", {})["hub_push"] = (
-            f"dry run ({made.meta.get('reason')}): would push {len(made.files)} files to "
-            f"{made.meta['repo_id']}; staged in {made.meta['staged']}"
-        )
-    else:
-        ctx.notes.setdefault("links", {})["hub repo"] = made.meta["url"]
-        deleted = made.meta.get("deleted") or []
-        ctx.notes.setdefault("messages", {})["hub_push"] = (
-            f"{made.meta['url']}: {len(made.meta.get('uploaded', []))} file(s) sent, "
-            f"{len(made.meta.get('skipped', []))} unchanged"
-            + (f", {len(deleted)} removed ({', '.join(deleted)})" if deleted else "")
-            + ("" if made.meta.get("uploaded") or deleted else "; no commit")
-        )
+    repos = made.meta.get("repos") or {made.meta.get("kind", "gguf"): made.meta}
+    said = []
+    for kind, rec in repos.items():
+        label = "hub repo" if kind == made.meta.get("kind", "gguf") else f"hub repo ({kind})"
+        if rec.get("dry_run"):
+            ctx.notes.setdefault("dry_run", {})["hub_push"] = True
+            ctx.notes.setdefault("links", {})[f"{label} (staged, not pushed)"] = rec["staged"]
+            files = len(rec.get("files") or {})
+            said.append(f"would push {files} files to {rec['repo_id']}; staged in {rec['staged']}")
+        else:
+            ctx.notes.setdefault("links", {})[label] = rec["url"]
+            deleted = rec.get("deleted") or []
+            said.append(
+                f"{rec['url']}: {len(rec.get('uploaded', []))} file(s) sent, {len(rec.get('skipped', []))} unchanged"
+                + (f", {len(deleted)} removed ({', '.join(deleted)})" if deleted else "")
+                + ("" if rec.get("uploaded") or deleted else "; no commit")
+            )
+    dry = f"dry run ({made.meta.get('reason')}): " if made.meta.get("dry_run") else ""
+    ctx.notes.setdefault("messages", {})["hub_push"] = dry + "; ".join(said)
     return [made]
 
 
 def run_card(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.card import card_task
+    from tasks.publish.hub_push import primary_kind, run_repo_ids
 
-    ggufs = _released(ctx, "card")
+    ggufs = _released(ctx, "card") if "gguf" in ctx.config.hub.repos else []
     pushed = ctx.artifacts.get("publish:hub")
+    repos = run_repo_ids(ctx.config.hub, ctx.config.model.name, None)
     if pushed is not None:
         repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
     else:
-        from tasks.publish.hub_push import default_repo_id
-
-        repo_id, endpoint = default_repo_id(ctx.config.hub, ctx.config.model.name, None), ctx.config.hub.endpoint
+        repo_id, endpoint = repos[primary_kind(ctx.config.hub.repos)], ctx.config.hub.endpoint
     real = pushed is not None and not pushed.meta.get("dry_run") and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     made = ctx.call(
@@ -359,6 +362,8 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         _token=token,
         splits=_released(ctx, "card", ArtifactKind.GGUF_SPLIT) or None,
         template_contract=ctx.artifacts.get("report:template-contract"),
+        repos=repos,
+        space=ctx.artifacts.get("publish:space"),
     )
     ctx.notes.setdefault("links", {})["model card"] = made.path
     ctx.notes.setdefault("messages", {})["card"] = (

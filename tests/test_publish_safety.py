@@ -64,7 +64,8 @@ def test_a_trainer_pickle_with_a_token_never_reaches_the_staged_repo(ssh_server,
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], names
     assert ".complete" not in {Path(n).name for n in names}
-    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md"} <= set(names)
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(names)
+    assert "adapter/README.md" not in names, "peft's own README can name the local base folder: the card replaces it"
     assert "adapter/tokenizer/tokenizer.json" in names
     assert all(n.endswith(".json") for n in names if n.startswith("training/")), names
     assert FAKE_HUB_TOKEN.encode() not in _all_bytes(folder)
@@ -91,11 +92,11 @@ def test_the_secret_scan_refuses_a_staged_file_holding_a_resolved_token(tmp_path
 
     token = SecretRef.model_validate("env:HF_TOKEN").resolve()  # resolved by the run, as run_hub_push does
     src = _trainer_output(tmp_path / "out")
-    (src / "README.md").write_text("# adapter\nPushed with HF_TOKEN=hf_write_alice by mistake\n")
+    (src / "tokenizer_config.json").write_text('{"comment": "pushed with HF_TOKEN=hf_write_alice by mistake"}')
     adapter = download(DownloadSettings(path=str(src)), tmp_path / "run" / "adapter")
     with pytest.raises(PermanentError) as err:
         _stage(tmp_path, adapter, gguf_artifacts(tmp_path / "gguf"), hub={"endpoint": hub_server.url}, token=token)
-    assert "adapter/README.md" in str(err.value) and "hf_write_alice" not in str(err.value)
+    assert "adapter/tokenizer_config.json" in str(err.value) and "hf_write_alice" not in str(err.value)
     assert hub_server.state.calls("POST", r"/commit/") == [] and hub_server.state.calls("PUT", r".") == []
     assert "alice/tiny-GGUF" not in {rid for _t, rid in hub_server.state.repos}, "refused before any Hub call"
 

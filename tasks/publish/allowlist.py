@@ -5,10 +5,20 @@ a log with paths in it) is left out until someone decides it belongs. Pickles (`
 `*.pkl`, `*.ckpt`) are never on it: loading one runs code, and HF Trainer's `training_args.bin` carries
 `hub_token` when one was set.
 
-- repo root: the GGUFs (or a split GGUF's shard folder), README.md (the card), loraship.json
-- training/: the training metadata as JSON only (adapter_config, trainer_state, *results.json, ...)
-- adapter/: adapter_config.json, the adapter weights as safetensors, tokenizer files, the adapter's README
-- merged/ (hub.include_merged): config files, safetensors shards and index, tokenizer files
+Each repo kind (hub.repos, tasks/publish/repos.py) has its own layout (`REPO_LAYOUTS`):
+
+- gguf repo root: the GGUFs (or a split GGUF's shard folder), README.md (the card), loraship.json;
+  adapter/ (hub.include_adapter): adapter_config.json, the adapter weights as safetensors, tokenizer files;
+  merged/ (hub.include_merged): config files, safetensors shards and index, tokenizer and processor files
+- merged repo root (`<owner>/<model>`): what transformers loads (the merged/ files above), the card, loraship.json
+- adapter repo root (`<owner>/<model>-LoRA`): what peft loads (the adapter/ files above), the card, loraship.json
+- training/ in every repo: the training metadata as JSON only (adapter_config, trainer_state, *results.json, ...)
+
+README.md is always our card: the adapter's own README (peft's template) can name the training box's
+base folder in its YAML, so it is never published. JSON files are published through `scrub_json_file`:
+a value that is a local path (`base_model_name_or_path`, `_name_or_path`, trainer_state's
+`best_model_checkpoint`, training_args' `output_dir`) is replaced by the base's Hub id or the path's last
+component, so nothing names a folder on the training box or this machine.
 
 `loraship.json` is built from `ARTIFACT_FIELDS`/`META_FIELDS`: digests, sizes, tool versions,
 quantization facts and quality numbers, and nothing that belongs to this machine or this particular run
@@ -18,9 +28,10 @@ run publishes a byte-identical file.
 
 from __future__ import annotations
 
+import json
 import re
 from fnmatch import fnmatch
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
@@ -31,11 +42,20 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )  # fmt: skip
 
-# Files per place in the repo, as glob patterns on the path relative to that place.
-ADAPTER_FILES = ("adapter_config.json", "*.safetensors", "README.md", *TOKENIZER_FILES, "tokenizer/*")
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "feature_extractor_config.json",
+    "normalizer.json",
+    "video_preprocessor_config.json",
+)  # fmt: skip  speech and vision models: what AutoProcessor loads beside the tokenizer
+
+# Files per place in the repo, as glob patterns on the path relative to that place. No README.md: the card
+# is ours (see the module docstring).
+ADAPTER_FILES = ("adapter_config.json", "*.safetensors", *TOKENIZER_FILES, "tokenizer/*")
 MERGED_FILES = (
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "README.md",
-    *TOKENIZER_FILES,
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
+    *PROCESSOR_FILES,
 )  # fmt: skip
 TRAINING_FILES = ("*.json",)
 
@@ -59,9 +79,17 @@ def training_file_allowed(name: str) -> bool:
     return "/" not in name and _matches(name, TRAINING_FILES)
 
 
-def repo_file_allowed(path_in_repo: str) -> bool:
-    """Is this path of a staged repo folder on the allow-list (the check before anything is sent)?"""
+def repo_file_allowed(path_in_repo: str, kind: str = "gguf") -> bool:
+    """Is this path of a staged `kind` repo folder (gguf, merged, adapter) on the allow-list (the check
+    before anything is sent)?"""
     parts = path_in_repo.split("/", 1)
+    if kind != "gguf":
+        root = {"merged": MERGED_FILES, "adapter": ADAPTER_FILES}.get(kind)
+        if root is None:
+            return False
+        if len(parts) == 2 and parts[0] == "training":
+            return training_file_allowed(parts[1])
+        return path_in_repo in ("README.md", "loraship.json") or _matches(path_in_repo, root)
     if len(parts) == 1:
         return _matches(path_in_repo, ("*.gguf", "README.md", "loraship.json"))
     top, rest = parts
@@ -72,6 +100,57 @@ def repo_file_allowed(path_in_repo: str) -> bool:
     if top == "training":
         return training_file_allowed(rest)
     return "/" not in rest and _matches(rest, ("*.gguf",))  # a split GGUF's shard folder
+
+
+# --- local paths out of published JSON ----------------------------------------------------------------
+
+BASE_PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")  # where configs name the base
+_WHOLE_PATH = re.compile(r"^(/|~/|[A-Za-z]:[\\/])[^\n]*$")
+MAX_SCRUBBED_JSON = 8 << 20  # tokenizer.json is big and holds no paths; config files are a few KB
+_DROP = object()
+
+
+def is_local_path(value: Any) -> bool:
+    """A string that is a filesystem path as a whole (`/home/u/base`, `~/x`, `C:\\x`), not text that has one."""
+    return isinstance(value, str) and bool(_WHOLE_PATH.match(value))
+
+
+def scrub_local_paths(value: Any, base_hub_id: str = "", key: str = "") -> Any:
+    """`value` with every local path replaced: a base-model key by `base_hub_id` (dropped when there is
+    none, so peft/transformers do not try to open a folder that exists only on the training box), any
+    other path by its last component (`/runs/x/checkpoint-500` -> `checkpoint-500`). `_DROP` marks a
+    value to remove."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            cleaned = scrub_local_paths(v, base_hub_id, str(k))
+            if cleaned is not _DROP:
+                out[k] = cleaned
+        return out
+    if isinstance(value, list):
+        return [v for v in (scrub_local_paths(v, base_hub_id, key) for v in value) if v is not _DROP]
+    if not is_local_path(value):
+        return value
+    if key in BASE_PATH_KEYS:
+        return base_hub_id or _DROP
+    return PurePosixPath(value.replace("\\", "/").rstrip("/")).name or _DROP
+
+
+def scrub_json_file(src: Path, dst: Path, base_hub_id: str = "") -> bool:
+    """Write `src` to `dst` with local paths scrubbed (`scrub_local_paths`). False (nothing written) when
+    the file is not a small JSON object or has no local path: the caller links the original then."""
+    if src.suffix != ".json" or src.stat().st_size > MAX_SCRUBBED_JSON:
+        return False
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    cleaned = scrub_local_paths(data, base_hub_id)
+    if cleaned == data:
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
 
 
 # --- loraship.json: fields per artifact kind -------------------------------------------------------

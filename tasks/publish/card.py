@@ -239,8 +239,16 @@ def build_card(
     endpoint: str = "https://huggingface.co",
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
+    kind: str = "gguf",
+    repos: dict[str, str] | None = None,
+    space: dict[str, str] | None = None,
 ) -> str:
-    """The README.md text for the model repo (rendered and validated).
+    """The README.md text for the `kind` repo of the run (gguf, merged, adapter; rendered and validated).
+
+    `repos` (kind -> repo id, every repo this run publishes) makes the cards link each other, and the GGUF
+    card's `base_model` the merged repo when there is one (relation `quantized`: the GGUFs are quantized
+    from it); the merged card is a `finetune` of the base, the adapter card an `adapter` of it. `space`
+    (`space_view` of a deployed Space) adds the demo link and its embed snippet.
 
     `template_contract` (the `report:template-contract` artifact) adds the chat format, its stop token and
     what the contract checked to the usage section, with the Ollama Modelfile that gives the same tokens.
@@ -248,6 +256,9 @@ def build_card(
     A GGUF published as llama.cpp shards (`splits`, the quantize stage's `gguf-split` artifacts) is listed
     by its first shard inside its folder, which is what the repo holds and what llama.cpp loads."""
     from huggingface_hub import EvalResult, ModelCardData
+
+    repos = dict(repos or {kind: repo_id})
+    repos[kind] = repo_id
 
     metrics = eval_by_quant(eval_report)
     split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
@@ -291,25 +302,42 @@ def build_card(
     metric_columns = [{"key": k, "label": _METRIC_LABELS.get(k, k.replace("_", " "))} for k in metric_keys]
 
     hub_base, base_name = base_model_names(base_model, adapter, settings)
-    tags = list(dict.fromkeys(["gguf", "llama.cpp", "lora", "loraship", *[q["quant"] for q in quants], *settings.tags]))
     eval_results = []
-    for q in quants:
-        for k, v in metrics.get(q["quant"], {}).items():
-            if k in ("perplexity", "ppl", "kl_divergence", "kld", "kl_div"):
-                eval_results.append(
-                    EvalResult(
-                        task_type="text-generation",
-                        dataset_type="loraship-eval",
-                        dataset_name="loraship eval prompts",
-                        metric_type="perplexity" if k in ("perplexity", "ppl") else "kl_divergence",
-                        metric_name=f"{_METRIC_LABELS[k]} ({q['quant']})",
-                        metric_value=v,
+    reference = reference_metrics(metrics) if kind == "merged" else {}
+    if kind == "gguf":
+        tags = ["gguf", "llama.cpp", "lora", "loraship", *[q["quant"] for q in quants], *settings.tags]
+        for q in quants:
+            for k, v in metrics.get(q["quant"], {}).items():
+                if k in ("perplexity", "ppl", "kl_divergence", "kld", "kl_div"):
+                    eval_results.append(
+                        EvalResult(
+                            task_type=settings.pipeline_tag,
+                            dataset_type="loraship-eval",
+                            dataset_name="loraship eval prompts",
+                            metric_type="perplexity" if k in ("perplexity", "ppl") else "kl_divergence",
+                            metric_name=f"{_METRIC_LABELS[k]} ({q['quant']})",
+                            metric_value=v,
+                        )
                     )
+    else:
+        tags = ["lora", "loraship", *(["peft"] if kind == "adapter" else []), *settings.tags]
+        for k, v in reference.items():
+            eval_results.append(
+                EvalResult(
+                    task_type=settings.pipeline_tag,
+                    dataset_type="loraship-eval",
+                    dataset_name="loraship eval samples",
+                    metric_type=_MODEL_INDEX_METRICS[k],
+                    metric_name=_METRIC_LABELS.get(k, k),
+                    metric_value=v,
                 )
+            )
+    tags = list(dict.fromkeys(tags))
+    base_ref, relation = card_base(kind, hub_base, repos)
     data = ModelCardData(
-        base_model=hub_base or None,
-        base_model_relation="quantized" if hub_base else None,
-        library_name="gguf",
+        base_model=base_ref or None,
+        base_model_relation=relation if base_ref else None,
+        library_name=REPO_LIBRARIES[kind],
         license=settings.license,
         language=settings.language or None,
         pipeline_tag=settings.pipeline_tag,
@@ -352,6 +380,12 @@ def build_card(
         "training": training_rows(adapter, base_name, settings.datasets),
         "extra_files": extra_files or [],
         "chat": chat_usage(template_contract),
+        "kind": kind,
+        "related": related_repos(kind, repos, endpoint),
+        "space": space,
+        "evaluation": [{"label": _METRIC_LABELS.get(k, k), "value": f"{v:.4g}"} for k, v in reference.items()],
+        "merged_link": f"[{repos['merged']}]({endpoint.rstrip('/')}/{repos['merged']})" if "merged" in repos else "",
+        "base_hub_id": hub_base,
     }
     template_path = Path(settings.template).expanduser() if settings.template else DEFAULT_TEMPLATE
     if not template_path.is_file():
@@ -362,6 +396,68 @@ def build_card(
     text = render_template(template_path, data, context)
     validate_card(text, data)
     return text
+
+
+REPO_LIBRARIES = {"gguf": "gguf", "merged": "transformers", "adapter": "peft"}
+# Metrics of the merged model's own quality, as model-index metric types (not the GGUFs' distance to F16).
+_MODEL_INDEX_METRICS = {
+    "ppl": "perplexity", "perplexity": "perplexity", "accuracy": "accuracy", "wer": "wer", "cer": "cer",
+}  # fmt: skip
+
+
+def card_base(kind: str, hub_base: str, repos: dict[str, str]) -> tuple[str, str]:
+    """(base_model, base_model_relation) of a card, as the Hub's model tree reads them: the GGUFs are
+    quantized from the merged repo when the run publishes it (else from the base), the merged model is a
+    finetune of the base, the adapter an adapter of it."""
+    if kind == "gguf":
+        return (repos.get("merged") or hub_base), "quantized"
+    return hub_base, ("adapter" if kind == "adapter" else "finetune")
+
+
+def reference_metrics(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The merged model's own numbers from the eval report: its `merged` row, else the most precise float
+    GGUF's row (F16 of the merged weights: the same model to within 16-bit rounding)."""
+    row = metrics.get("merged")
+    if row is None:
+        floats = sorted((q for q in metrics if quant_types.is_float(q)), key=quant_types.precision_key)
+        row = metrics[floats[0]] if floats else {}
+    return {k: float(v) for k, v in row.items() if k in _MODEL_INDEX_METRICS}
+
+
+REPO_TITLES = {
+    "merged": "transformers (merged safetensors)",
+    "gguf": "GGUF (llama.cpp, LM Studio, Ollama)",
+    "adapter": "LoRA adapter (peft)",
+}
+
+
+def related_repos(kind: str, repos: dict[str, str], endpoint: str) -> list[dict[str, Any]]:
+    """The run's repos for the card's cross links (this one marked), merged first as the Hub lists them."""
+    if len(repos) < 2:
+        return []
+    order = [k for k in REPO_TITLES if k in repos] + [k for k in repos if k not in REPO_TITLES]
+    return [
+        {
+            "title": REPO_TITLES.get(k, k),
+            "repo_id": repos[k],
+            "url": f"{endpoint.rstrip('/')}/{repos[k]}",
+            "this": k == kind,
+        }
+        for k in order
+    ]
+
+
+def space_view(space: Artifact | None) -> dict[str, str] | None:
+    """The demo Space for the cards, once it is deployed (never for a dry run): its page and the address to
+    embed. The space stage may record `embed_url`; else it is the Hub's `<owner>-<name>.hf.space`."""
+    if space is None or space.meta.get("dry_run") or not space.meta.get("space_id"):
+        return None
+    space_id = str(space.meta["space_id"])
+    embed = space.meta.get("embed_url") or space.meta.get("app_url")
+    if not embed:
+        sub = re.sub(r"[^a-z0-9-]", "-", space_id.replace("/", "-").lower())
+        embed = f"https://{sub}.hf.space"
+    return {"space_id": space_id, "url": str(space.meta.get("url") or ""), "embed_url": str(embed)}
 
 
 def chat_usage(report: Artifact | None) -> dict[str, Any] | None:
@@ -432,7 +528,7 @@ def validate_card(text: str, expected: Any | None = None) -> None:
             raise PermanentError(
                 "the model card lost its model-index (eval results)", hint="keep '{{ card_data }}' in the header"
             )
-    if "gguf" not in (got.get("tags") or []):
+    if got.get("library_name") == "gguf" and "gguf" not in (got.get("tags") or []):
         raise PermanentError("the model card has no 'gguf' tag", hint="keep the tags from '{{ card_data }}'")
 
 
@@ -456,43 +552,66 @@ def card(
     token: Any = None,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
+    repos: dict[str, str] | None = None,
+    space: Artifact | None = None,
 ) -> Artifact:
-    """Render README.md to `out_path`; when `pushed` (a real push record) is given and the card changed, commit it."""
-    if not ggufs:
+    """Render the card of every repo of the run; when `pushed` (a real push record) is given, commit each
+    card that differs from the README its repo has now.
+
+    `repos` (kind -> repo id; the push record's `meta.repos` wins) says which cards: the primary repo's
+    (the GGUF repo when published: `repo_id`) goes to `out_path`, the others beside it as README-<kind>.md.
+    `space` (the `publish:space` record) adds the demo and its embed snippet once the Space is deployed."""
+    pushed_repos = (pushed.meta.get("repos") or {}) if pushed is not None else {}
+    kinds = {k: str(r["repo_id"]) for k, r in pushed_repos.items()} or dict(repos or {"gguf": repo_id})
+    if "gguf" in kinds and not ggufs:
         raise PermanentError(
-            "the card stage needs GGUF artifacts and none were made",
-            hint="enable the convert/quantize stages or run with --from card after a run that made them",
+            "the card stage needs GGUF artifacts for the gguf repo's card and none were made",
+            hint="enable the convert/quantize stages, run with --from card after a run that made them, "
+            "or leave gguf out of hub.repos",
         )
-    text = build_card(
-        ggufs,
-        model_name=model_name,
-        version=version,
-        repo_id=repo_id,
-        settings=settings,
-        base_model=base_model,
-        description=description or settings.description,
-        adapter=adapter,
-        eval_report=eval_report,
-        extra_files=(pushed.meta.get("extra_files") if pushed else None),
-        endpoint=(endpoint or "https://huggingface.co"),
-        splits=splits,
-        template_contract=template_contract,
-    )
-    atomic_write_text(out_path, text)
+    primary = "gguf" if "gguf" in kinds else next(iter(kinds))
+    view = space_view(space)
+    cards: dict[str, dict[str, Any]] = {}
+    for kind, rid in kinds.items():
+        text = build_card(
+            ggufs if kind == "gguf" else [],
+            model_name=model_name,
+            version=version,
+            repo_id=rid,
+            settings=settings,
+            base_model=base_model,
+            description=description or settings.description,
+            adapter=adapter,
+            eval_report=eval_report,
+            extra_files=(pushed_repos.get(kind) or {}).get("extra_files")
+            or (pushed.meta.get("extra_files") if pushed is not None and kind == primary else None),
+            endpoint=(endpoint or "https://huggingface.co"),
+            splits=splits if kind == "gguf" else None,
+            template_contract=template_contract if kind == "gguf" else None,
+            kind=kind,
+            repos=kinds,
+            space=view,
+        )
+        path = out_path if kind == primary else out_path.with_name(f"{out_path.stem}-{kind}{out_path.suffix}")
+        atomic_write_text(path, text)
+        cards[kind] = {"repo_id": rid, "path": str(path)}
+        if pushed is not None and not pushed.meta.get("dry_run") and token is not None:
+            cards[kind]["commit"] = update_readme(
+                rid,
+                path,
+                endpoint=pushed.meta.get("endpoint") or endpoint,
+                token=token.get_secret_value(),
+            )  # compared with the README the repo has now, not with what the push record says it sent
     meta: dict[str, Any] = {
-        "repo_id": repo_id,
+        "repo_id": kinds[primary],
         "has_eval": eval_report is not None,
         "quants": sorted(str(a.meta.get("quant")) for a in ggufs),
+        "cards": cards,
+        "space": view,
     }
-    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed, template_contract) if x is not None)]
-    if pushed is not None and not pushed.meta.get("dry_run") and token is not None:
-        commit = update_readme(
-            repo_id,
-            out_path,
-            endpoint=pushed.meta.get("endpoint") or endpoint,
-            token=token.get_secret_value(),
-        )  # compared with the README the repo has now, not with what the push record says it sent
-        meta["commit"] = commit
+    if "commit" in cards[primary]:
+        meta["commit"] = cards[primary]["commit"]
+    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed, template_contract, space) if x is not None)]
     return Artifact.from_path(
         out_path,
         name="card",
@@ -521,6 +640,8 @@ def _card_task_fn(
     _token: Any = None,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
+    repos: dict[str, str] | None = None,
+    space: Artifact | None = None,
 ) -> Artifact:
     return card(
         ggufs,
@@ -538,6 +659,8 @@ def _card_task_fn(
         token=_token,
         splits=splits,
         template_contract=template_contract,
+        repos=repos,
+        space=space,
     )
 
 

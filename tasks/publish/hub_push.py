@@ -1,20 +1,22 @@
-"""Stage 5, Hub push: the GGUFs, card, training metadata and manifest to a model repo in ONE commit.
+"""Stage 5, Hub push: each repo of `hub.repos` (merged, gguf, adapter: tasks/publish/repos.py) in ONE commit.
 
-What goes in the commit (the "repo folder", staged under publish/hub/<owner>__<name>/ first, big files
-hard-linked, so a dry run shows exactly what would be sent): every GGUF, README.md (the model card,
-rendered here by tasks.publish.card so it lands in the same commit), loraship.json (the published artifacts
-with their digests and provenance, no timestamps, so an unchanged run publishes an identical file),
-training/*.json (adapter_config, trainer_state, ... from the download stage's metadata), and optionally
-adapter/ and merged/. Only what tasks/publish/allowlist.py allows is staged (never a pickle or a
-marker), and the staged folder is scanned for secrets before anything is sent
-(tasks/publish/secret_scan.py): a hit refuses the push, naming the file.
+What goes in a repo's commit (its "repo folder", staged under publish/hub/<owner>__<name>/ first, big
+files hard-linked, so a dry run shows exactly what would be sent): the repo kind's files (the GGUFs; the
+merged model; the adapter), training/*.json (adapter_config, trainer_state, ... from the download stage's
+metadata), README.md (the repo's card, rendered here by tasks.publish.card so it lands in the same commit,
+linking the run's other repos) and loraship.json (the published artifacts with their digests and
+provenance, no timestamps, so an unchanged run publishes an identical file). Only what
+tasks/publish/allowlist.py allows for that kind is staged (never a pickle, a marker or a local path), and
+every staged folder is scanned for secrets before anything is sent (tasks/publish/secret_scan.py): a hit
+refuses the push, naming the file. All repos are staged and scanned before the first one is pushed.
 
 How: whoami (a bad token fails before any upload), create_repo(exist_ok), the Hub validates the card's
 YAML, then the repo's current tree is compared with the local files (LFS sha256 / git blob sha1): only
 changed files are uploaded, and an unchanged push sends no file and makes no commit. LFS files are
 uploaded one by one ahead of the commit (`preupload_lfs_files`): a retried run asks the LFS batch API
 again, which answers "already stored" for what made it, so a large upload resumes instead of starting
-over, and still ends in one commit. Then the version is tagged. 5xx/timeouts are retried by the stage
+over, and still ends in one commit. Then the version is tagged. Repos are pushed merged first, so the
+GGUF card's `base_model` names a repo that exists. 5xx/timeouts are retried by the stage
 task; 401/403/404 fail at once (tasks.publish.hub_io.translate).
 
 No token (the demo) or --dry-run: only the staged folder is written, and the stage says where.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,14 @@ from pydantic import Field, field_validator
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
-from tasks.core.hashing import iter_files
+from tasks.core.hashing import iter_files, sha256_file
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
-from tasks.publish.allowlist import (
-    adapter_file_allowed,
-    artifact_entry,
-    merged_file_allowed,
-    repo_file_allowed,
-    training_file_allowed,
-)
-from tasks.publish.card import DEFAULT_TEMPLATE, build_card
+from tasks.publish.allowlist import adapter_file_allowed, artifact_entry, merged_file_allowed, repo_file_allowed
+from tasks.publish.card import DEFAULT_TEMPLATE, base_model_names, build_card
 from tasks.publish.hub_io import hub_api, push_folder, whoami
+from tasks.publish.repos import HUB_REPOS, RepoJob
 from tasks.publish.secret_scan import refuse_secrets
 
 STAGE = Stage.HUB_PUSH
@@ -54,8 +50,19 @@ log = logging.getLogger("loraship.hub_push")
 
 
 class HubSettings(StrictModel):
+    repos: list[str] = Field(
+        default_factory=lambda: ["gguf"],
+        description=(
+            "the repos to publish, each in one commit: gguf (<owner>/<model>-GGUF), merged (<owner>/<model>: "
+            "the merged model for transformers), adapter (<owner>/<model>-LoRA: the adapter for peft)"
+        ),
+    )
     repo_id: str = Field(
-        "", description="owner/name of the model repo; empty: <organization or token user>/<model>-GGUF"
+        "", description="owner/name of the GGUF repo; empty: <organization or token user>/<model>-GGUF"
+    )
+    repo_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="owner/name per repo kind, e.g. {merged: acme/tiny-chat}; empty: the owner and the kind's suffix",
     )
     organization: str | None = Field(None, description="namespace to create the repo in when repo_id is empty")
     private: bool = Field(False, description="create the repo private (an existing repo keeps its visibility)")
@@ -74,15 +81,49 @@ class HubSettings(StrictModel):
     def _repo_id(cls, v: str) -> str:
         return check_hub_id(v, "repo_id", "the model name")
 
+    @field_validator("repos")
+    @classmethod
+    def _repos(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("hub.repos is empty: name at least one of " + ", ".join(HUB_REPOS.names()))
+        for name in v:
+            HUB_REPOS.check(name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"hub.repos names a repo twice: {v}")
+        return [k for k in HUB_REPOS.names() if k in v]  # pushed in table order: merged before gguf
+
+    @field_validator("repo_ids")
+    @classmethod
+    def _repo_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        for kind, rid in v.items():
+            HUB_REPOS.check(kind)
+            check_hub_id(rid, f"repo_ids.{kind}", "the model name")
+        return v
+
 
 # --- what goes in the repo ------------------------------------------------------------------------
 
 
-def default_repo_id(settings: HubSettings, model_name: str, user: str | None) -> str:
-    if settings.repo_id:
+def default_repo_id(settings: HubSettings, model_name: str, user: str | None, kind: str = "gguf") -> str:
+    """The repo id of `kind`: hub.repo_id (gguf) or hub.repo_ids, else <owner>/<model><the kind's suffix>,
+    the owner being hub.organization, the owner of hub.repo_id, or the token's user."""
+    if kind == "gguf" and settings.repo_id:
         return settings.repo_id
-    owner = settings.organization or user or "your-username"
-    return f"{owner}/{model_name}-GGUF"
+    if settings.repo_ids.get(kind):
+        return settings.repo_ids[kind]
+    owner = settings.organization or (settings.repo_id.split("/")[0] if settings.repo_id else "") or user
+    return f"{owner or 'your-username'}/{model_name}{HUB_REPOS.lookup(kind).suffix}"
+
+
+def run_repo_ids(settings: HubSettings, model_name: str, user: str | None) -> dict[str, str]:
+    """kind -> repo id for every repo of hub.repos (what the cards link)."""
+    return {k: default_repo_id(settings, model_name, user, k) for k in settings.repos}
+
+
+def primary_kind(repos: list[str]) -> str:
+    """The repo the `publish:hub` record is about at its top level (the Space's model repo): the GGUF repo
+    when it is published, else the first of hub.repos."""
+    return "gguf" if "gguf" in repos else repos[0]
 
 
 def _published_files(a: Artifact) -> dict[str, str] | None:
@@ -106,98 +147,22 @@ def publish_manifest(artifacts: list[Artifact], model: str, version: str, repo_i
     return out
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        try:
-            os.symlink(src.resolve(), dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-
 def stage_repo_folder(
-    dest: Path,
-    *,
-    ggufs: list[Artifact],
-    card_text: str,
-    manifest: dict[str, Any],
-    adapter: Artifact | None,
-    merged: Artifact | None,
-    settings: HubSettings,
-    splits: list[Artifact] | None = None,
+    dest: Path, kind: str, job: RepoJob, *, card_text: str, manifest: dict[str, Any]
 ) -> dict[str, str]:
-    """Write the exact repo folder to `dest` (atomically). Returns {repo path: sha256 already known}.
-
-    A GGUF that the quantize stage split into shards (quantization.split_max_size) is published as its
-    shard folder `<model>-<QUANT>/` instead of the single file: that is what the split is for (the Hub
-    refuses files over 50 GB), and llama.cpp loads the set from its first shard.
-    """
-    known: dict[str, str] = {}
-    split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
-    left_out: list[str] = []
+    """Write the exact `kind` repo folder to `dest` (atomically). Returns {repo path: sha256 already known}."""
+    repo = HUB_REPOS.lookup(kind)
     with atomic_dir(dest) as tmp:
-        for g in ggufs:
-            split = split_of.get(Path(g.path).name)
-            if split is not None:
-                folder = Path(split.path)
-                for f in split.files:
-                    _link(folder / f.path, tmp / folder.name / f.path)
-                    known[f"{folder.name}/{f.path}"] = f.sha256
-                continue
-            _link(Path(g.path), tmp / Path(g.path).name)
-            known[Path(g.path).name] = g.sha256
-        if adapter is not None:
-            for name, p in sorted(training_files(adapter).items()):
-                _link(Path(p), tmp / "training" / name)
-            if settings.include_adapter:
-                for f in adapter.files:
-                    if not adapter_file_allowed(f.path):
-                        left_out.append(f"adapter/{f.path}")
-                        continue
-                    _link(Path(adapter.path) / f.path, tmp / "adapter" / f.path)
-                    known[f"adapter/{f.path}"] = f.sha256
-        if merged is not None and settings.include_merged:
-            for f in merged.files:
-                if not merged_file_allowed(f.path):
-                    left_out.append(f"merged/{f.path}")
-                    continue
-                _link(Path(merged.path) / f.path, tmp / "merged" / f.path)
-                known[f"merged/{f.path}"] = f.sha256
+        staged = repo.stage(job, tmp)
         (tmp / "README.md").write_text(card_text, encoding="utf-8")
         names = sorted({*(rel.as_posix() for rel in iter_files(tmp)), "loraship.json"})
         atomic_write_json(tmp / "loraship.json", {**manifest, "published_files": names})
-        outside = [n for n in names if not repo_file_allowed(n)]
+        outside = [n for n in names if not repo_file_allowed(n, kind)]
         if outside:  # every path above is allowed by construction: this is the last line of defence
-            raise PermanentError(f"refusing to stage {', '.join(outside)}: not on the publish allow-list")
-    if left_out:
-        log.info("not published (not on the allow-list: pickles, markers, other files): %s", ", ".join(left_out))
-    return known
-
-
-def training_files(adapter: Artifact) -> dict[str, str]:
-    """The training metadata files that are published under training/: JSON only."""
-    files = adapter.meta.get("metadata_files") or {}
-    return {n: p for n, p in files.items() if training_file_allowed(n) and Path(p).is_file()}
-
-
-def repo_notes(adapter: Artifact | None, merged: Artifact | None, settings: HubSettings) -> list[dict[str, str]]:
-    """The non-GGUF files of the repo, for the card's 'Other files' section."""
-    notes = []
-    if adapter is not None and training_files(adapter):
-        notes.append(
-            {
-                "path": "training/",
-                "what": "training configuration and results (" + ", ".join(sorted(training_files(adapter))) + ")",
-            }
-        )
-    if adapter is not None and settings.include_adapter:
-        notes.append({"path": "adapter/", "what": "the LoRA adapter (peft) the GGUFs were merged from"})
-    if merged is not None and settings.include_merged:
-        notes.append({"path": "merged/", "what": "the merged model as safetensors (for transformers)"})
-    notes.append({"path": "loraship.json", "what": "every published file with its sha256 and provenance"})
-    return notes
+            raise PermanentError(f"refusing to stage {', '.join(outside)} in the {kind} repo: not on the allow-list")
+    if staged.left_out:
+        log.info("not published (not on the allow-list: pickles, markers, other files): %s", ", ".join(staged.left_out))
+    return staged.known
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -222,97 +187,97 @@ def hub_push(
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
 ) -> Artifact:
-    """Stage the repo folder and (with a token, not dry_run) push it in one commit. Returns the 'publish:hub' record."""
+    """Stage every repo of hub.repos and (with a token, not dry_run) push each in one commit.
 
+    Returns the 'publish:hub' record: its folder and top-level meta are the primary repo's (`primary_kind`),
+    `meta.repos` has every repo's (repo_id, url, staged, files, commit, uploaded, skipped, deleted)."""
     ggufs = [g for g in ggufs if settings.include_f16 or not quant_types.is_float(str(g.meta.get("quant", "")))]
-    if not ggufs:
+    hub_base, _ = base_model_names(base_model, adapter, card_settings)
+    job = RepoJob(
+        ggufs=ggufs,
+        splits=list(splits or []),
+        adapter=adapter,
+        merged=merged,
+        include_adapter=settings.include_adapter,
+        include_merged=settings.include_merged,
+        base_hub_id=hub_base,
+    )
+    missing = {k: why for k in settings.repos if (why := HUB_REPOS.lookup(k).unavailable(job))}
+    if missing:
         raise PermanentError(
-            "nothing to push: no GGUF artifacts in this run",
-            hint="enable the convert and quantize stages, or run with --from hub_push after a run that made them",
+            "nothing to push for " + "; ".join(f"the {k} repo: {why}" for k, why in missing.items()),
+            hint=(
+                "enable the stages that make them (download, merge, convert, quantize), run with --from hub_push "
+                "after a run that made them, or leave those kinds out of hub.repos"
+            ),
         )
     secret = token.get_secret_value() if token is not None else None
     will_push = bool(secret) and not dry_run
-    user = None
-    if will_push and not settings.repo_id:
-        user = whoami(hub_api(settings.endpoint, secret), secret).get("name")
-    repo_id = default_repo_id(settings, model_name, user)
+    user = whoami(hub_api(settings.endpoint, secret), secret).get("name") if will_push else None
+    repo_ids = run_repo_ids(settings, model_name, user)
     endpoint = (settings.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    publishable = [
-        *ggufs,
-        *([adapter] if adapter is not None and settings.include_adapter else []),
-        *([merged] if merged is not None and settings.include_merged else []),
-    ]
-    manifest = publish_manifest(publishable, model_name, version, repo_id)
-    extra_preview = repo_notes(adapter, merged, settings)
-    card_text = build_card(
-        ggufs,
-        model_name=model_name,
-        version=version,
-        repo_id=repo_id,
-        settings=card_settings,
-        base_model=base_model,
-        description=description or card_settings.description,
-        adapter=adapter,
-        eval_report=eval_report,
-        extra_files=extra_preview,
-        endpoint=endpoint,
-        splits=splits,
-        template_contract=template_contract,
-    )
-    folder = publish_dir / "hub" / repo_id.replace("/", "__")
-    known = stage_repo_folder(
-        folder,
-        ggufs=ggufs,
-        card_text=card_text,
-        manifest=manifest,
-        adapter=adapter,
-        merged=merged,
-        settings=settings,
-        splits=splits,
-    )
-    refuse_secrets(folder, f"to {repo_id}")  # before any upload, also in a dry run (it shows what would go)
-    notes = extra_preview
-    card_sha = hashlib.sha256(card_text.encode()).hexdigest()
+
+    staged: dict[str, dict[str, Any]] = {}
+    for kind in settings.repos:  # stage and scan every repo before pushing any
+        repo, repo_id = HUB_REPOS.lookup(kind), repo_ids[kind]
+        notes = repo.notes(job)
+        card_text = build_card(
+            ggufs if kind == "gguf" else [],
+            model_name=model_name,
+            version=version,
+            repo_id=repo_id,
+            settings=card_settings,
+            base_model=base_model,
+            description=description or card_settings.description,
+            adapter=adapter,
+            eval_report=eval_report,
+            extra_files=notes,
+            endpoint=endpoint,
+            splits=splits if kind == "gguf" else None,
+            template_contract=template_contract if kind == "gguf" else None,
+            kind=kind,
+            repos=repo_ids,
+        )
+        folder = publish_dir / "hub" / repo_id.replace("/", "__")
+        manifest = publish_manifest(repo.publishable(job), model_name, version, repo_id)
+        known = stage_repo_folder(folder, kind, job, card_text=card_text, manifest=manifest)
+        refuse_secrets(folder, f"to {repo_id}")  # before any upload, also in a dry run (it shows what would go)
+        staged[kind] = {
+            "repo_id": repo_id,
+            "url": f"{endpoint}/{repo_id}",
+            "staged": str(folder),
+            "dry_run": not will_push,
+            "card_sha256": hashlib.sha256(card_text.encode()).hexdigest(),
+            "extra_files": notes,
+            "known": known,
+        }
+
+    for kind, rec in staged.items():
+        if will_push:
+            rec.update(_push_repo(kind, rec, settings, secret, model_name, version, ggufs))
+        known = rec.pop("known")
+        folder = Path(rec["staged"])
+        rec["files"] = {r.as_posix(): known.get(r.as_posix()) or sha256_file(folder / r) for r in iter_files(folder)}
+    if not will_push:
+        why = "no hub.token configured" if not secret else "--dry-run"
+        for rec in staged.values():
+            rec["reason"] = why
+            log.info("dry run (%s): the folder that would be pushed to %s is %s", why, rec["repo_id"], rec["staged"])
+
+    primary = primary_kind(settings.repos)
+    top = staged[primary]
     meta: dict[str, Any] = {
-        "repo_id": repo_id,
+        "kind": primary,
         "endpoint": endpoint,
         "private": settings.private,
-        "dry_run": not will_push,
-        "card_sha256": card_sha,
-        "extra_files": notes,
-        "url": f"{endpoint}/{repo_id}",
-        "staged": str(folder),
+        **{k: v for k, v in top.items() if k != "files"},
+        "repos": staged,
     }
-    if will_push:
-        message = settings.commit_message or f"loraship: {model_name} {version}"
-        result = push_folder(
-            folder,
-            repo_id,
-            token=secret,
-            endpoint=settings.endpoint,
-            private=settings.private,
-            commit_message=message,
-            commit_description=f"{len(ggufs)} GGUF file(s): "
-            + ", ".join(sorted(str(g.meta.get("quant")) for g in ggufs)),
-            tag=version if settings.tag_version else None,
-            known=known,
-            owned_list="loraship.json",
-        )
-        meta.update({k: v for k, v in result.items() if k != "url"})
-        meta["url"] = result["url"] or meta["url"]
-        log.info(
-            "pushed %s: commit %s, %d file(s) sent, %d unchanged",
-            meta["url"],
-            (result["commit"] or "")[:12],
-            len(result["uploaded"]),
-            len(result["skipped"]),
-        )
-    else:
-        why = "no hub.token configured" if not secret else "--dry-run"
-        meta["reason"] = why
-        log.info("dry run (%s): the repo folder that would be pushed to %s is %s", why, repo_id, folder)
-    atomic_write_json(reports_dir / "hub_push.json", {k: v for k, v in meta.items() if k != "extra_files"})
+    report = {k: v for k, v in meta.items() if k not in ("extra_files", "repos")}
+    report["repos"] = {k: {f: v for f, v in rec.items() if f != "extra_files"} for k, rec in staged.items()}
+    atomic_write_json(reports_dir / "hub_push.json", report)
     inputs = [*ggufs, *(x for x in (adapter, merged, eval_report) if x is not None)]
+    folder = Path(top["staged"])
     return Artifact.from_path(
         folder,
         name="publish:hub",
@@ -322,8 +287,48 @@ def hub_push(
         settings=settings,
         tools=["huggingface_hub"],
         meta=meta,
-        known=known,
+        known=top["files"],
     )
+
+
+def _push_repo(
+    kind: str,
+    rec: dict[str, Any],
+    settings: HubSettings,
+    secret: str,
+    model_name: str,
+    version: str,
+    ggufs: list[Artifact],
+) -> dict[str, Any]:
+    """Push one staged repo folder in one commit (only what differs from the Hub); its meta fields."""
+    message = settings.commit_message or f"loraship: {model_name} {version}"
+    what = {
+        "gguf": f"{len(ggufs)} GGUF file(s): " + ", ".join(sorted(str(g.meta.get("quant")) for g in ggufs)),
+        "merged": "the merged model (safetensors) for transformers",
+        "adapter": "the LoRA adapter for peft",
+    }.get(kind, kind)
+    result = push_folder(
+        Path(rec["staged"]),
+        rec["repo_id"],
+        token=secret,
+        endpoint=settings.endpoint,
+        private=settings.private,
+        commit_message=message,
+        commit_description=what,
+        tag=version if settings.tag_version else None,
+        known=rec["known"],
+        owned_list="loraship.json",
+    )
+    out = {k: v for k, v in result.items() if k != "url"}
+    out["url"] = result["url"] or rec["url"]
+    log.info(
+        "pushed %s: commit %s, %d file(s) sent, %d unchanged",
+        out["url"],
+        (result["commit"] or "")[:12],
+        len(result["uploaded"]),
+        len(result["skipped"]),
+    )
+    return out
 
 
 def _hub_push_task_fn(

@@ -1,0 +1,322 @@
+"""hub.repos: the merged, GGUF and LoRA repos as the Hub's conventions expect them, each in one commit.
+
+Pushed to the local Hub-compatible server (tests/hub_server.py) with the real huggingface_hub client, and read
+back with it: the files each repo holds (and what it never holds), the cards' YAML (library_name, base_model,
+base_model_relation, model-index) and their links to each other, one commit per repo, a resumed push, the
+files a later run dropped deleted in the same commit, and a dry run's staged folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from tasks.core.artifacts import Artifact
+from tasks.core.errors import PermanentError, TransientError
+from tasks.publish.allowlist import scrub_local_paths
+from tasks.publish.card import CardSettings, card
+from tasks.publish.hub_push import HubSettings, hub_push
+from tests.hub_fixtures import eval_artifact, gguf_artifacts
+
+WRITE = SecretStr("hf_write_alice")
+READ = "hf_read_alice"
+ALL = ["gguf", "merged", "adapter"]
+
+
+def merged_artifact(folder: Path, base_dir: Path) -> Artifact:
+    """A merged model folder as the merge stage leaves it: real safetensors, configs (one naming the local base
+    folder, as transformers writes `_name_or_path`), tokenizer files, the chat template, and files that must
+    never be published (a pickle, a marker)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"lm_head.weight": np.arange(64, dtype=np.float32).reshape(8, 8)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "_name_or_path": str(base_dir)}))
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 32}))
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / ".complete").write_text("")
+    return Artifact.from_path(folder, name="merged", kind="merged", stage="merge", meta={"backend": "streaming"})
+
+
+def adapter_with_local_base(folder: Path, base_dir: Path) -> Artifact:
+    """A trainer's output folder: the adapter config names the base by its folder on the training box, peft's
+    own README says the same in its YAML, trainer_state names a local checkpoint, training_args.bin is a pickle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "base_model_name_or_path": ""}
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
+    (folder / "README.md").write_text(f"---\nbase_model: {base_dir}\nlibrary_name: peft\n---\n# Model Card\n")
+    (folder / "training_args.bin").write_bytes(b"pickle with hub_token")
+    state = {"global_step": 60, "best_model_checkpoint": f"{folder}/checkpoint-60", "log_history": [{"loss": 1.5}]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    (folder / "all_results.json").write_text(json.dumps({"train_runtime": 12.0, "train_loss": 1.5}))
+    files = {n: str(folder / n) for n in ("adapter_config.json", "trainer_state.json", "all_results.json")}
+    return Artifact.from_path(folder, name="adapter", kind="adapter", stage="download", meta={"metadata_files": files})
+
+
+@pytest.fixture
+def run(tmp_path):
+    base_dir = tmp_path / "boxes" / "train" / "tiny-base"
+    base_dir.mkdir(parents=True)
+    return {
+        "ggufs": gguf_artifacts(tmp_path / "gguf"),
+        "adapter": adapter_with_local_base(tmp_path / "adapter", base_dir),
+        "merged": merged_artifact(tmp_path / "merged", base_dir),
+        "eval": eval_artifact(tmp_path / "eval.json", {"F16": {"ppl": 9.5}, "Q4_K_M": {"ppl": 10.25, "kl_div": 0.04}}),
+        "base_dir": base_dir,
+    }
+
+
+def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw):
+    return hub_push(
+        run["ggufs"],
+        HubSettings(endpoint=hub.url, repos=repos, **kw),
+        CardSettings(),
+        tmp_path / sub / "publish",
+        tmp_path / sub / "reports",
+        model_name="tiny",
+        version="v1",
+        base_model="acme/tiny-base",
+        adapter=run["adapter"],
+        merged=run["merged"],
+        eval_report=run["eval"],
+        token=token,
+    )
+
+
+def _card(repo_id: str, hub):
+    """The repo's README read back from the Hub and parsed as huggingface_hub parses a model card."""
+    import tempfile
+
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = hf_hub_download(repo_id, "README.md", endpoint=hub.url, token=READ, cache_dir=tmp)
+        return ModelCard(Path(path).read_text())
+
+
+def _download(repo_id: str, name: str, hub, tmp_path: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, name, endpoint=hub.url, token=READ, cache_dir=str(tmp_path / "dl")))
+
+
+def test_three_repos_each_in_one_commit_read_back_from_the_hub(tmp_path, hub_server, run):
+    art = _push(tmp_path, hub_server, run)
+    assert set(art.meta["repos"]) == set(ALL) and art.meta["repo_id"] == "alice/tiny-GGUF"
+    ids = {"merged": "alice/tiny", "gguf": "alice/tiny-GGUF", "adapter": "alice/tiny-LoRA"}
+    for kind, rid in ids.items():
+        repo = hub_server.state.repo(rid)
+        assert len(repo.commits) == 2, f"{rid}: the initial commit and exactly one push commit"
+        assert repo.tags == {"v1": repo.head.oid}
+        assert art.meta["repos"][kind]["commit"] == repo.head.oid
+    merged = set(hub_server.state.repo("alice/tiny").files()) - {".gitattributes"}  # the initial commit's
+    assert merged == {
+        "README.md",
+        "loraship.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "training/adapter_config.json",
+        "training/trainer_state.json",
+        "training/all_results.json",
+    }  # fmt: skip  no pickle, no marker
+    lora = set(hub_server.state.repo("alice/tiny-LoRA").files()) - {".gitattributes"}
+    assert lora == {
+        "README.md",
+        "loraship.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training/trainer_state.json",
+        "training/all_results.json",
+    }  # fmt: skip  no training_args.bin, and peft's README is replaced by the card
+    gguf = set(hub_server.state.repo("alice/tiny-GGUF").files())
+    assert {"tiny-F16.gguf", "tiny-Q4_K_M.gguf", "adapter/adapter_config.json"} <= gguf
+    assert "adapter/README.md" not in gguf and not any(f.endswith(".bin") for f in gguf | merged | lora)
+
+    weights = _download("alice/tiny", "model.safetensors", hub_server, tmp_path)
+    want = next(f.sha256 for f in run["merged"].files if f.path == "model.safetensors")
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == want
+
+    # no local path of the training box in anything published
+    base = str(run["base_dir"])
+    cfg = json.loads(_download("alice/tiny-LoRA", "adapter_config.json", hub_server, tmp_path).read_text())
+    assert cfg["base_model_name_or_path"] == "acme/tiny-base", "peft loads the base by its Hub id"
+    config = json.loads(_download("alice/tiny", "config.json", hub_server, tmp_path).read_text())
+    assert config["_name_or_path"] == "acme/tiny-base" and config["model_type"] == "llama"
+    state = json.loads(_download("alice/tiny", "training/trainer_state.json", hub_server, tmp_path).read_text())
+    assert state["best_model_checkpoint"] == "checkpoint-60"
+    for rid in ids.values():
+        for name, f in hub_server.state.repo(rid).files().items():
+            if not f.lfs:
+                assert base not in hub_server.state.blob(f.sha256).decode(), f"{rid}/{name} names {base}"
+
+
+def test_the_cards_follow_the_hubs_conventions_and_link_each_other(tmp_path, hub_server, run):
+    _push(tmp_path, hub_server, run)
+    merged, gguf, lora = (_card(r, hub_server) for r in ("alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA"))
+    assert (merged.data.library_name, merged.data.base_model, merged.data.base_model_relation) == (
+        "transformers",
+        "acme/tiny-base",
+        "finetune",
+    )
+    assert (gguf.data.library_name, gguf.data.base_model, gguf.data.base_model_relation) == (
+        "gguf",
+        "alice/tiny",
+        "quantized",
+    ), "the GGUFs are quantized from the merged repo"
+    assert (lora.data.library_name, lora.data.base_model, lora.data.base_model_relation) == (
+        "peft",
+        "acme/tiny-base",
+        "adapter",
+    )
+    results = merged.data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("perplexity", 9.5)], "the F16 row: the model itself"
+    assert "gguf" not in (merged.data.tags or []) and "gguf" in gguf.data.tags
+    for c, this in ((merged, "alice/tiny"), (gguf, "alice/tiny-GGUF"), (lora, "alice/tiny-LoRA")):
+        others = {"alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA"} - {this}
+        for other in others:
+            assert f"[{other}]({hub_server.url}/{other})" in c.text, f"{this}'s card links {other}"
+        assert f"**{this}** (this repo)" in c.text
+    assert 'AutoModelForCausalLM.from_pretrained("alice/tiny")' in merged.text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("alice/tiny-LoRA")' in lora.text
+    assert "llama-cli --hf-repo alice/tiny-GGUF" in gguf.text and "llama-cli" not in merged.text + lora.text
+
+
+def test_an_unchanged_second_push_makes_no_commit_and_a_dropped_file_is_deleted_in_one(tmp_path, hub_server, run):
+    _push(tmp_path, hub_server, run)
+    before = len(hub_server.state.requests)
+    again = _push(tmp_path, hub_server, run, sub="b")
+    assert hub_server.state.calls("POST", r"/commit/", since=before) == []
+    assert all(rec["uploaded"] == [] for rec in again.meta["repos"].values())
+
+    folder = Path(run["merged"].path)
+    (folder / "generation_config.json").unlink()
+    run["merged"] = Artifact.from_path(folder, name="merged", kind="merged", stage="merge")
+    repo = hub_server.state.repo("alice/tiny")
+    commits = len(repo.commits)
+    third = _push(tmp_path, hub_server, run, sub="c")
+    assert third.meta["repos"]["merged"]["deleted"] == ["generation_config.json"]
+    assert "generation_config.json" not in repo.files() and len(repo.commits) == commits + 1
+    assert len(hub_server.state.repo("alice/tiny-GGUF").commits) == 2, "the unchanged GGUF repo gets no commit"
+
+
+def test_a_failed_commit_resumes_without_sending_stored_files_again(tmp_path, hub_server, run):
+    hub_server.state.fail_next("POST", r"/api/models/alice/tiny/commit/", status=500)
+    with pytest.raises(TransientError):
+        _push(tmp_path, hub_server, run)
+    assert ("model", "alice/tiny-GGUF") not in hub_server.state.repos, "merged goes first; nothing after a failure"
+    weights = next(f.sha256 for f in run["merged"].files if f.path == "model.safetensors")
+    assert any(weights in r.path for r in hub_server.state.calls("PUT", r"/lfs-upload/")), "stored before the commit"
+    before = len(hub_server.state.requests)
+    art = _push(tmp_path, hub_server, run)  # what the stage task's retry does
+    puts = [r.path for r in hub_server.state.calls("PUT", r"/lfs-upload/", since=before)]
+    assert not any(weights in p for p in puts) and len(hub_server.state.repo("alice/tiny").commits) == 2
+    assert art.meta["repos"]["merged"]["commit"] == hub_server.state.repo("alice/tiny").head.oid
+
+
+def test_a_dry_run_stages_each_repos_exact_folder(tmp_path, hub_server, run):
+    dry = _push(tmp_path, hub_server, run, token=None)
+    assert hub_server.state.requests == [], "a dry run sends nothing"
+    staged = {}
+    for kind, rec in dry.meta["repos"].items():
+        folder = Path(rec["staged"])
+        assert folder.parent == tmp_path / "a" / "publish" / "hub" and rec["dry_run"]
+        staged[kind] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert sorted(rec["files"]) == staged[kind]
+    assert Path(dry.path) == Path(dry.meta["repos"]["gguf"]["staged"])
+    real = _push(tmp_path, hub_server, run, sub="real")
+    for kind, names in staged.items():
+        assert sorted(real.meta["repos"][kind]["uploaded"]) == names, kind
+
+
+def test_repo_ids_and_the_merged_repo_alone(tmp_path, hub_server, run):
+    art = _push(tmp_path, hub_server, run, repos=["merged"], repo_ids={"merged": "alice/tiny-chat"})
+    assert art.meta["kind"] == "merged" and art.meta["repo_id"] == "alice/tiny-chat"
+    assert [r.path for r in hub_server.state.calls("POST", r"/api/repos/create")] == ["/api/repos/create"]
+    assert "## This model on the Hub" not in _card("alice/tiny-chat", hub_server).text, "nothing to link"
+    run["merged"] = None
+    with pytest.raises(PermanentError, match="merged repo: no merged model"):
+        _push(tmp_path, hub_server, run, repos=["merged"], sub="b")
+
+
+def test_hub_repos_is_validated_against_the_registry():
+    with pytest.raises(ValidationError, match="did you mean 'gguf'"):
+        HubSettings(repos=["ggfu"])
+    with pytest.raises(ValidationError, match="twice"):
+        HubSettings(repos=["gguf", "gguf"])
+    with pytest.raises(ValidationError, match="hub.repos is empty"):
+        HubSettings(repos=[])
+    with pytest.raises(ValidationError, match="unknown hub repo kind 'lora'"):
+        HubSettings(repo_ids={"lora": "a/b"})
+    assert HubSettings(repos=["adapter", "gguf", "merged"]).repos == ["merged", "gguf", "adapter"], "merged first"
+
+
+def test_the_card_stage_adds_the_spaces_embed_snippet_to_every_card(tmp_path, hub_server, run):
+    pushed = _push(tmp_path, hub_server, run)
+    space = Artifact.from_path(
+        run["eval"].path,
+        name="publish:space",
+        kind="publish",
+        stage="space",
+        meta={"space_id": "alice/tiny-demo", "url": f"{hub_server.url}/spaces/alice/tiny-demo", "dry_run": False},
+    )
+    out = tmp_path / "reports" / "README.md"
+    made = card(
+        run["ggufs"],
+        CardSettings(),
+        out,
+        model_name="tiny",
+        version="v1",
+        repo_id="alice/tiny-GGUF",
+        base_model="acme/tiny-base",
+        adapter=run["adapter"],
+        eval_report=run["eval"],
+        pushed=pushed,
+        endpoint=hub_server.url,
+        token=WRITE,
+        space=space,
+    )
+    assert set(made.meta["cards"]) == set(ALL) and (tmp_path / "reports" / "README-merged.md").is_file()
+    for rid in ("alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA"):
+        repo = hub_server.state.repo(rid)
+        assert len(repo.commits) == 3, f"{rid}: the card update is one more commit"
+        text = _card(rid, hub_server).text
+        assert '<iframe src="https://alice-tiny-demo.hf.space"' in text and "[alice/tiny-demo](" in text
+    dry = Artifact.from_path(
+        run["eval"].path, name="publish:space", kind="publish", stage="space", meta={"space_id": "a/b", "dry_run": True}
+    )
+    made = card(
+        run["ggufs"], CardSettings(), out, model_name="tiny", version="v1", repo_id="alice/tiny-GGUF", space=dry
+    )
+    assert "iframe" not in out.read_text(), "a Space that was not deployed is not embedded"
+
+
+def test_local_paths_are_scrubbed_from_published_json():
+    data = {
+        "base_model_name_or_path": "/home/u/models/base",
+        "output_dir": "/home/u/runs/x/",
+        "chat_template": "{{ '/' }} {% if a %}/x{% endif %}",
+        "nested": [{"_name_or_path": "~/base"}, "C:\\runs\\ckpt"],
+        "url": "https://huggingface.co/acme/base",
+    }
+    assert scrub_local_paths(data, "acme/base") == {
+        "base_model_name_or_path": "acme/base",
+        "output_dir": "x",
+        "chat_template": "{{ '/' }} {% if a %}/x{% endif %}",
+        "nested": [{"_name_or_path": "acme/base"}, "ckpt"],
+        "url": "https://huggingface.co/acme/base",
+    }
+    assert "base_model_name_or_path" not in scrub_local_paths(data), "no Hub id: the key is dropped, not guessed"
