@@ -309,15 +309,14 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         splits=_released(ctx, "hub_push", ArtifactKind.GGUF_SPLIT) or None,
         template_contract=ctx.artifacts.get("report:template-contract"),
     )
-    repos = made.meta.get("repos") or {made.meta.get("kind", "gguf"): made.meta}
     said = []
-    for kind, rec in repos.items():
-        label = "hub repo" if kind == made.meta.get("kind", "gguf") else f"hub repo ({kind})"
+    for a in made:
+        rec = a.meta
+        label = "hub repo" if rec["repo_kind"] == "gguf" else f"hub repo ({rec['repo_kind']})"
         if rec.get("dry_run"):
             ctx.notes.setdefault("dry_run", {})["hub_push"] = True
             ctx.notes.setdefault("links", {})[f"{label} (staged, not pushed)"] = rec["staged"]
-            files = len(rec.get("files") or {})
-            said.append(f"would push {files} files to {rec['repo_id']}; staged in {rec['staged']}")
+            said.append(f"would push {len(a.files)} files to {rec['repo_id']}; staged in {rec['staged']}")
         else:
             ctx.notes.setdefault("links", {})[label] = rec["url"]
             deleted = rec.get("deleted") or []
@@ -326,23 +325,23 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
                 + (f", {len(deleted)} removed ({', '.join(deleted)})" if deleted else "")
                 + ("" if rec.get("uploaded") or deleted else "; no commit")
             )
-    dry = f"dry run ({made.meta.get('reason')}): " if made.meta.get("dry_run") else ""
-    ctx.notes.setdefault("messages", {})["hub_push"] = dry + "; ".join(said)
-    return [made]
+    reason = made[0].meta.get("reason") if made and made[0].meta.get("dry_run") else None
+    ctx.notes.setdefault("messages", {})["hub_push"] = (f"dry run ({reason}): " if reason else "") + "; ".join(said)
+    return list(made)
 
 
 def run_card(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.card import card_task
-    from tasks.publish.hub_push import primary_kind, run_repo_ids
+    from tasks.publish.hub_push import primary_kind, push_records, run_repo_ids
 
     ggufs = _released(ctx, "card") if "gguf" in ctx.config.hub.repos else []
-    pushed = ctx.artifacts.get("publish:hub")
-    repos = run_repo_ids(ctx.config.hub, ctx.config.model.name, None)
-    if pushed is not None:
-        repo_id, endpoint = pushed.meta.get("repo_id", ""), pushed.meta.get("endpoint")
-    else:
-        repo_id, endpoint = repos[primary_kind(ctx.config.hub.repos)], ctx.config.hub.endpoint
-    real = pushed is not None and not pushed.meta.get("dry_run") and not ctx.dry_run
+    records = push_records(ctx.artifacts.values())
+    repos = {a.meta["repo_kind"]: a.meta["repo_id"] for a in records if a.meta.get("repo_kind")} or run_repo_ids(
+        ctx.config.hub, ctx.config.model.name, None
+    )
+    primary = primary_kind(list(repos))
+    repo_id, endpoint = repos[primary], (records[0].meta.get("endpoint") if records else ctx.config.hub.endpoint)
+    real = bool(records) and not any(a.meta.get("dry_run") for a in records) and not ctx.dry_run
     token = _hub_token(ctx, ctx.config.hub.token, "hub.token") if real else None
     made = ctx.call(
         "card",
@@ -357,7 +356,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         description=ctx.config.model.description,
         adapter=ctx.artifacts.get("adapter"),
         eval_report=ctx.artifacts.get("report:eval"),
-        pushed=pushed if real else None,
+        pushed=records if real else None,
         endpoint=endpoint,
         _token=token,
         splits=_released(ctx, "card", ArtifactKind.GGUF_SPLIT) or None,

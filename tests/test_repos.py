@@ -20,7 +20,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, TransientError
 from tasks.publish.allowlist import scrub_local_paths
 from tasks.publish.card import CardSettings, card
-from tasks.publish.hub_push import HubSettings, hub_push
+from tasks.publish.hub_push import HubSettings, hub_push_repos
 from tests.hub_fixtures import eval_artifact, gguf_artifacts
 
 WRITE = SecretStr("hf_write_alice")
@@ -76,8 +76,9 @@ def run(tmp_path):
     }
 
 
-def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw):
-    return hub_push(
+def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw) -> dict[str, Artifact]:
+    """hub_push_repos' records by repo kind."""
+    made = hub_push_repos(
         run["ggufs"],
         HubSettings(endpoint=hub.url, repos=repos, **kw),
         CardSettings(),
@@ -91,6 +92,7 @@ def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw):
         eval_report=run["eval"],
         token=token,
     )
+    return {a.meta["repo_kind"]: a for a in made}
 
 
 def _card(repo_id: str, hub):
@@ -111,14 +113,19 @@ def _download(repo_id: str, name: str, hub, tmp_path: Path) -> Path:
 
 
 def test_three_repos_each_in_one_commit_read_back_from_the_hub(tmp_path, hub_server, run):
-    art = _push(tmp_path, hub_server, run)
-    assert set(art.meta["repos"]) == set(ALL) and art.meta["repo_id"] == "alice/tiny-GGUF"
+    made = _push(tmp_path, hub_server, run)
     ids = {"merged": "alice/tiny", "gguf": "alice/tiny-GGUF", "adapter": "alice/tiny-LoRA"}
+    assert {k: a.name for k, a in made.items()} == {
+        "merged": "publish:hub:merged",
+        "gguf": "publish:hub",
+        "adapter": "publish:hub:adapter",
+    }
+    assert all(a.meta["repos"] == ids for a in made.values()), "every record knows the run's repos"
     for kind, rid in ids.items():
         repo = hub_server.state.repo(rid)
         assert len(repo.commits) == 2, f"{rid}: the initial commit and exactly one push commit"
         assert repo.tags == {"v1": repo.head.oid}
-        assert art.meta["repos"][kind]["commit"] == repo.head.oid
+        assert made[kind].meta["commit"] == repo.head.oid and made[kind].meta["repo_id"] == rid
     merged = set(hub_server.state.repo("alice/tiny").files()) - {".gitattributes"}  # the initial commit's
     assert merged == {
         "README.md",
@@ -200,7 +207,7 @@ def test_an_unchanged_second_push_makes_no_commit_and_a_dropped_file_is_deleted_
     before = len(hub_server.state.requests)
     again = _push(tmp_path, hub_server, run, sub="b")
     assert hub_server.state.calls("POST", r"/commit/", since=before) == []
-    assert all(rec["uploaded"] == [] for rec in again.meta["repos"].values())
+    assert all(a.meta["uploaded"] == [] for a in again.values())
 
     folder = Path(run["merged"].path)
     (folder / "generation_config.json").unlink()
@@ -208,7 +215,7 @@ def test_an_unchanged_second_push_makes_no_commit_and_a_dropped_file_is_deleted_
     repo = hub_server.state.repo("alice/tiny")
     commits = len(repo.commits)
     third = _push(tmp_path, hub_server, run, sub="c")
-    assert third.meta["repos"]["merged"]["deleted"] == ["generation_config.json"]
+    assert third["merged"].meta["deleted"] == ["generation_config.json"]
     assert "generation_config.json" not in repo.files() and len(repo.commits) == commits + 1
     assert len(hub_server.state.repo("alice/tiny-GGUF").commits) == 2, "the unchanged GGUF repo gets no commit"
 
@@ -224,27 +231,27 @@ def test_a_failed_commit_resumes_without_sending_stored_files_again(tmp_path, hu
     art = _push(tmp_path, hub_server, run)  # what the stage task's retry does
     puts = [r.path for r in hub_server.state.calls("PUT", r"/lfs-upload/", since=before)]
     assert not any(weights in p for p in puts) and len(hub_server.state.repo("alice/tiny").commits) == 2
-    assert art.meta["repos"]["merged"]["commit"] == hub_server.state.repo("alice/tiny").head.oid
+    assert art["merged"].meta["commit"] == hub_server.state.repo("alice/tiny").head.oid
 
 
 def test_a_dry_run_stages_each_repos_exact_folder(tmp_path, hub_server, run):
     dry = _push(tmp_path, hub_server, run, token=None)
     assert hub_server.state.requests == [], "a dry run sends nothing"
     staged = {}
-    for kind, rec in dry.meta["repos"].items():
-        folder = Path(rec["staged"])
-        assert folder.parent == tmp_path / "a" / "publish" / "hub" and rec["dry_run"]
+    for kind, a in dry.items():
+        folder = Path(a.path)
+        assert folder == Path(a.meta["staged"]) and folder.parent == tmp_path / "a" / "publish" / "hub"
+        assert a.meta["dry_run"] and a.meta["reason"] == "no hub.token configured"
         staged[kind] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        assert sorted(rec["files"]) == staged[kind]
-    assert Path(dry.path) == Path(dry.meta["repos"]["gguf"]["staged"])
+        assert sorted(f.path for f in a.files) == staged[kind]
     real = _push(tmp_path, hub_server, run, sub="real")
     for kind, names in staged.items():
-        assert sorted(real.meta["repos"][kind]["uploaded"]) == names, kind
+        assert sorted(real[kind].meta["uploaded"]) == names, kind
 
 
 def test_repo_ids_and_the_merged_repo_alone(tmp_path, hub_server, run):
-    art = _push(tmp_path, hub_server, run, repos=["merged"], repo_ids={"merged": "alice/tiny-chat"})
-    assert art.meta["kind"] == "merged" and art.meta["repo_id"] == "alice/tiny-chat"
+    made = _push(tmp_path, hub_server, run, repos=["merged"], repo_ids={"merged": "alice/tiny-chat"})
+    assert list(made) == ["merged"] and made["merged"].meta["repo_id"] == "alice/tiny-chat"
     assert [r.path for r in hub_server.state.calls("POST", r"/api/repos/create")] == ["/api/repos/create"]
     assert "## This model on the Hub" not in _card("alice/tiny-chat", hub_server).text, "nothing to link"
     run["merged"] = None
@@ -284,7 +291,7 @@ def test_the_card_stage_adds_the_spaces_embed_snippet_to_every_card(tmp_path, hu
         base_model="acme/tiny-base",
         adapter=run["adapter"],
         eval_report=run["eval"],
-        pushed=pushed,
+        pushed=list(pushed.values()),
         endpoint=hub_server.url,
         token=WRITE,
         space=space,

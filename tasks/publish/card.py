@@ -547,7 +547,7 @@ def card(
     description: str = "",
     adapter: Artifact | None = None,
     eval_report: Artifact | None = None,
-    pushed: Artifact | None = None,
+    pushed: Artifact | list[Artifact] | None = None,
     endpoint: str | None = None,
     token: Any = None,
     splits: list[Artifact] | None = None,
@@ -555,14 +555,18 @@ def card(
     repos: dict[str, str] | None = None,
     space: Artifact | None = None,
 ) -> Artifact:
-    """Render the card of every repo of the run; when `pushed` (a real push record) is given, commit each
-    card that differs from the README its repo has now.
+    """Render the card of every repo of the run; when `pushed` (the real push records, one per repo) is
+    given, commit each card that differs from the README its repo has now.
 
-    `repos` (kind -> repo id; the push record's `meta.repos` wins) says which cards: the primary repo's
-    (the GGUF repo when published: `repo_id`) goes to `out_path`, the others beside it as README-<kind>.md.
-    `space` (the `publish:space` record) adds the demo and its embed snippet once the Space is deployed."""
-    pushed_repos = (pushed.meta.get("repos") or {}) if pushed is not None else {}
+    Which cards: the pushed repos, else `repos` (kind -> repo id), else the GGUF repo `repo_id`. The
+    primary repo's card (the GGUF repo's when published) goes to `out_path`, the others beside it as
+    README-<kind>.md. `space` (the `publish:space` record) adds the demo and its embed snippet once the
+    Space is deployed."""
+    records = [pushed] if isinstance(pushed, Artifact) else list(pushed or [])
+    pushed_repos = {str(a.meta.get("repo_kind") or "gguf"): a.meta for a in records}
     kinds = {k: str(r["repo_id"]) for k, r in pushed_repos.items()} or dict(repos or {"gguf": repo_id})
+    if records and "repos" in records[0].meta:  # every repo of the run, for the links
+        kinds = {**records[0].meta["repos"], **kinds}
     if "gguf" in kinds and not ggufs:
         raise PermanentError(
             "the card stage needs GGUF artifacts for the gguf repo's card and none were made",
@@ -583,8 +587,7 @@ def card(
             description=description or settings.description,
             adapter=adapter,
             eval_report=eval_report,
-            extra_files=(pushed_repos.get(kind) or {}).get("extra_files")
-            or (pushed.meta.get("extra_files") if pushed is not None and kind == primary else None),
+            extra_files=(pushed_repos.get(kind) or {}).get("extra_files"),
             endpoint=(endpoint or "https://huggingface.co"),
             splits=splits if kind == "gguf" else None,
             template_contract=template_contract if kind == "gguf" else None,
@@ -595,11 +598,12 @@ def card(
         path = out_path if kind == primary else out_path.with_name(f"{out_path.stem}-{kind}{out_path.suffix}")
         atomic_write_text(path, text)
         cards[kind] = {"repo_id": rid, "path": str(path)}
-        if pushed is not None and not pushed.meta.get("dry_run") and token is not None:
+        rec = pushed_repos.get(kind)
+        if rec is not None and not rec.get("dry_run") and token is not None:
             cards[kind]["commit"] = update_readme(
                 rid,
                 path,
-                endpoint=pushed.meta.get("endpoint") or endpoint,
+                endpoint=rec.get("endpoint") or endpoint,
                 token=token.get_secret_value(),
             )  # compared with the README the repo has now, not with what the push record says it sent
     meta: dict[str, Any] = {
@@ -611,7 +615,7 @@ def card(
     }
     if "commit" in cards[primary]:
         meta["commit"] = cards[primary]["commit"]
-    inputs = [*ggufs, *(x for x in (adapter, eval_report, pushed, template_contract, space) if x is not None)]
+    inputs = [*ggufs, *records, *(x for x in (adapter, eval_report, template_contract, space) if x is not None)]
     return Artifact.from_path(
         out_path,
         name="card",

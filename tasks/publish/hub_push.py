@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
-from tasks.core.hashing import iter_files, sha256_file
+from tasks.core.hashing import iter_files
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
@@ -168,7 +168,7 @@ def stage_repo_folder(
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def hub_push(
+def hub_push_repos(
     ggufs: list[Artifact],
     settings: HubSettings,
     card_settings: Any,
@@ -186,11 +186,13 @@ def hub_push(
     dry_run: bool = False,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
-) -> Artifact:
+) -> list[Artifact]:
     """Stage every repo of hub.repos and (with a token, not dry_run) push each in one commit.
 
-    Returns the 'publish:hub' record: its folder and top-level meta are the primary repo's (`primary_kind`),
-    `meta.repos` has every repo's (repo_id, url, staged, files, commit, uploaded, skipped, deleted)."""
+    Returns one record per repo (`record_name`: `publish:hub` for the GGUF repo, `publish:hub:<kind>`),
+    pointing at its staged folder; meta: `repo_kind`, `repo_id`, `url`, `staged`, `dry_run` (+ `reason`),
+    `card_sha256`, `extra_files`, after a push `commit`, `uploaded`, `skipped`, `deleted`, `tag`, and
+    `repos` (kind -> repo id of every repo of the run: what the cards link)."""
     ggufs = [g for g in ggufs if settings.include_f16 or not quant_types.is_float(str(g.meta.get("quant", "")))]
     hub_base, _ = base_model_names(base_model, adapter, card_settings)
     job = RepoJob(
@@ -243,6 +245,7 @@ def hub_push(
         known = stage_repo_folder(folder, kind, job, card_text=card_text, manifest=manifest)
         refuse_secrets(folder, f"to {repo_id}")  # before any upload, also in a dry run (it shows what would go)
         staged[kind] = {
+            "repo_kind": kind,
             "repo_id": repo_id,
             "url": f"{endpoint}/{repo_id}",
             "staged": str(folder),
@@ -252,48 +255,63 @@ def hub_push(
             "known": known,
         }
 
-    for kind, rec in staged.items():
-        if will_push:
-            rec.update(_push_repo(kind, rec, settings, secret, model_name, version, ggufs))
-        known = rec.pop("known")
-        folder = Path(rec["staged"])
-        rec["files"] = {r.as_posix(): known.get(r.as_posix()) or sha256_file(folder / r) for r in iter_files(folder)}
     if not will_push:
         why = "no hub.token configured" if not secret else "--dry-run"
         for rec in staged.values():
             rec["reason"] = why
             log.info("dry run (%s): the folder that would be pushed to %s is %s", why, rec["repo_id"], rec["staged"])
+    made = []
+    for kind, rec in staged.items():
+        known = rec.pop("known")
+        if will_push:
+            rec.update(_push_repo(kind, rec, known, settings, secret, model_name, version, ggufs))
+        repo = HUB_REPOS.lookup(kind)
+        made.append(
+            Artifact.from_path(
+                rec["staged"],
+                name=record_name(kind),
+                kind=ArtifactKind.PUBLISH,
+                stage=STAGE,
+                inputs=[*repo.publishable(job), *([eval_report] if eval_report is not None else [])],
+                settings=settings,
+                tools=["huggingface_hub"],
+                meta={"endpoint": endpoint, "private": settings.private, **rec, "repos": repo_ids},
+                known=known,
+            )
+        )
+    report = {a.meta["repo_kind"]: {k: v for k, v in a.meta.items() if k != "extra_files"} for a in made}
+    atomic_write_json(reports_dir / "hub_push.json", {**report[primary_kind(settings.repos)], "repos": report})
+    return made
 
-    primary = primary_kind(settings.repos)
-    top = staged[primary]
-    meta: dict[str, Any] = {
-        "kind": primary,
-        "endpoint": endpoint,
-        "private": settings.private,
-        **{k: v for k, v in top.items() if k != "files"},
-        "repos": staged,
-    }
-    report = {k: v for k, v in meta.items() if k not in ("extra_files", "repos")}
-    report["repos"] = {k: {f: v for f, v in rec.items() if f != "extra_files"} for k, rec in staged.items()}
-    atomic_write_json(reports_dir / "hub_push.json", report)
-    inputs = [*ggufs, *(x for x in (adapter, merged, eval_report) if x is not None)]
-    folder = Path(top["staged"])
-    return Artifact.from_path(
-        folder,
-        name="publish:hub",
-        kind=ArtifactKind.PUBLISH,
-        stage=STAGE,
-        inputs=inputs,
-        settings=settings,
-        tools=["huggingface_hub"],
-        meta=meta,
-        known=top["files"],
-    )
+
+def record_name(kind: str) -> str:
+    """The manifest name of a repo's push record: `publish:hub` for the GGUF repo (what the Space and the
+    card read since before hub.repos), `publish:hub:<kind>` for the others."""
+    return "publish:hub" if kind == "gguf" else f"publish:hub:{kind}"
+
+
+def push_records(artifacts: Any) -> list[Artifact]:
+    """The push records among `artifacts` (the run's lineage), one per published repo, in hub.repos order."""
+    order = HUB_REPOS.names()
+
+    def rank(a: Artifact) -> int:
+        kind = a.meta.get("repo_kind", "gguf")
+        return order.index(kind) if kind in order else len(order)
+
+    found = [a for a in artifacts if a.kind == ArtifactKind.PUBLISH and a.name.startswith("publish:hub")]
+    return sorted(found, key=rank)
+
+
+def hub_push(ggufs: list[Artifact], settings: HubSettings, *args: Any, **kwargs: Any) -> Artifact:
+    """`hub_push_repos`, returning the primary repo's record (the GGUF repo's when published, else the first)."""
+    made = hub_push_repos(ggufs, settings, *args, **kwargs)
+    return next(a for a in made if a.meta["repo_kind"] == primary_kind(settings.repos))
 
 
 def _push_repo(
     kind: str,
     rec: dict[str, Any],
+    known: dict[str, str],
     settings: HubSettings,
     secret: str,
     model_name: str,
@@ -316,7 +334,7 @@ def _push_repo(
         commit_message=message,
         commit_description=what,
         tag=version if settings.tag_version else None,
-        known=rec["known"],
+        known=known,
         owned_list="loraship.json",
     )
     out = {k: v for k, v in result.items() if k != "url"}
@@ -348,8 +366,8 @@ def _hub_push_task_fn(
     _token: Any = None,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
-) -> Artifact:
-    return hub_push(
+) -> list[Artifact]:
+    return hub_push_repos(
         ggufs,
         settings,
         card_settings,
