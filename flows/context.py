@@ -34,6 +34,7 @@ class RunContext:
     lineage: Lineage = field(default_factory=Lineage)  # the run's current artifacts, shared by every view
     records: dict[str, Artifact] = field(default_factory=dict)  # the manifest's records at the start of the run
     results: dict[Stage, Any] = field(default_factory=dict)  # StageResult per stage, written by its task
+    selected: tuple[Stage, ...] = ()  # the stages this run runs (hub_push puts the Space to come in the cards)
 
     def for_stage(self, stage: Stage) -> RunContext:
         """The view a stage's runner gets: the lineage's artifacts made by its upstream stages, nothing else."""

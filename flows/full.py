@@ -139,6 +139,7 @@ def full(
             refresh=set(refresh or []),
             lineage=Lineage(removed=dict(previous.removed)),
             records={**{n: s.artifact for n, s in previous.superseded.items()}, **previous.artifacts},
+            selected=tuple(stages),
         )
         summary = RunSummary(
             model=cfg.model.name,

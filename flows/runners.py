@@ -308,6 +308,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         _token=token,
         splits=_released(ctx, "hub_push", ArtifactKind.GGUF_SPLIT) or None,
         template_contract=ctx.artifacts.get("report:template-contract"),
+        space_id=ctx.config.space.space_id if Stage.SPACE in ctx.selected else None,
     )
     said = []
     for a in made:

@@ -454,6 +454,13 @@ class Handler(BaseHTTPRequestHandler):
                             errors.append({"message": '"license" must be a string'})
                         if "tags" in meta and not isinstance(meta["tags"], list):
                             errors.append({"message": '"tags" must be an array'})
+                        relation = meta.get("base_model_relation")
+                        if relation is not None and relation not in ("adapter", "merge", "quantized", "finetune"):
+                            errors.append(
+                                {"message": '"base_model_relation" must be adapter, merge, quantized or finetune'}
+                            )
+                        if relation is not None and not meta.get("base_model"):
+                            errors.append({"message": '"base_model_relation" needs "base_model"'})
                         if "model-index" in meta:
                             for entry in meta["model-index"] or []:
                                 if not isinstance(entry, dict) or "name" not in entry or "results" not in entry:

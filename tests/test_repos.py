@@ -76,7 +76,7 @@ def run(tmp_path):
     }
 
 
-def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw) -> dict[str, Artifact]:
+def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", space_id=None, **kw) -> dict[str, Artifact]:
     """hub_push_repos' records by repo kind."""
     made = hub_push_repos(
         run["ggufs"],
@@ -91,6 +91,7 @@ def _push(tmp_path: Path, hub, run, repos=ALL, token=WRITE, sub="a", **kw) -> di
         merged=run["merged"],
         eval_report=run["eval"],
         token=token,
+        space_id=space_id,
     )
     return {a.meta["repo_kind"]: a for a in made}
 
@@ -259,6 +260,33 @@ def test_repo_ids_and_the_merged_repo_alone(tmp_path, hub_server, run):
         _push(tmp_path, hub_server, run, repos=["merged"], sub="b")
 
 
+def test_a_base_without_a_hub_id_is_named_never_linked(tmp_path, hub_server, run):
+    """Only a local base folder is known: no card claims a base_model (the Hub would reject a relation
+    without one), the GGUFs still point at the merged repo, and the LoRA card says how to load it by hand."""
+    made = hub_push_repos(
+        run["ggufs"],
+        HubSettings(endpoint=hub_server.url, repos=ALL),
+        CardSettings(base_model_name="Tiny Base 1B"),
+        tmp_path / "publish",
+        tmp_path / "reports",
+        model_name="tiny",
+        version="v1",
+        base_model=str(run["base_dir"]),
+        adapter=run["adapter"],
+        merged=run["merged"],
+        token=WRITE,
+    )
+    assert len(made) == 3
+    merged, gguf, lora = (_card(r, hub_server) for r in ("alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA"))
+    assert merged.data.base_model is None and "base_model_relation" not in merged.data.to_dict()
+    assert (gguf.data.base_model, gguf.data.base_model_relation) == ("alice/tiny", "quantized")
+    assert lora.data.base_model is None and 'from_pretrained("path/to/Tiny Base 1B")' in lora.text
+    cfg = json.loads(_download("alice/tiny-LoRA", "adapter_config.json", hub_server, tmp_path).read_text())
+    assert "base_model_name_or_path" not in cfg, "no Hub id to put in place of the training box's folder"
+    for c in (merged, gguf, lora):
+        assert str(run["base_dir"]) not in c.content
+
+
 def test_hub_repos_is_validated_against_the_registry():
     with pytest.raises(ValidationError, match="did you mean 'gguf'"):
         HubSettings(repos=["ggfu"])
@@ -271,20 +299,22 @@ def test_hub_repos_is_validated_against_the_registry():
     assert HubSettings(repos=["adapter", "gguf", "merged"]).repos == ["merged", "gguf", "adapter"], "merged first"
 
 
-def test_the_card_stage_adds_the_spaces_embed_snippet_to_every_card(tmp_path, hub_server, run):
-    pushed = _push(tmp_path, hub_server, run)
-    space = Artifact.from_path(
+def _space_record(run, hub, space_id: str = "alice/tiny-demo", dry_run: bool = False) -> Artifact:
+    """The space stage's record as the card stage reads it (its id, page, whether it was deployed)."""
+    return Artifact.from_path(
         run["eval"].path,
         name="publish:space",
         kind="publish",
         stage="space",
-        meta={"space_id": "alice/tiny-demo", "url": f"{hub_server.url}/spaces/alice/tiny-demo", "dry_run": False},
+        meta={"space_id": space_id, "url": f"{hub.url}/spaces/{space_id}", "dry_run": dry_run},
     )
-    out = tmp_path / "reports" / "README.md"
-    made = card(
+
+
+def _card_stage(tmp_path: Path, hub, run, pushed, space):
+    return card(
         run["ggufs"],
         CardSettings(),
-        out,
+        tmp_path / "reports" / "README.md",
         model_name="tiny",
         version="v1",
         repo_id="alice/tiny-GGUF",
@@ -292,23 +322,28 @@ def test_the_card_stage_adds_the_spaces_embed_snippet_to_every_card(tmp_path, hu
         adapter=run["adapter"],
         eval_report=run["eval"],
         pushed=list(pushed.values()),
-        endpoint=hub_server.url,
+        endpoint=hub.url,
         token=WRITE,
         space=space,
     )
-    assert set(made.meta["cards"]) == set(ALL) and (tmp_path / "reports" / "README-merged.md").is_file()
-    for rid in ("alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA"):
-        repo = hub_server.state.repo(rid)
-        assert len(repo.commits) == 3, f"{rid}: the card update is one more commit"
+
+
+def test_the_spaces_embed_snippet_is_in_the_one_commit_and_kept_in_sync(tmp_path, hub_server, run):
+    ids = ("alice/tiny", "alice/tiny-GGUF", "alice/tiny-LoRA")
+    pushed = _push(tmp_path, hub_server, run, space_id="")  # the space stage runs after, with its default id
+    for rid in ids:
         text = _card(rid, hub_server).text
-        assert '<iframe src="https://alice-tiny-demo.hf.space"' in text and "[alice/tiny-demo](" in text
-    dry = Artifact.from_path(
-        run["eval"].path, name="publish:space", kind="publish", stage="space", meta={"space_id": "a/b", "dry_run": True}
-    )
-    made = card(
-        run["ggufs"], CardSettings(), out, model_name="tiny", version="v1", repo_id="alice/tiny-GGUF", space=dry
-    )
-    assert "iframe" not in out.read_text(), "a Space that was not deployed is not embedded"
+        assert '<iframe src="https://alice-tiny-demo.hf.space"' in text, rid
+        assert f"[alice/tiny-demo]({hub_server.url}/spaces/alice/tiny-demo)" in text
+    made = _card_stage(tmp_path, hub_server, run, pushed, _space_record(run, hub_server))
+    assert set(made.meta["cards"]) == set(ALL) and (tmp_path / "reports" / "README-merged.md").is_file()
+    assert all(len(hub_server.state.repo(r).commits) == 2 for r in ids), "the deployed Space: the same cards"
+    _card_stage(tmp_path, hub_server, run, pushed, _space_record(run, hub_server, dry_run=True))
+    for rid in ids:
+        assert len(hub_server.state.repo(rid).commits) == 3, f"{rid}: the Space did not deploy; one card commit"
+        assert "iframe" not in _card(rid, hub_server).text
+    _card_stage(tmp_path, hub_server, run, pushed, _space_record(run, hub_server, "alice/Tiny_Chat.v2"))
+    assert '<iframe src="https://alice-tiny-chat-v2.hf.space"' in _card("alice/tiny-LoRA", hub_server).text
 
 
 def test_local_paths_are_scrubbed_from_published_json():

@@ -448,16 +448,26 @@ def related_repos(kind: str, repos: dict[str, str], endpoint: str) -> list[dict[
 
 
 def space_view(space: Artifact | None) -> dict[str, str] | None:
-    """The demo Space for the cards, once it is deployed (never for a dry run): its page and the address to
-    embed. The space stage may record `embed_url`; else it is the Hub's `<owner>-<name>.hf.space`."""
+    """The demo Space for the cards, once it is deployed (never for a dry run): `planned_space` of its id."""
     if space is None or space.meta.get("dry_run") or not space.meta.get("space_id"):
         return None
-    space_id = str(space.meta["space_id"])
-    embed = space.meta.get("embed_url") or space.meta.get("app_url")
-    if not embed:
-        sub = re.sub(r"[^a-z0-9-]", "-", space_id.replace("/", "-").lower())
-        embed = f"https://{sub}.hf.space"
-    return {"space_id": space_id, "url": str(space.meta.get("url") or ""), "embed_url": str(embed)}
+    url = str(space.meta.get("url") or "")
+    endpoint = url.split("/spaces/")[0] if "/spaces/" in url else "https://huggingface.co"
+    return planned_space(str(space.meta["space_id"]), endpoint)
+
+
+def planned_space(space_id: str, endpoint: str) -> dict[str, str]:
+    """The card's view of a Space: its page and the address to embed (the Hub serves a Space's app at
+    `https://<owner>-<name>.hf.space`, lower case, other characters as '-'). hub_push puts the Space the run
+    is about to deploy in the cards of its one commit; the card stage, after the space stage, renders the
+    same view from the deployed Space, so a normal run commits nothing more (and a failed deploy takes it
+    out again)."""
+    sub = re.sub(r"[^a-z0-9-]", "-", space_id.replace("/", "-").lower())
+    return {
+        "space_id": space_id,
+        "url": f"{endpoint.rstrip('/')}/spaces/{space_id}",
+        "embed_url": f"https://{sub}.hf.space",
+    }
 
 
 def chat_usage(report: Artifact | None) -> dict[str, Any] | None:

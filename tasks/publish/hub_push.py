@@ -40,7 +40,7 @@ from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import adapter_file_allowed, artifact_entry, merged_file_allowed, repo_file_allowed
-from tasks.publish.card import DEFAULT_TEMPLATE, base_model_names, build_card
+from tasks.publish.card import DEFAULT_TEMPLATE, base_model_names, build_card, planned_space
 from tasks.publish.hub_io import hub_api, push_folder, whoami
 from tasks.publish.repos import HUB_REPOS, RepoJob
 from tasks.publish.secret_scan import refuse_secrets
@@ -186,13 +186,17 @@ def hub_push_repos(
     dry_run: bool = False,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
+    space_id: str | None = None,
 ) -> list[Artifact]:
     """Stage every repo of hub.repos and (with a token, not dry_run) push each in one commit.
 
     Returns one record per repo (`record_name`: `publish:hub` for the GGUF repo, `publish:hub:<kind>`),
     pointing at its staged folder; meta: `repo_kind`, `repo_id`, `url`, `staged`, `dry_run` (+ `reason`),
     `card_sha256`, `extra_files`, after a push `commit`, `uploaded`, `skipped`, `deleted`, `tag`, and
-    `repos` (kind -> repo id of every repo of the run: what the cards link)."""
+    `repos` (kind -> repo id of every repo of the run: what the cards link).
+
+    `space_id` (not None: the space stage deploys after this push; "" for its default id) puts the Space's
+    link and embed snippet in the cards of a real push, so they need no second commit once it runs."""
     ggufs = [g for g in ggufs if settings.include_f16 or not quant_types.is_float(str(g.meta.get("quant", "")))]
     hub_base, _ = base_model_names(base_model, adapter, card_settings)
     job = RepoJob(
@@ -218,6 +222,10 @@ def hub_push_repos(
     user = whoami(hub_api(settings.endpoint, secret), secret).get("name") if will_push else None
     repo_ids = run_repo_ids(settings, model_name, user)
     endpoint = (settings.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    space = None
+    if will_push and space_id is not None:  # the space stage's default id: <model repo owner>/<model>-demo
+        owner = repo_ids[primary_kind(settings.repos)].split("/")[0]
+        space = planned_space(space_id or f"{owner}/{model_name}-demo", endpoint)
 
     staged: dict[str, dict[str, Any]] = {}
     for kind in settings.repos:  # stage and scan every repo before pushing any
@@ -239,6 +247,7 @@ def hub_push_repos(
             template_contract=template_contract if kind == "gguf" else None,
             kind=kind,
             repos=repo_ids,
+            space=space,
         )
         folder = publish_dir / "hub" / repo_id.replace("/", "__")
         manifest = publish_manifest(repo.publishable(job), model_name, version, repo_id)
@@ -366,6 +375,7 @@ def _hub_push_task_fn(
     _token: Any = None,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
+    space_id: str | None = None,
 ) -> list[Artifact]:
     return hub_push_repos(
         ggufs,
@@ -384,6 +394,7 @@ def _hub_push_task_fn(
         dry_run=dry_run or _token is None,
         splits=splits,
         template_contract=template_contract,
+        space_id=space_id,
     )
 
 
