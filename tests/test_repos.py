@@ -362,3 +362,64 @@ def test_local_paths_are_scrubbed_from_published_json():
         "url": "https://huggingface.co/acme/base",
     }
     assert "base_model_name_or_path" not in scrub_local_paths(data), "no Hub id: the key is dropped, not guessed"
+
+
+# --- through the flow -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_the_flow_publishes_loadable_merged_and_lora_repos(tmp_path, hub_server, prefect_api, monkeypatch):
+    """The demo model through download, merge, convert, quantize, hub_push and card with every repo kind:
+    transformers loads the merged repo and gives the run's merged logits, peft loads the LoRA repo onto the
+    base; a second run without them leaves their records superseded."""
+    import shutil
+
+    import torch
+    from huggingface_hub import snapshot_download
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flows.demo import demo_inputs
+    from flows.full import full
+
+    monkeypatch.setenv("LORASHIP_TEST_HUB_TOKEN", "hf_write_alice")
+    base, adapter = demo_inputs()
+    shutil.copytree(adapter, tmp_path / "adapter")
+    stages = ["download", "merge", "convert", "quantize", "hub_push", "card"]
+
+    def cfg(repos: list[str]) -> dict:
+        return {
+            "model": {"name": "repodemo", "version": "v1", "base_model": str(base)},
+            "source": {"kind": "local", "path": str(tmp_path / "adapter")},
+            "merge": {"base_model": str(base)},
+            "quantization": {"types": ["Q8_0"]},
+            "hub": {"token": "env:LORASHIP_TEST_HUB_TOKEN", "endpoint": hub_server.url, "repos": repos},
+            "pipeline": {"runs_dir": str(tmp_path / "runs"), "stages": stages},
+        }
+
+    state = full(config=cfg(ALL), return_state=True)
+    assert state.is_completed(), state.message
+    run_dir = tmp_path / "runs" / "repodemo" / "v1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {"publish:hub", "publish:hub:merged", "publish:hub:adapter"} <= set(manifest["artifacts"])
+    for rid in ("alice/repodemo", "alice/repodemo-GGUF", "alice/repodemo-LoRA"):
+        assert len(hub_server.state.repo(rid).commits) == 2, f"{rid}: one push commit, the card stage added none"
+
+    merged_dir = snapshot_download("alice/repodemo", endpoint=hub_server.url, token=READ, cache_dir=tmp_path / "dl")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()(ids).logits
+        assert torch.equal(got, want), "the merged repo is the run's merged model"
+        lora_dir = snapshot_download(
+            "alice/repodemo-LoRA", endpoint=hub_server.url, token=READ, cache_dir=tmp_path / "dl"
+        )
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_dir).eval()
+        assert (lora(ids).logits - want).abs().max() < 1e-3, "the LoRA repo on the base gives the merged model"
+    assert str(base) not in (Path(lora_dir) / "adapter_config.json").read_text()
+
+    state = full(config=cfg(["gguf"]), return_state=True)
+    assert state.is_completed(), state.message
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert "publish:hub:merged" in manifest["superseded"] and "publish:hub:merged" not in manifest["artifacts"]
