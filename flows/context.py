@@ -54,13 +54,16 @@ class RunContext:
             task = task.with_options(cache_policy=NO_CACHE, persist_result=False)
         return bind(task, self.run.cache_dir, refresh=stage in self.refresh or "all" in self.refresh)
 
-    def call(self, stage: str, task: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a stage task bound to this run; remember whether Prefect answered from the cache."""
+    def call(self, stage: str, task: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Run a stage task bound to this run; remember whether Prefect answered from the cache.
+
+        `stage` and `task` are positional-only, so a stage task may itself take arguments of those names
+        (space_task's `task=`: the model's pipeline task)."""
         state = self.bound(stage, task)(*args, return_state=True, **kwargs)
         self._note_state(stage, state)
         return state.result()
 
-    def map(self, stage: str, task: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    def map(self, stage: str, task: Any, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`task.map(...)` bound to this run (runs on the flow's task runner, in parallel); waits for all."""
         self._prepare_runner()
         futures = self.bound(stage, task).map(*args, **kwargs)
