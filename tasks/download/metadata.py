@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from tasks.core.hashing import iter_files
+from tasks.core.jsonfiles import read_json_or
 from tasks.download.vocab import METADATA_FILES
 
 log = logging.getLogger("loraship.download")
@@ -29,15 +29,6 @@ def metadata_files(dest: Path) -> dict[str, str]:
     return {name: str(dest / name) for name in METADATA_FILES if (dest / name).exists()}
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return (
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 64 << 20 else None
-        )
-    except (OSError, ValueError):
-        return None
-
-
 def training_summary(folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the model card wants to know about the training run (artifact meta `training`).
 
@@ -48,7 +39,7 @@ def training_summary(folder: Path, extra: dict[str, Any] | None = None) -> dict[
     docs = dict(extra or {})
     for name in METADATA_FILES:
         if name.endswith(".json"):
-            doc = _read_json(folder / name)
+            doc = read_json_or(folder / name)
             if doc is not None:
                 docs[name] = doc
     out: dict[str, Any] = {}

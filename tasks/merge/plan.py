@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import math
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import PermanentError
+from tasks.core.jsonfiles import read_json  # also imported from here by the merge paths
 from tasks.merge.safetensors_io import DTYPES, FLOAT_DTYPES, TensorInfo, read_header
 
 log = logging.getLogger("loraship.merge")
@@ -104,15 +104,6 @@ def output_bytes(plan: MergePlan, target: str | None) -> int:
 
 
 # --- reading the inputs -------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PermanentError(f"{path} is missing", hint=f"point the setting at a folder that has {path.name}") from None
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{path} is not valid JSON ({exc})", hint="the file is damaged: copy it again") from None
 
 
 def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

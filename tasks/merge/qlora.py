@@ -23,7 +23,6 @@ signed 8-bit dynamic map. tests/test_qlora.py compares it with bitsandbytes itse
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.jsonfiles import read_json_or
 
 log = logging.getLogger("loraship.merge")
 
@@ -132,28 +133,19 @@ def format_from_keys(keys: dict[str, Any]) -> QLoraFormat | None:
     )
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        if path.is_file() and path.stat().st_size < 10_000_000:
-            return json.loads(path.read_text(errors="replace"))
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _base_config_of(name: str) -> tuple[Any, str] | None:
     """The config.json of the base the adapter names, from this machine only (a folder, or the Hub cache)."""
     if not name:
         return None
     p = Path(name).expanduser()
     if (p / "config.json").is_file():
-        return _read_json(p / "config.json"), str(p / "config.json")
+        return read_json_or(p / "config.json"), str(p / "config.json")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         try:
             from huggingface_hub import hf_hub_download
 
             f = hf_hub_download(name, "config.json", local_files_only=True)
-            return _read_json(Path(f)), f"{name}/config.json (Hugging Face cache)"
+            return read_json_or(Path(f)), f"{name}/config.json (Hugging Face cache)"
         except Exception:  # not cached: nothing to read without the network
             return None
     return None
@@ -163,7 +155,7 @@ def detect(adapter_dir: Path, adapter_cfg: dict[str, Any]) -> QLoraDetection | N
     """Why we think the adapter was trained on a 4-bit base, and in which format (None: no sign of it)."""
     for meta in METADATA_FILES:
         keys: dict[str, Any] = {}
-        _find_keys(_read_json(adapter_dir / meta), keys)
+        _find_keys(read_json_or(adapter_dir / meta), keys)
         fmt = format_from_keys(keys)
         if fmt is not None:
             return QLoraDetection(f"{meta} records a 4-bit bitsandbytes base ({fmt.describe()})", "metadata", fmt)

@@ -23,7 +23,6 @@ README alone (an unchanged card sends nothing).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -35,6 +34,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_text
 from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
+from tasks.core.jsonfiles import read_json_dict
 from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
@@ -95,23 +95,13 @@ def gguf_param_count(path: Path) -> int | None:
         return None
 
 
-def _read_json(path: str | Path | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def training_rows(adapter: Artifact | None, base_model: str, datasets: list[str]) -> list[dict[str, str]]:
     """Training-details rows from the adapter's metadata files (only rows with data)."""
     rows: list[dict[str, str]] = []
     files = (adapter.meta.get("metadata_files") or {}) if adapter else {}
-    cfg = _read_json(files.get("adapter_config.json"))
-    state = _read_json(files.get("trainer_state.json"))
-    results = _read_json(files.get("all_results.json")) or _read_json(files.get("train_results.json"))
+    cfg = read_json_dict(files.get("adapter_config.json"))
+    state = read_json_dict(files.get("trainer_state.json"))
+    results = read_json_dict(files.get("all_results.json")) or read_json_dict(files.get("train_results.json"))
     base = base_model or (cfg.get("base_model_name_or_path") if is_hub_id(cfg.get("base_model_name_or_path")) else "")
     if base:
         rows.append({"label": "base model", "value": f"`{base}`"})
@@ -158,7 +148,7 @@ def training_rows(adapter: Artifact | None, base_model: str, datasets: list[str]
 def _hub_id_of_folder(path: str) -> str:
     """The Hub id a local model folder came from (`_name_or_path` in its config.json), if it names one."""
     folder = Path(path).expanduser()
-    name = _read_json(folder / "config.json").get("_name_or_path") if folder.is_dir() else None
+    name = read_json_dict(folder / "config.json").get("_name_or_path") if folder.is_dir() else None
     return str(name) if is_hub_id(name) and not Path(str(name)).exists() else ""
 
 
@@ -166,7 +156,7 @@ def base_model_names(base_model: str, adapter: Artifact | None, settings: CardSe
     """(Hub id or "", the name the card shows). Never a local path: a local base folder is named by its Hub
     id when one is known (model.base_model, the adapter's base_model_name_or_path, the folder's config.json
     `_name_or_path`), else by `card.base_model_name`, else by the folder's name."""
-    cfg = _read_json((adapter.meta.get("metadata_files") or {}).get("adapter_config.json")) if adapter else {}
+    cfg = read_json_dict((adapter.meta.get("metadata_files") or {}).get("adapter_config.json")) if adapter else {}
     adapter_base = str(cfg.get("base_model_name_or_path") or "")
     local = [b for b in (base_model, adapter_base) if b and Path(b).expanduser().exists()]
     for candidate in (base_model, adapter_base):
