@@ -32,7 +32,6 @@ import os
 import re
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -242,9 +241,16 @@ class RunLogs:
 
     def stage_failed(self, stage: str, exc: BaseException) -> None:
         """The error and its traceback in the stage's log (the terminal and the UI have Prefect's report)."""
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        stamp = time.strftime(_DATEFMT, time.gmtime())
-        self._file(f"{stage}.log").write(scrub(f"{stamp}Z ERROR   loraship | stage {stage} failed:\n{text}"))
+        record = logging.LogRecord(
+            "loraship.runlog",
+            logging.ERROR,
+            __file__,
+            0,
+            f"stage {stage} failed",
+            None,
+            (type(exc), exc, exc.__traceback__),
+        )
+        self._file(f"{stage}.log").write(scrub(self._formatter.format(record)))
 
     def write_summary(self, text: str) -> None:
         self._file(SUMMARY_LOG).write(scrub(text))
@@ -297,23 +303,47 @@ def _task_stage(record: logging.LogRecord) -> str | None:
     return name if name in Stage.__members__.values() else None
 
 
+def _prefect_run_of_thread() -> tuple[str, str | None]:
+    """(flow run id, stage) from Prefect's own run context in this thread: a task run on a runner that does
+    not carry our context variables still has Prefect's, which its engine restores where the task runs."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+    except ImportError:  # pragma: no cover - Prefect is a dependency
+        return "", None
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None:
+        name = str(getattr(task_ctx.task, "name", "") or "")
+        from tasks.core.vocab import Stage
+
+        return str(task_ctx.task_run.flow_run_id or ""), name if name in Stage.__members__.values() else None
+    flow_ctx = FlowRunContext.get()
+    flow_run = getattr(flow_ctx, "flow_run", None) if flow_ctx is not None else None
+    return (str(flow_run.id) if flow_run is not None else ""), None
+
+
 class _Router(logging.Handler):
-    """Hands each record to the run logs of the run (and stage) it belongs to."""
+    """Hands each record to the run logs of the run (and stage) it belongs to.
+
+    In order: our context variables (the flow's thread and the threads Prefect's pools start from it); the
+    flow run id a Prefect logger put on the record; Prefect's run context in this thread; else, when this
+    process has exactly one run open, that run's pipeline.log (a stage's own helper thread)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "_loraship_runlog", False):  # already written via another logger it reached
             return
         record._loraship_runlog = True  # type: ignore[attr-defined]
-        logs = _RUN.get()
-        stage = _STAGE.get()
-        if logs is None:
+        logs, stage = _RUN.get(), _STAGE.get()
+        if logs is None or logs.closed:
+            logs = None
             flow_run = str(getattr(record, "flow_run_id", "") or "")
+            if not flow_run:
+                flow_run, stage = _prefect_run_of_thread()
             logs = _BY_FLOW_RUN.get(flow_run) if flow_run else None
+            if logs is None and len(_BY_FLOW_RUN) == 1:
+                logs = next(iter(_BY_FLOW_RUN.values()), None)
             if logs is None:
                 return
-            stage = stage or _task_stage(record)
-        elif stage is None and getattr(record, "task_run_id", None):
-            stage = _task_stage(record)
+        stage = stage or _task_stage(record)
         logs.emit(record, stage)
 
 
