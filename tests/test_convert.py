@@ -6,14 +6,19 @@ the sdist download itself is not repeated in the tests: it takes minutes and is 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError
+from tasks.core.hashing import AppendHasher
 from tasks.gguf.convert import TOKENIZER_TEXT, ConvertSettings, convert, hf_tokenize
 from tasks.gguf.toolchain import KNOWN_COMMITS, resolve_converter
 from tasks.gguf.validate import generate_check, llama_tokenize, read_gguf, validate_gguf
@@ -64,6 +69,58 @@ def test_llama_sentencepiece_converts_with_chat_template_and_same_tokens(llama_g
     assert meta["tokenizer_check"]["matches"] is True
     for text in SENTENCES:
         assert llama_tokenize(f16, text) == hf_tokenize(llama_base, text), text
+
+
+@pytest.mark.slow
+def test_output_is_hashed_while_written_and_both_runtime_checks_share_one_load(llama_base, tmp_path):
+    art = convert(_merged(llama_base), ConvertSettings(), tmp_path, "h")
+    f16 = tmp_path / "h-F16.gguf"
+    assert art.meta["hashed_while_writing"] is True
+    assert art.sha256 == art.files[0].sha256 == hashlib.sha256(f16.read_bytes()).hexdigest()
+    assert art.meta["tokenizer_check"]["matches"] is True
+    assert art.meta["generation"] == generate_check(f16)  # what a load of its own generates
+    assert len(art.meta["generation"]["tokens"]) == 4
+
+
+def _append_slowly(path: Path, parts: list[bytes], pause: float = 0.01) -> None:
+    with open(path, "wb") as fh:
+        for part in parts:
+            fh.write(part)
+            fh.flush()
+            time.sleep(pause)
+
+
+def test_append_hasher_follows_a_growing_file_and_refuses_what_it_cannot_vouch_for(tmp_path):
+    parts = [os.urandom(300_000) for _ in range(12)]
+    whole = b"".join(parts)
+    grown = tmp_path / "grown.gguf"
+    hasher = AppendHasher(grown, poll_s=0.002).start()  # started before the writer creates the file
+    writer = threading.Thread(target=_append_slowly, args=(grown, parts))
+    writer.start()
+    writer.join()
+    assert hasher.finish() == hashlib.sha256(whole).hexdigest()
+
+    # a writer that starts over (truncates) is not append-only: no digest, the caller hashes the file
+    redone = tmp_path / "redone.gguf"
+    redone.write_bytes(whole)
+    hasher = AppendHasher(redone, poll_s=0.002).start()
+    deadline = time.monotonic() + 10
+    while hasher.done < len(whole) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _append_slowly(redone, parts[:3])
+    time.sleep(0.05)
+    assert hasher.finish() is None
+
+    # another file renamed over the followed one: not the inode that was hashed
+    swapped = tmp_path / "swapped.gguf"
+    swapped.write_bytes(whole)
+    hasher = AppendHasher(swapped, poll_s=0.002).start()
+    other = tmp_path / "other"
+    other.write_bytes(whole)
+    while hasher.done < len(whole) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.replace(other, swapped)
+    assert hasher.finish() is None
 
 
 @pytest.mark.slow

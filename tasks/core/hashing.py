@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,80 @@ def git_head(path: Path | str) -> str:
 def stat_key(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
+
+
+class AppendHasher:
+    """sha256 of a file another process writes from its first byte to its last, taken while it grows.
+
+    For writers that only append (llama.cpp's GGUFWriter writes header, metadata, tensor infos and then the
+    tensor data in order, never seeking back), hashing what has landed so far, on a thread, spares reading
+    the whole output again once the writer is done: for a 15 GB F16 that is seconds on a core the writer
+    leaves idle. `finish()` (after the writer exited) reads the rest and returns the digest only when the
+    file is still the inode that was followed (its descriptor stays open, so the number is not reused)
+    and holds exactly the bytes hashed; otherwise None, and the caller hashes the file as usual. Do not
+    use it for writers that seek back (llama_model_quantize rewrites its header at the end).
+    """
+
+    def __init__(self, path: Path | str, *, poll_s: float = 0.02, chunk: int = CHUNK) -> None:
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self.chunk = chunk
+        self._fd: int | None = None
+        self._h = hashlib.sha256()
+        self.done = 0
+        self._broken = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sha256-{self.path.name}", daemon=True)
+
+    def start(self) -> AppendHasher:
+        self._thread.start()
+        return self
+
+    def _drain(self) -> bool:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                return False
+        if os.fstat(self._fd).st_size < self.done:  # truncated and rewritten: not an append-only writer
+            self._broken = True
+        got = False
+        while not self._broken and (data := os.pread(self._fd, self.chunk, self.done)):
+            self._h.update(data)
+            self.done += len(data)
+            got = True
+        return got
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._drain():
+                if self._broken:
+                    return
+                self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self) -> str | None:
+        """The digest of the file as it is now (the writer must have exited), or None when it cannot vouch."""
+        self.stop()
+        try:
+            self._drain()
+            if self._fd is None or self._broken:
+                return None
+            held, now = os.fstat(self._fd), os.stat(self.path, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) or held.st_size != self.done:
+                return None
+            return self._h.hexdigest()
+        except OSError:
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

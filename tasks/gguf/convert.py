@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
 from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
+from tasks.core.hashing import AppendHasher
 from tasks.core.progress import Progress
 from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.core.stage import stage_task
@@ -211,7 +213,7 @@ def _convert(
 ) -> Artifact:
     """`convert` on the folder `src` the converter reads (merged/, or the fused path's view of the base)."""
     from tasks.gguf.toolchain import resolve_converter
-    from tasks.gguf.validate import generate_check, llama_tokenize, validate_gguf
+    from tasks.gguf.validate import runtime_check, validate_gguf
 
     if not (src / "config.json").is_file():
         raise PermanentError(
@@ -243,14 +245,31 @@ def _convert(
         report_file = tmp.with_name(tmp.name + ".fused.json")
         if fused is not None:
             cmd += ["--fused", str(fused), "--fused-report", str(report_file)]
-        with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
-            cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype, "--model-name", model_name]
-            rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
-        fused_meta = _fused_report(report_file, rc, tail) if fused is not None else None
-        if rc != 0:
-            raise _converter_error(rc, tail, unknown_bpe, src, settings)
+        # GGUFWriter only appends: the output is hashed as it is written, on the core the converter leaves idle
+        hasher = AppendHasher(tmp).start()
+        try:
+            with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
+                cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype]
+                cmd += ["--model-name", model_name]
+                rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
+            fused_meta = _fused_report(report_file, rc, tail) if fused is not None else None
+            if rc != 0:
+                raise _converter_error(rc, tail, unknown_bpe, src, settings)
+            digest = hasher.finish()
+        finally:
+            hasher.close()
     seconds = time.monotonic() - started
-    info = validate_gguf(final)
+    # The runtime checks (one llama.cpp load: tokenization and a few generated tokens) run beside the header
+    # validation; the pool's exit waits for them whatever happens.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-check") as pool:
+        runtime = pool.submit(
+            runtime_check,
+            final,
+            tokenize=TOKENIZER_TEXT if settings.check_tokenizer else None,
+            threads=check_threads(),
+        )
+        info = validate_gguf(final)
+        checked = runtime.result()
     log.info(
         "converted %s: %d tensors, %.1f MB in %.1fs (%.0f MB/s)",
         final.name,
@@ -279,7 +298,7 @@ def _convert(
     if fused_meta is not None:
         meta["fused"] = fused_meta
     if settings.check_tokenizer:
-        ours, theirs = llama_tokenize(final, TOKENIZER_TEXT), hf_ids.result()
+        ours, theirs = checked["tokens"], hf_ids.result()
         meta["tokenizer_check"] = {"text": TOKENIZER_TEXT, "matches": ours == theirs}
         if ours != theirs:
             final.unlink(missing_ok=True)
@@ -298,7 +317,8 @@ def _convert(
                 f"from token {at}: {ours[at : at + 6]} vs {theirs[at : at + 6]}",
                 hint=hint,
             )
-    meta["generation"] = generate_check(final)
+    meta["generation"] = checked["generation"]
+    meta["hashed_while_writing"] = digest is not None
     return Artifact.from_path(
         final,
         name=f"gguf:{quant}",
@@ -308,6 +328,7 @@ def _convert(
         settings=settings,
         tools=TOOLS,
         meta=meta,
+        known={final.name: digest} if digest else None,
     )
 
 
@@ -342,6 +363,12 @@ def _fused_report(path: Path, rc: int, tail: list[str]) -> dict:
         else "no per-tensor check (merge.verify: never)",
     )
     return report
+
+
+def check_threads() -> int:
+    """Threads for the runtime check after converting: half the cores (at most 4), since the stage's other
+    work and the DAG's parallel stages share the machine (ggml's threads spin: oversubscribed they are slower)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _converter_error(
