@@ -15,6 +15,7 @@ import pytest
 from tasks.core.errors import PermanentError, TransientError
 from tasks.download import ssh as ssh_module
 from tasks.download.stage import DownloadSettings, download
+from tests.ports import silent_listener
 from tests.test_download_ssh import make_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Logger 'loraship.download' attempted to send logs")
@@ -67,32 +68,28 @@ def test_the_key_file_is_gone_after_a_refused_host_key(ssh_server, tmp_path, pri
 
 
 def test_the_key_file_is_gone_after_a_timeout(tmp_path, private_tmp, monkeypatch):
-    silent = socket.socket()  # accepts connections and never says a word (no SSH banner)
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    accepted: list[socket.socket] = []
-    t = threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True)
-    t.start()
     key = tmp_path / "id"
     from tests.sshd import keygen
 
     keygen(key)
     monkeypatch.setenv("LORASHIP_TEST_SSH_KEY", key.read_text())
-    settings = DownloadSettings(
-        kind="ssh",
-        host="127.0.0.1",
-        port=silent.getsockname()[1],
-        private_key="env:LORASHIP_TEST_SSH_KEY",
-        connect_timeout_s=1.0,
-        path="/x",
-    )
-    try:
-        with pytest.raises(TransientError):
-            download(settings, tmp_path / "a" / "adapter")
-    finally:
-        silent.close()
-        for s in accepted:
-            s.close()
+    accepted: list[socket.socket] = []
+    with silent_listener(backlog=8) as silent:  # accepts connections and never says a word (no SSH banner)
+        threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+        settings = DownloadSettings(
+            kind="ssh",
+            host="127.0.0.1",
+            port=silent.getsockname()[1],
+            private_key="env:LORASHIP_TEST_SSH_KEY",
+            connect_timeout_s=1.0,
+            path="/x",
+        )
+        try:
+            with pytest.raises(TransientError):
+                download(settings, tmp_path / "a" / "adapter")
+        finally:
+            for s in accepted:
+                s.close()
     assert _leftovers(private_tmp) == []
 
 

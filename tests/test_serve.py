@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,32 +14,24 @@ import requests
 from tasks.core.errors import PermanentError
 from tasks.serve.stage import ServeSettings, serve, stop_servers
 from tests.deploy_helpers import gguf_artifacts
+from tests.ports import free_port_range, silent_listener
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_base_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1] if s.getsockname()[1] < 60000 else 20000
 
 
 @pytest.fixture(scope="module")
 def two_servers(llama_ggufs, tmp_path_factory):
     """Q4_K_M and Q8_0 served at once; the first port of the pool is held busy by a plain socket."""
-    base = _free_base_port()
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", base))
-    blocker.listen()
-    arts = gguf_artifacts(llama_ggufs)
-    made = serve(
-        arts,
-        ServeSettings(quant="Q4_K_M", extra_quants=["Q8_0"], port_range=(base, base + 20), n_ctx=256),
-        tmp_path_factory.mktemp("serve"),
-    )
-    yield arts, made, base
-    stop_servers(made)
-    blocker.close()
+    base = free_port_range(21)
+    with silent_listener(base):
+        arts = gguf_artifacts(llama_ggufs)
+        made = serve(
+            arts,
+            ServeSettings(quant="Q4_K_M", extra_quants=["Q8_0"], port_range=(base, base + 20), n_ctx=256),
+            tmp_path_factory.mktemp("serve"),
+        )
+        yield arts, made, base
+        stop_servers(made)
 
 
 def test_two_models_on_separate_ports_from_the_pool(two_servers):
@@ -86,7 +77,7 @@ def test_predict_batch_and_single(two_servers):
 
 
 def test_graceful_stop_frees_port_and_cli_stop(llama_ggufs, tmp_path):
-    base = _free_base_port()
+    base = free_port_range(6)
     made = serve(
         gguf_artifacts(llama_ggufs, ("Q4_K_M",)), ServeSettings(port_range=(base, base + 5), n_ctx=128), tmp_path
     )
@@ -100,8 +91,8 @@ def test_graceful_stop_frees_port_and_cli_stop(llama_ggufs, tmp_path):
     )
     assert proc.returncode == 0 and "stopped" in proc.stdout
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the port is free again
+    with silent_listener(port):  # the port is free again
+        pass
     stop_servers(made)  # reaps the child; already stopped
 
 
