@@ -294,7 +294,7 @@ def run_hub_push(ctx: RunContext) -> list[Artifact]:
         hub_push_task,
         ggufs,
         ctx.config.hub,
-        ctx.config.card,
+        _card_settings(ctx),
         ctx.run.publish_dir,
         ctx.run.reports_dir,
         model_name=ctx.config.model.name,
@@ -348,7 +348,7 @@ def run_card(ctx: RunContext) -> list[Artifact]:
         "card",
         card_task,
         ggufs,
-        ctx.config.card,
+        _card_settings(ctx),
         ctx.run.reports_dir / "README.md",
         model_name=ctx.config.model.name,
         version=ctx.config.model.version,
@@ -424,6 +424,15 @@ def _merged_repo(ctx: RunContext) -> Artifact | None:
         if art.kind == ArtifactKind.PUBLISH and art.meta.get("repo_kind") == "merged":
             return art
     return None
+
+
+def _card_settings(ctx: RunContext) -> Any:
+    """card settings with the pipeline tag of the model's task when card.pipeline_tag is not set: a
+    fine-tuned Whisper's cards say automatic-speech-recognition (and show the ASR pipeline)."""
+    card = ctx.config.card
+    if "pipeline_tag" in card.model_fields_set:
+        return card
+    return card.model_copy(update={"pipeline_tag": _model_task(ctx)})
 
 
 def _model_task(ctx: RunContext) -> str:

@@ -151,8 +151,9 @@ def test_three_repos_each_in_one_commit_read_back_from_the_hub(tmp_path, hub_ser
         "training/all_results.json",
     }  # fmt: skip  no training_args.bin, and peft's README is replaced by the card
     gguf = set(hub_server.state.repo("alice/tiny-GGUF").files())
-    assert {"tiny-F16.gguf", "tiny-Q4_K_M.gguf", "adapter/adapter_config.json"} <= gguf
-    assert "adapter/README.md" not in gguf and not any(f.endswith(".bin") for f in gguf | merged | lora)
+    assert {"tiny-F16.gguf", "tiny-Q4_K_M.gguf", "training/trainer_state.json"} <= gguf
+    assert not any(f.startswith("adapter/") for f in gguf), "the LoRA repo holds the adapter: no copy in the GGUF repo"
+    assert not any(f.endswith(".bin") for f in gguf | merged | lora)
 
     weights = _download("alice/tiny", "model.safetensors", hub_server, tmp_path)
     want = next(f.sha256 for f in run["merged"].files if f.path == "model.safetensors")
@@ -221,6 +222,18 @@ def test_an_unchanged_second_push_makes_no_commit_and_a_dropped_file_is_deleted_
     assert len(hub_server.state.repo("alice/tiny-GGUF").commits) == 2, "the unchanged GGUF repo gets no commit"
 
 
+def test_adding_the_lora_repo_moves_the_adapter_out_of_the_gguf_repo_in_one_commit(tmp_path, hub_server, run):
+    _push(tmp_path, hub_server, run, repos=["gguf"])
+    gguf = hub_server.state.repo("alice/tiny-GGUF")
+    assert "adapter/adapter_model.safetensors" in gguf.files(), "hub.include_adapter: the GGUF repo's adapter/"
+    commits = len(gguf.commits)
+    made = _push(tmp_path, hub_server, run, sub="b")
+    assert len(gguf.commits) == commits + 1 and not any(f.startswith("adapter/") for f in gguf.files())
+    assert sorted(made["gguf"].meta["deleted"]) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    assert "README.md" in made["gguf"].meta["uploaded"], "the card now links the LoRA repo, in the same commit"
+    assert f"[alice/tiny-LoRA]({hub_server.url}/alice/tiny-LoRA)" in _card("alice/tiny-GGUF", hub_server).text
+
+
 def test_a_failed_commit_resumes_without_sending_stored_files_again(tmp_path, hub_server, run):
     hub_server.state.fail_next("POST", r"/api/models/alice/tiny/commit/", status=500)
     with pytest.raises(TransientError):
@@ -285,6 +298,50 @@ def test_a_base_without_a_hub_id_is_named_never_linked(tmp_path, hub_server, run
     assert "base_model_name_or_path" not in cfg, "no Hub id to put in place of the training box's folder"
     for c in (merged, gguf, lora):
         assert str(run["base_dir"]) not in c.content
+
+
+def test_every_repo_kind_keeps_the_contract(tmp_path):
+    """Conformance over HUB_REPOS: a kind has a distinct suffix, a card (library, title), a layout on the
+    allow-list, and says why an empty run cannot publish it instead of failing later."""
+    from tasks.publish.allowlist import repo_file_allowed
+    from tasks.publish.card import REPO_LIBRARIES, REPO_TITLES
+    from tasks.publish.repos import HUB_REPOS, RepoJob
+
+    assert len({r.suffix for r in HUB_REPOS.values()}) == len(HUB_REPOS)
+    for name, repo in HUB_REPOS.items():
+        assert repo.name == name and repo.title and repo.description
+        assert name in REPO_LIBRARIES and name in REPO_TITLES
+        assert repo_file_allowed("README.md", name) and repo_file_allowed("loraship.json", name)
+        assert not repo_file_allowed("training_args.bin", name) and not repo_file_allowed("training/args.bin", name)
+        why = repo.unavailable(RepoJob())
+        assert isinstance(why, str) and why, f"{name}: an empty run names what is missing"
+        assert repo.publishable(RepoJob()) == []
+
+
+def test_a_speech_models_merged_card(tmp_path):
+    """A fine-tuned Whisper: the merged card is an ASR card (the pipeline usage, WER in the model-index)."""
+    import yaml
+
+    from tasks.publish.card import build_card
+
+    ev = eval_artifact(tmp_path / "eval.json", {"merged": {"wer": 0.125, "seconds": 3.0}})
+    text = build_card(
+        [],
+        model_name="whisper-tiny-ft",
+        version="v1",
+        repo_id="alice/whisper-tiny-ft",
+        settings=CardSettings(pipeline_tag="automatic-speech-recognition", language=["fr"]),
+        base_model="openai/whisper-tiny",
+        eval_report=ev,
+        kind="merged",
+    )
+    header = yaml.safe_load(text[4 : text.index("\n---", 4)])
+    assert header["pipeline_tag"] == "automatic-speech-recognition" and header["library_name"] == "transformers"
+    result = header["model-index"][0]["results"][0]
+    assert result["task"]["type"] == "automatic-speech-recognition"
+    assert result["metrics"] == [{"type": "wer", "value": 0.125, "name": "word error rate"}], "not the timing"
+    assert 'pipeline("automatic-speech-recognition", model="alice/whisper-tiny-ft")' in text
+    assert "AutoModelForCausalLM" not in text and "| word error rate | 0.125 |" in text
 
 
 def test_hub_repos_is_validated_against_the_registry():

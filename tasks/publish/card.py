@@ -211,6 +211,8 @@ _METRIC_LABELS = {
     "accuracy": "accuracy",
     "top1_agreement": "top-1 agreement",
     "tokens_per_second": "tokens/s",
+    "wer": "word error rate",
+    "cer": "character error rate",
 }
 
 

@@ -70,8 +70,12 @@ class HubSettings(StrictModel):
         None, description="write token reference, e.g. 'env:HF_TOKEN' or 'block:hub-credentials/main'; none: dry run"
     )
     endpoint: str | None = Field(None, description="Hub URL; empty: HF_ENDPOINT or https://huggingface.co")
-    include_adapter: bool = Field(True, description="upload the LoRA adapter folder as adapter/")
-    include_merged: bool = Field(False, description="upload the merged safetensors as merged/ (large)")
+    include_adapter: bool = Field(
+        True, description="upload the LoRA adapter folder as adapter/ of the GGUF repo (not when repos has adapter)"
+    )
+    include_merged: bool = Field(
+        False, description="upload the merged safetensors as merged/ of the GGUF repo (large; not when repos has it)"
+    )
     include_f16: bool = Field(True, description="upload the F16 GGUF too")
     tag_version: bool = Field(True, description="tag the commit with model.version")
     commit_message: str = Field("", description="commit title; empty: 'loraship: <model> <version>'")
@@ -204,10 +208,14 @@ def hub_push_repos(
         splits=list(splits or []),
         adapter=adapter,
         merged=merged,
-        include_adapter=settings.include_adapter,
-        include_merged=settings.include_merged,
+        # a kind published as its own repo is not copied into the GGUF repo too (the card links it instead)
+        include_adapter=settings.include_adapter and "adapter" not in settings.repos,
+        include_merged=settings.include_merged and "merged" not in settings.repos,
         base_hub_id=hub_base,
     )
+    for kind, asked in (("adapter", settings.include_adapter), ("merged", settings.include_merged)):
+        if asked and kind in settings.repos and "gguf" in settings.repos:
+            log.info("hub.include_%s: %s/ is left out of the GGUF repo; the %s repo holds it", kind, kind, kind)
     missing = {k: why for k in settings.repos if (why := HUB_REPOS.lookup(k).unavailable(job))}
     if missing:
         raise PermanentError(
