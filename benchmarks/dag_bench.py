@@ -85,6 +85,9 @@ def write_config(
         "pipeline": {"runs_dir": str(runs)},
         **extra,
     }
+    # ports of its own: the default pool (8100-8200) is shared with every test run on the machine, and a
+    # server another process binds between the free-port probe and the bind answers the health check
+    cfg.setdefault("serving", {})["port_range"] = [18100, 18199]
     if parallel is not None:  # a key the `before` code does not know
         cfg["pipeline"]["max_parallel_stages"] = parallel
     path.parent.mkdir(parents=True, exist_ok=True)
