@@ -4,18 +4,27 @@
 #   ./setup.sh          what the demo needs
 #   ./setup.sh --test   plus what the tests need (sshd, rsync, chromium, pytest, ..., llama.cpp's tools)
 #   ./setup.sh --llama-tools   also build llama.cpp's llama-perplexity and llama-imatrix (once, ~5 minutes)
+#   ./setup.sh --llama-build-plan   only say how llama-cpp-python would be built here (CPU, or CUDA), install nothing
+# With a CUDA toolkit (nvcc) on the machine, llama-cpp-python is built with CUDA into its own cached wheel
+# (tasks/support/llama_build.py); LORASHIP_CUDA=0 keeps the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")"
 WANT_TEST=0
 WANT_TOOLS=0
+PLAN_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --test) WANT_TEST=1; WANT_TOOLS=1 ;;  # the tests compare the evaluation with llama-perplexity
     --llama-tools) WANT_TOOLS=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --test, --llama-tools)" >&2; exit 2 ;;
+    --llama-build-plan) PLAN_ONLY=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --llama-tools, --llama-build-plan)" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
+if (( PLAN_ONLY )); then
+  [[ -x .venv/bin/python ]] && PY=.venv/bin/python
+  exec "$PY" -m tasks.support.llama_build plan
+fi
 
 # Run an install step quietly; when it fails, show its output and stop (a failed install must never be
 # hidden: the tests would then skip or fail far from the cause).
@@ -73,10 +82,28 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "== installing torch (CPU build; bring your own CUDA build for a GPU)"
   run_step "pip install torch==2.13.0" "$VPY" -m pip install -q "torch==2.13.0"
 fi
-if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
-  echo "== building llama-cpp-python 0.3.36 (about 7 minutes the first time; pip caches the wheel)"
-  run_step "pip install llama-cpp-python[server]==0.3.36" env CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" \
-    "$VPY" -m pip install -q "llama-cpp-python[server]==0.3.36"
+# CPU or CUDA (tasks/support/llama_build.py sets LLAMA_BUILD, LLAMA_CMAKE_ARGS, LLAMA_WHEEL_DIR, LLAMA_CPP_PYTHON)
+LLAMA_BUILD=cpu LLAMA_CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" LLAMA_WHEEL_DIR="" LLAMA_CPP_PYTHON=0.3.36
+LLAMA_PLAN="$("$VPY" -m tasks.support.llama_build plan)" || exit 1  # it said why (LORASHIP_CUDA=1, no toolkit)
+eval "$LLAMA_PLAN"
+if [[ "$LLAMA_BUILD" == cuda ]]; then
+  # pip's wheel cache does not tell a CUDA build from a CPU one: the CUDA wheel lives in its own folder
+  if ! "$VPY" -c "import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())" 2>/dev/null; then
+    if ! compgen -G "$LLAMA_WHEEL_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON-*.whl" >/dev/null; then
+      echo "== building llama-cpp-python $LLAMA_CPP_PYTHON with CUDA into $LLAMA_WHEEL_DIR (once)"
+      run_step "pip wheel llama-cpp-python==$LLAMA_CPP_PYTHON (CUDA)" env CMAKE_ARGS="$LLAMA_CMAKE_ARGS" \
+        "$VPY" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w "$LLAMA_WHEEL_DIR" \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON"
+    fi
+    run_step "pip install the CUDA llama-cpp-python wheel" "$VPY" -m pip install -q --force-reinstall --no-deps \
+      "$LLAMA_WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_PYTHON"-*.whl
+    run_step "pip install llama-cpp-python[server]" "$VPY" -m pip install -q --find-links "$LLAMA_WHEEL_DIR" \
+      --only-binary llama-cpp-python "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
+  fi
+elif ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+  echo "== building llama-cpp-python $LLAMA_CPP_PYTHON (about 7 minutes the first time; pip caches the wheel)"
+  run_step "pip install llama-cpp-python[server]==$LLAMA_CPP_PYTHON" env CMAKE_ARGS="$LLAMA_CMAKE_ARGS" \
+    "$VPY" -m pip install -q "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
 fi
 EXTRA=""
 (( WANT_TEST )) && EXTRA="[test,dask]"

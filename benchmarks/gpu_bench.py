@@ -1,15 +1,28 @@
-"""The 7B-size run for a machine with a CUDA GPU and 16+ cores: merge + convert + three quants, per stage.
+"""The 7B-size run for a machine with a CUDA GPU and 16+ cores, and the one prepared GPU check (issue 19).
 
-    python -m benchmarks.gpu_bench                      # 7B-size random Llama (13.5 GB bf16), r=16 adapter
+    python -m benchmarks.gpu_bench --all                # THE GPU check: every step below, one JSON, <= 9 minutes
+    python -m benchmarks.gpu_bench --all --size tiny --allow-cpu --no-build   # its CPU-safe parts, here
+    python -m benchmarks.gpu_bench                      # 7B-size random Llama (13.5 GB bf16): merge, convert, quants
     python -m benchmarks.gpu_bench --size small         # the same steps on a ~0.1B model (checks the script)
     python -m benchmarks.gpu_bench --merge-backend unsloth   # merge on the GPU (needs unsloth + CUDA)
 
-The seed's pipeline quotes ~30 minutes for this on a GPU box; our goal is 5. The model is written tensor
-by tensor with random bf16 values (no 13.5 GB model object in memory, no download), the adapter is
-written directly as a peft adapter (adapter_config.json + adapter_model.safetensors). Each stage runs
-through its plain stage function, as the flow calls it, and is timed on its own; the quants run as the
-quantize stage plans them (jobs at once x threads from the machine's cores and memory).
-Results: benchmarks/results/gpu_bench-<size>.json and a table on stdout.
+`--all` runs, in order, within `--budget` seconds (default 540; a step that would start after it is recorded
+as skipped): `bash setup.sh` (builds llama-cpp-python with CUDA where a toolkit is found, cached); the
+unsloth merge test (the tiny bf16 fixture merged by the stage with merge.backend unsloth, verified by the
+stage against peft on the same base, 16-bit and QLoRA round trip, compared weight by weight with the
+streaming merge in bf16 ulps); the model API's fp16 tests when tasks/model_api exists; the 7B-size
+pipeline: the random model, the streaming merge, the unsloth merge (compared with it in ulps, then
+deleted for disk), convert, three quants as the quantize plan runs them on all cores (wall against the
+CPU floor: the CPU seconds they took / cores), and generation tokens/s of the Q4_K_M on the CPU and with
+every layer on the GPU. Without a CUDA GPU, unsloth or a CUDA build of llama.cpp it stops at once naming
+what is missing; `--allow-cpu` runs the rest and records those steps as skipped with the reason.
+Results: benchmarks/results/gpu_check-<size>.json (or --out).
+
+The seed's pipeline quotes ~30 minutes for merge + convert + three quants of a 7B model on a GPU box; our
+goal is 5. The model is written tensor by tensor with random bf16 values (no 13.5 GB model object in
+memory, no download), the adapter is written directly as a peft adapter (adapter_config.json +
+adapter_model.safetensors). Each stage runs through its plain stage function, as the flow calls it, and is
+timed on its own. Results of the single run: benchmarks/results/gpu_bench-<size>.json and a table on stdout.
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ SIZES = {
     # Llama-2-7B shapes
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
     "small": dict(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=12, vocab=32000),
+    # the check's own test on CPU (rows of 256 and 512 keep the K-quants real)
+    "tiny": dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=4, vocab=32000),
 }
 LINEAR = {
     "q_proj": ("h", "h"),
@@ -193,7 +208,16 @@ def main() -> None:
         help="folder for the model and outputs (default: ~/.cache/loraship/gpu-bench)",
     )
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q5_K_M", "Q8_0"])
+    ap.add_argument("--all", action="store_true", help="the prepared GPU check: every step, one JSON")
+    ap.add_argument("--allow-cpu", action="store_true", help="with --all: run what runs without a GPU, skip the rest")
+    ap.add_argument("--no-build", action="store_true", help="with --all: do not run setup.sh first")
+    ap.add_argument("--budget", type=float, default=540.0, help="with --all: seconds for all steps (default 540)")
+    ap.add_argument("--out", type=Path, default=None, help="with --all: the JSON to write")
     args = ap.parse_args()
+    if args.all:
+        from benchmarks.gpu_check import run_check
+
+        raise SystemExit(run_check(args))
 
     from tasks.core.artifacts import Artifact
     from tasks.gguf.convert import ConvertSettings, convert
