@@ -179,7 +179,7 @@ def full(
         summary.links.update(ctx.notes.get("links", {}))
         notify_run(cfg.notifications, summary, failed=True, error=f"{fatal.stage}: {fatal.message}")
         _run_cleanups(ctx)
-        _publish_summary_artifacts(summary)  # the failed stage's log is linked there too
+        publish_summary_markdown(summary, artifact_key(summary.model))  # links the failed stage's log
         _write_summary_log(summary)
         raise fatal.error
     _run_cleanups(ctx)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -186,6 +187,41 @@ def test_records_from_threads_without_our_context(tmp_path: Path) -> None:
     assert "for b, by flow run id" in b.pipeline_log.read_text()
     assert "for b" not in a.pipeline_log.read_text()
     assert "whose run" not in a.pipeline_log.read_text() + b.pipeline_log.read_text()
+
+
+def test_a_servers_output_in_this_run_goes_to_serve_log(llama_ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """The real llama.cpp server writes its own log file (it may outlive the run); what it wrote during the
+    run is copied into serve.log when the run's logs close, scrubbed, with a line naming the file."""
+    import requests
+
+    from tasks.serve.stage import ServeSettings, serve, stop_servers
+    from tests.deploy_helpers import gguf_artifacts
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "serve-Q4_K_M.log").write_text("an earlier run's server output\n")
+    logs = open_run_logs(LoggingSettings(), tmp_path, "m", "v1", flow_run_id="serve-1")
+    try:
+        with stage_context("serve"):
+            with socket.socket() as probe:  # a pool of our own: the default one is shared with other servers here
+                probe.bind(("127.0.0.1", 0))
+                base = min(probe.getsockname()[1], 60000)
+            settings = ServeSettings(n_ctx=128, port_range=(base, base + 20))
+            made = serve(gguf_artifacts(llama_ggufs, ("Q4_K_M",)), settings, state)
+        try:
+            # the server logs at WARNING: a malformed request makes uvicorn print one
+            with socket.create_connection(("127.0.0.1", made[0].meta["port"]), timeout=30) as sock:
+                sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                sock.recv(1024)
+            assert requests.get(f"{made[0].meta['url']}/health", timeout=30).status_code == 200
+        finally:
+            stop_servers(made)
+    finally:
+        close_run_logs(flow_run_id="serve-1")
+    text = logs.stage_log("serve").read_text()
+    model = made[0].meta["model_id"]
+    assert f"--- output of the server of {model} ({state / 'serve-Q4_K_M.log'}) in this run ---" in text
+    assert "Invalid HTTP request received" in text and "an earlier run's" not in text
 
 
 # --- the flow ----------------------------------------------------------------------------------------------
