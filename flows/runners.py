@@ -402,7 +402,7 @@ def run_space(ctx: RunContext) -> list[Artifact]:
         _token=token,
         _read_token=read_token,
         merged_repo=merged_repo,
-        task=_model_task(ctx),
+        model_task=_model_task(ctx),
     )
     if made.meta.get("dry_run"):
         ctx.notes.setdefault("dry_run", {})["space"] = True
@@ -413,6 +413,10 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     else:
         ctx.notes.setdefault("links", {})["Space"] = made.meta["url"]
         ctx.notes.setdefault("messages", {})["space"] = f"{made.meta['url']}: {made.meta.get('stage', 'deployed')}"
+        if made.meta.get("smoke", {}).get("ok"):
+            from tasks.publish.space_smoke import smoke_line
+
+            ctx.notes["messages"]["space"] += f"; {smoke_line(made.meta['smoke'])}"
     if fallback:
         ctx.notes["messages"]["space"] += f"; {fallback}"
     return [made]

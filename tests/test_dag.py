@@ -59,7 +59,7 @@ def config(world: dict[str, Any], types: list[str], **pipeline: Any) -> dict[str
         "merge": {"base_model": str(world["base"])},
         "quantization": {"types": types},
         "hub": {"token": f"env:{TOKEN_ENV}", "endpoint": world["hub"].url, "include_adapter": False},
-        "space": {"poll_interval": 0.05, "read_token": None},
+        "space": {"poll_interval": 0.05, "read_token": None, "smoke_test": False},  # no app runs here
         "deployment": {"lmstudio_home": str(root / "lmstudio"), "ollama_enabled": False, "lms_load": False},
         "serving": {"n_ctx": 256},
         "health_check": {"test_prompts": ["What color is the cat?"], "max_tokens": 8},

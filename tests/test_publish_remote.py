@@ -63,7 +63,7 @@ def test_an_unchanged_space_is_not_restarted_and_a_changed_variable_is_sent(tmp_
     pushed = _push(tmp_path, hub_server, ggufs)
 
     def deploy(**kw):
-        settings = SpaceSettings(poll_interval=0.01, timeout=60, **kw)
+        settings = SpaceSettings(poll_interval=0.01, timeout=60, smoke_test=False, **kw)  # no app runs here
         return space(pushed, ggufs, settings, tmp_path / "space", model_name="tiny", token=WRITE, sleep=lambda s: 0)
 
     deploy()

@@ -16,7 +16,7 @@ from tasks.publish.space import SpaceSettings, space
 from tests.hub_fixtures import gguf_artifacts
 
 WRITE, READ = SecretStr("hf_write_alice"), SecretStr("hf_read_alice")
-FAST = dict(poll_interval=0.01, timeout=60)
+FAST = dict(poll_interval=0.01, timeout=60, smoke_test=False)  # the smoke test has its own tests (an app runs)
 
 
 @pytest.fixture

@@ -29,13 +29,14 @@ from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
-from tasks.core.errors import PermanentError
+from tasks.core.errors import FailedWithReport, PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, hub_caller, push_folder, whoami
 from tasks.publish.secret_scan import refuse_secrets
 from tasks.publish.space_costs import duplicate_if_new, embed_url, ensure_storage, hf_home
+from tasks.publish.space_smoke import SmokeFailed, example_input, smoke_line, smoke_test
 from tasks.publish.space_templates import (
     AUTO,
     SPACE_TEMPLATES,
@@ -89,6 +90,11 @@ class SpaceSettings(StrictModel):
     timeout: float = Field(1800, gt=0, description="seconds to wait for RUNNING")
     poll_interval: float = Field(10.0, gt=0, description="seconds between runtime checks")
     max_restarts: int = Field(2, ge=0, description="restarts after BUILD_ERROR/RUNTIME_ERROR before the stage fails")
+    smoke_test: bool = Field(True, description="once RUNNING, call the app's API with one example (gradio_client)")
+    smoke_timeout: float = Field(600, gt=0, description="seconds the smoke test waits for the answer")
+    app_url: str = Field(
+        "", description="where the app answers for the smoke test; empty: the Space (gradio_client finds it)"
+    )
     storage: Literal["none", "bucket"] = Field(
         "none",
         description=(
@@ -284,13 +290,14 @@ def space(
     dry_run: bool = False,
     sleep: Any = time.sleep,
     merged_repo: Artifact | None = None,
-    task: str = "text-generation",
+    model_task: str = "text-generation",
 ) -> Artifact:
     """Render the Space folder and (with a write token, after a real push) deploy it. Returns 'publish:space'.
 
     `pushed` is the GGUF repo's push record, `merged_repo` the merged (transformers) repo's, when published;
-    `task` the model's task (space_templates.model_task), which space.template auto chooses by."""
-    template, source = _source(pushed, merged_repo, settings, task)
+    `model_task` the model's task (space_templates.model_task), which space.template auto chooses by
+    (not `task`: RunContext.call takes the Prefect task under that name)."""
+    template, source = _source(pushed, merged_repo, settings, model_task)
     model_repo = str(source.meta["repo_id"])
     endpoint = str(source.meta.get("endpoint") or "https://huggingface.co").rstrip("/")
     model_file = _pick_file(source, ggufs, settings.quant) if template.manifest.runs_from == "gguf" else ""
@@ -425,11 +432,12 @@ def space(
     )
     if settings.wait:
         meta.update(wait_until_running(api, space_id, settings, secret, sleep=sleep))
+        meta["smoke"] = _smoke(api, space_id, template, folder, settings, secret)
     atomic_write_json(publish_dir / "space.json", meta)
     log.info("Space %s: %s (%s)", space_id, meta.get("stage", "deployed"), meta["url"])
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
     meta["record_sha256"] = digest
-    return Artifact.from_path(
+    made = Artifact.from_path(
         folder,
         name="publish:space",
         kind=ArtifactKind.PUBLISH,
@@ -439,6 +447,41 @@ def space(
         tools=["huggingface_hub", "gradio"],
         meta=meta,
     )
+    smoke = meta.get("smoke") or {}
+    if smoke.get("ok") is False:
+        raise FailedWithReport(
+            f"Space {space_id} is RUNNING but its smoke test failed: {smoke['error']}; last log lines:\n  "
+            + "\n  ".join(smoke.get("log_tail") or ["(no logs)"]),
+            hint="look at the Space's logs (model repo, read token, requirements); space.smoke_test: false skips it",
+            artifacts=[made],
+        )
+    return made
+
+
+def _smoke(
+    api: Any, space_id: str, template: SpaceTemplate, folder: Path, settings: SpaceSettings, token: str | None
+) -> dict[str, Any]:
+    """The live smoke test's record: ok with length and latency, skipped (and why), or failed with the
+    Space's last run-log lines."""
+    if not settings.smoke_test:
+        return {"skipped": "space.smoke_test is false"}
+    if settings.duplicate_from:
+        return {"skipped": "duplicate_from: the Space runs its own app, whose API loraship does not know"}
+    src = settings.app_url or space_id
+    try:
+        record = smoke_test(
+            src,
+            template,
+            example_input(template, folder, settings.examples),
+            token=token,
+            timeout=settings.smoke_timeout,
+        )
+    except SmokeFailed as exc:
+        tail = _logs(api, space_id, build=False)[-20:]
+        log.warning("Space %s: smoke test failed: %s", space_id, exc)
+        return {"ok": False, "error": str(exc), "log_tail": tail, "src": src}
+    log.info("Space %s: %s", space_id, smoke_line(record))
+    return record
 
 
 def _space_task_fn(
@@ -452,7 +495,7 @@ def _space_task_fn(
     _token: Any = None,
     _read_token: Any = None,
     merged_repo: Artifact | None = None,
-    task: str = "text-generation",
+    model_task: str = "text-generation",
 ) -> Artifact:
     return space(
         pushed,
@@ -465,7 +508,7 @@ def _space_task_fn(
         read_token=_read_token,
         dry_run=dry_run,
         merged_repo=merged_repo,
-        task=task,
+        model_task=model_task,
     )
 
 

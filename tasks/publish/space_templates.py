@@ -54,6 +54,12 @@ class SmokeSpec(BaseModel):
 
     api_name: str = Field(description="the app's API endpoint the live smoke test calls, e.g. /chat")
     input: Literal["text", "audio"] = Field(description="what the smoke test sends: an example prompt or audio file")
+    extra_args: list[Any] = Field(default_factory=list, description="the endpoint's other inputs, after the example")
+    answer: Literal["chat", "text"] = Field(
+        "text", description="where the answer is: the last chat message of the first output, or the first output"
+    )
+    error_marker: str = Field("⚠️", description="an answer starting with this is the app reporting an error")
+    examples_dir: str = Field("", description="audio input: the Space folder's example files")
 
 
 class Manifest(BaseModel):
