@@ -36,6 +36,7 @@ from tasks.core.constants import TEMPLATES_DIR
 from tasks.core.errors import PermanentError
 from tasks.core.jsonfiles import read_json_dict
 from tasks.core.settings import FILE_CONTENT, StrictModel
+from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import is_hub_id
@@ -630,7 +631,8 @@ def card(
     )
 
 
-def _card_task_fn(
+@stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])
+def card_task(
     ggufs: list[Artifact],
     settings: CardSettings,
     out_path: Path,
@@ -668,12 +670,3 @@ def _card_task_fn(
         repos=repos,
         space=space,
     )
-
-
-def _make_task() -> Any:
-    from tasks.core.stage import stage_task
-
-    return stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])(_card_task_fn)
-
-
-card_task = _make_task()

@@ -37,6 +37,7 @@ from tasks.core.atomic import atomic_dir, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import iter_files
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import adapter_file_allowed, artifact_entry, merged_file_allowed, repo_file_allowed
@@ -366,7 +367,8 @@ def _push_repo(
     return out
 
 
-def _hub_push_task_fn(
+@stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])  # it renders the card too
+def hub_push_task(
     ggufs: list[Artifact],
     settings: HubSettings,
     card_settings: Any,
@@ -404,12 +406,3 @@ def _hub_push_task_fn(
         template_contract=template_contract,
         space_id=space_id,
     )
-
-
-def _make_task() -> Any:
-    from tasks.core.stage import stage_task
-
-    return stage_task(STAGE, key_files=[DEFAULT_TEMPLATE])(_hub_push_task_fn)  # it renders the card too
-
-
-hub_push_task = _make_task()

@@ -31,6 +31,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.errors import FailedWithReport, PermanentError
 from tasks.core.settings import SecretRef, StrictModel, check_hub_id
+from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.hub_io import hub_api, hub_caller, push_folder, whoami
@@ -484,7 +485,8 @@ def _smoke(
     return record
 
 
-def _space_task_fn(
+@stage_task(STAGE, key_files=[f for template in SPACE_TEMPLATES.values() for f in template.files()])
+def space_task(
     pushed: Artifact | None,
     ggufs: list[Artifact],
     settings: SpaceSettings,
@@ -510,13 +512,3 @@ def _space_task_fn(
         merged_repo=merged_repo,
         model_task=model_task,
     )
-
-
-def _make_task() -> Any:
-    from tasks.core.stage import stage_task
-
-    files = [f for template in SPACE_TEMPLATES.values() for f in template.files()]
-    return stage_task(STAGE, key_files=files)(_space_task_fn)
-
-
-space_task = _make_task()

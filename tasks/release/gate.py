@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.settings import StrictModel
+from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
@@ -254,30 +255,22 @@ def gate(
     )
 
 
-def _make_task() -> Any:
-    from tasks.core.stage import stage_task
-
-    @stage_task(STAGE, cache=False, retries=0)
-    def gate_task(
-        ggufs: list[Artifact],
-        settings: GateSettings | None,
-        out_path: Path,
-        eval_report: Artifact | None = None,
-        health: list[Artifact] | None = None,
-        approval: bool = False,
-        approval_timeout_s: int = 3600,
-    ) -> Artifact:
-        return gate(
-            ggufs,
-            settings,
-            out_path,
-            eval_report=eval_report,
-            health=health,
-            approval=approval,
-            approval_timeout_s=approval_timeout_s,
-        )
-
-    return gate_task
-
-
-gate_task = _make_task()
+@stage_task(STAGE, cache=False, retries=0)
+def gate_task(
+    ggufs: list[Artifact],
+    settings: GateSettings | None,
+    out_path: Path,
+    eval_report: Artifact | None = None,
+    health: list[Artifact] | None = None,
+    approval: bool = False,
+    approval_timeout_s: int = 3600,
+) -> Artifact:
+    return gate(
+        ggufs,
+        settings,
+        out_path,
+        eval_report=eval_report,
+        health=health,
+        approval=approval,
+        approval_timeout_s=approval_timeout_s,
+    )
