@@ -165,6 +165,12 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     if not types:
         raise StageSkipped(f"quantization.types only names {f16.meta.get('quant')}, which convert already made")
     plan = plan_jobs(f16.local_path, types, threads=s.threads or perf.threads, parallel=s.parallel or perf.parallelism)
+    if s.compute_imatrix and not s.imatrix:  # one imatrix for every type, computed (or found cached) here
+        from tasks.gguf.quantize import with_imatrix
+
+        if s.calibration is None and ctx.config.evaluation.heldout_text:
+            s = s.model_copy(update={"calibration": ctx.config.evaluation.heldout_text})
+        s = with_imatrix(f16, s, ctx.run.gguf_dir, threads=plan.threads)
     from tasks.core.caching import module_code_version
 
     # computed once here: mapped tasks computing their cache keys at the same time race inside ast.parse

@@ -17,12 +17,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
+from tasks.core.constants import TASKS_DATA
 from tasks.core.disk import disk_preflight
 from tasks.core.errors import ConfigError, PermanentError
 from tasks.core.settings import FILE_CONTENT, StrictModel
@@ -32,7 +33,12 @@ from tasks.gguf.convert import file_progress, gguf_name
 from tasks.gguf.plan import QuantPlan, plan_jobs
 from tasks.gguf.quant_types import bits_per_weight, parse_quant, quant_types, recommended
 
+if TYPE_CHECKING:
+    from tasks.gguf.imatrix import Imatrix
+
 STAGE = Stage.QUANTIZE
+#: the calibration text when none is given: the evaluation's bundled held-out text
+DEFAULT_CALIBRATION = TASKS_DATA / "heldout.txt"
 log = logging.getLogger("loraship.quantize")
 TOOLS = ("llama-cpp-python", "gguf")
 
@@ -116,6 +122,23 @@ class QuantizeSettings(StrictModel):
     pure: bool = Field(False, description="every matrix gets the requested type (no K-quant mixtures)")
     imatrix: Annotated[str | None, FILE_CONTENT] = Field(
         None, description="an importance matrix file (GGUF imatrix from llama-imatrix) for better low-bit quants"
+    )
+    compute_imatrix: bool = Field(
+        False,
+        description=(
+            "compute an importance matrix from `calibration` with llama.cpp's llama-imatrix (once per F16 and text, "
+            "cached; the same for every type); `imatrix` (a file) wins when both are set"
+        ),
+    )
+    calibration: Annotated[str | None, FILE_CONTENT] = Field(
+        None,
+        description=(
+            "text file the importance matrix is computed on (like what the model will see); None: the "
+            "evaluation's held-out text"
+        ),
+    )
+    calibration_chunks: int = Field(
+        128, ge=1, description="at most this many windows of the calibration text go into the imatrix"
     )
     generate_tokens: int = Field(
         4, ge=0, description="tokens each file must generate through llama_cpp.Llama in validation (0: skip)"
@@ -220,6 +243,51 @@ def _imatrix_struct(values: dict[str, Any]) -> tuple[Any, list[Any]]:
     return arr, keep
 
 
+def resolve_imatrix(
+    f16: Artifact, settings: QuantizeSettings, out_dir: Path, *, threads: int | None = None
+) -> Imatrix | None:
+    """The importance matrix this quantization uses: the `imatrix` file, else (with `compute_imatrix`) the one
+    computed from `calibration` (cached in `out_dir/imatrix/`), else None."""
+    from tasks.gguf.imatrix import compute_imatrix, imatrix_facts
+
+    if settings.imatrix:
+        path = Path(settings.imatrix).expanduser()
+        load_imatrix(path)  # a missing or foreign file fails here, naming quantization.imatrix
+        return imatrix_facts(path)
+    if not settings.compute_imatrix:
+        return None
+    calibration = Path(settings.calibration).expanduser() if settings.calibration else DEFAULT_CALIBRATION
+    return compute_imatrix(f16, calibration, out_dir, chunks=settings.calibration_chunks, threads=threads)
+
+
+def with_imatrix(
+    f16: Artifact, settings: QuantizeSettings, out_dir: Path, *, threads: int | None = None
+) -> QuantizeSettings:
+    """`settings` with `imatrix` pointing at the computed matrix, so that parallel quantizations of one F16
+    share it (computed here once) and their cache keys cover its content."""
+    if settings.imatrix or not settings.compute_imatrix:
+        return settings
+    im = resolve_imatrix(f16, settings, out_dir, threads=threads)
+    assert im is not None
+    return settings.model_copy(update={"imatrix": str(im.path)})
+
+
+def _kv_overrides(values: dict[str, str | int]) -> Any:
+    """llama_model_kv_override entries (string or integer) ending with an empty key, as llama.cpp reads them."""
+    import llama_cpp
+
+    arr = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for i, (key, value) in enumerate(values.items()):
+        arr[i].key = key.encode()[:127]
+        if isinstance(value, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = value
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = str(value).encode()[:127]
+    return arr
+
+
 # --- the work ---------------------------------------------------------------------------------------
 
 
@@ -308,10 +376,13 @@ def quantize(
     if settings.token_embedding_type:
         params.token_embedding_type = types[settings.token_embedding_type]
     keep: list[Any] = []
-    if settings.imatrix:
-        arr, keep = _imatrix_struct(load_imatrix(Path(settings.imatrix).expanduser()))
+    im = resolve_imatrix(f16, settings, Path(out_dir), threads=n_threads)
+    if im is not None:
+        arr, keep = _imatrix_struct(load_imatrix(im.path))
         params.imatrix = arr
-        keep.append(arr)
+        overrides = _kv_overrides(im.metadata())
+        params.kv_overrides = overrides
+        keep += [arr, overrides]
     started = time.monotonic()
     with atomic_path(final) as tmp:
         with file_progress(tmp, expected, f"quantize {final.name}"):
@@ -335,8 +406,10 @@ def quantize(
             "llama_cpp_commit": f16.meta.get("llama_cpp_commit"),
             "threads": n_threads,
             "seconds": round(seconds, 2),
-            "imatrix": bool(settings.imatrix),
+            "imatrix": im is not None,
         }
+        if im is not None:
+            meta["imatrix_info"] = im.record()
         if settings.generate_tokens:
             meta["generation"] = generate_check(final, n_tokens=settings.generate_tokens, threads=min(n_threads, 4))
     except Exception:
@@ -398,6 +471,7 @@ def quantize_all(
     from concurrent.futures import ThreadPoolExecutor
 
     plan = plan or plan_jobs(Path(f16.path), settings.types, threads=settings.threads, parallel=settings.parallel)
+    settings = with_imatrix(f16, settings, Path(out_dir), threads=plan.threads)
     order = plan.start_order(settings.types)
     with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:  # FIFO: costliest first
         futures = {
