@@ -561,16 +561,18 @@ def run_template_contract(ctx: RunContext) -> list[Artifact]:
 
 
 def run_serve(ctx: RunContext) -> list[Artifact]:
-    from tasks.serve.stage import keep, serve_task, stop_servers
+    from tasks.serve.engines import SERVE_ENGINES
+    from tasks.serve.stage import serve_task
 
-    ggufs = _need(ctx, ArtifactKind.GGUF, "serve")
     s = ctx.config.serving
-    made = ctx.call("serve", serve_task, ggufs, s, ctx.run.reports_dir)
+    engine = SERVE_ENGINES.lookup(s.engine)
+    inputs = _need(ctx, engine.takes, "serve")  # GGUFs (llama_cpp) or merged/ (transformers)
+    made = ctx.call("serve", serve_task, inputs, s, ctx.run.reports_dir)
     ctx.notes["servers"] = made
     if s.keep_running:
-        keep([a.meta["pid"] for a in made])
+        engine.keep(made)
     else:  # the flow calls ctx.notes["cleanups"] at its end
-        ctx.notes.setdefault("cleanups", []).append(lambda: stop_servers(made, s.stop_timeout_s))
+        ctx.notes.setdefault("cleanups", []).append(lambda: engine.stop(made, s.stop_timeout_s))
     for a in made:
         ctx.notes.setdefault("links", {})[f"server {a.meta['quant']}"] = a.meta["base_url"]
     ctx.notes.setdefault("messages", {})["serve"] = "; ".join(
@@ -587,6 +589,8 @@ def run_health(ctx: RunContext) -> list[Artifact]:
         targets = [(s.base_url, s.model_id, None)]
     else:
         servers = ctx.notes.get("servers") or ctx.of_kind(ArtifactKind.SERVICE)
+        # the health check speaks the OpenAI API; the transformers engine's model API has none
+        servers = [a for a in servers if a.meta.get("engine", "llama_cpp") != "transformers"]
         if not servers:
             raise StageSkipped(
                 "no server to check: enable the serve stage or set health_check.base_url (LM Studio: "

@@ -43,8 +43,15 @@ log = logging.getLogger("loraship.serve")
 
 
 class ServeSettings(StrictModel):
-    """Which GGUFs to serve and where."""
+    """Which GGUFs (or, with the transformers engine, the merged model) to serve and where."""
 
+    engine: str = Field(
+        "llama_cpp",
+        description="serve engine (tasks/serve/engines): llama_cpp (the GGUFs), transformers (merged/, model API)",
+    )
+    transformers_name: str | None = Field(
+        None, description="transformers engine: the deployment's name (default <model>-<version>)"
+    )
     quant: str = Field(default_factory=quant_types.default_quant, description="the quant to serve (health checks it)")
     extra_quants: list[str] = Field(
         default_factory=list, description="more quants served at the same time, each on its own port"
@@ -59,6 +66,13 @@ class ServeSettings(StrictModel):
     threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
     start_timeout_s: float = Field(180.0, gt=0, description="how long to wait for a server to answer /health")
     stop_timeout_s: float = Field(15.0, gt=0, description="grace period after SIGTERM before SIGKILL")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from tasks.serve.engines import SERVE_ENGINES  # the engines import this module
+
+        return SERVE_ENGINES.check(v)
 
     @field_validator("quant")
     @classmethod
@@ -307,8 +321,11 @@ def serve(ggufs: list[Artifact], settings: ServeSettings, state_dir: Path) -> li
 
 
 @stage_task(STAGE, cache=False)
-def serve_task(ggufs: list[Artifact], settings: ServeSettings, state_dir: Path) -> list[Artifact]:
-    return serve(ggufs, settings, state_dir)
+def serve_task(inputs: list[Artifact], settings: ServeSettings, state_dir: Path) -> list[Artifact]:
+    """The configured engine's servers for `inputs` (GGUFs for llama_cpp, merged/ for transformers)."""
+    from tasks.serve.engines import SERVE_ENGINES
+
+    return SERVE_ENGINES.lookup(settings.engine).start(inputs, settings, state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
