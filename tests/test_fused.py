@@ -167,3 +167,23 @@ def test_merged_weights_are_written_when_a_later_stage_needs_them():
     )
     space = cfg.space.model_copy(update={"template": "transformers_chat"})
     assert merged_weights_needed(cfg.model_copy(update={"space": space})) == "space.template: transformers_chat"
+
+
+def test_an_update_with_nan_is_refused_naming_the_tensor(llama_base, llama_adapter, tmp_path):
+    """NaN/inf is looked for once in each update's factors (not in a pass over every merged tensor)."""
+    import torch
+
+    from tasks.merge.backends.streaming import stream_merge
+    from tasks.merge.plan import build_plan, load_adapter, read_json
+
+    cfg, tensors = load_adapter(llama_adapter)
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    plan = build_plan(llama_base, read_json(llama_base / "config.json"), cfg, tensors)
+    target = key.removeprefix("base_model.model.").replace(".lora_B.weight", ".weight").replace(".lora_B.default", "")
+    (tmp_path / "out").mkdir()
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match=f"NaN/inf in {target}"):
+        stream_merge(plan, tmp_path / "out", None)
+    assert torch.get_num_threads() == threads  # the merge's thread setting is undone, also on failure
