@@ -125,14 +125,16 @@ def read_header(path: Path | str) -> SafetensorsFile:
     return SafetensorsFile(path, tensors, metadata, start)
 
 
-def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> Any:
-    """The tensor's values, read (not mapped) into memory of this process."""
+def read_tensor(info: TensorInfo, fh: BinaryIO | None = None, into: Any = None) -> Any:
+    """The tensor's values, read (not mapped) into memory of this process: a new buffer, or the start of `into`
+    (a uint8 torch tensor of at least info.nbytes, reused by the caller: a new buffer costs a page fault and
+    the kernel's zeroing per page, more than the read itself)."""
     import torch
 
     dtype = getattr(torch, DTYPES[info.dtype][0])
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    buf = bytearray(info.nbytes)
+    buf = bytearray(info.nbytes) if into is None else memoryview(into.numpy())[: info.nbytes]
     own = fh is None
     fh = fh or open(info.file, "rb")
     try:
@@ -146,6 +148,8 @@ def read_tensor(info: TensorInfo, fh: BinaryIO | None = None) -> Any:
             f"{info.file}: tensor {info.name!r} is cut short ({got} of {info.nbytes} bytes)",
             hint="the file is damaged: copy it again",
         )
+    if into is not None:
+        return into[: info.nbytes].view(dtype).reshape(info.shape)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
