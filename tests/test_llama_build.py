@@ -171,3 +171,26 @@ def test_setup_llama_build_plan_only_prints_the_plan(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "LLAMA_BUILD=cuda" in out.stdout and "-DGGML_CUDA=on" in out.stdout
     assert "==" not in out.stdout + out.stderr  # nothing installed, nothing built
+
+
+# --- where models run -----------------------------------------------------------------------------------------
+
+
+def test_served_and_evaluated_models_put_every_layer_on_the_gpu_of_a_gpu_build(llama_ggufs, monkeypatch) -> None:
+    """This build is a CPU one (no layer offloaded); with the build's offload answer turned to yes, the serve app
+    and the evaluation's loader ask llama.cpp for every layer on the GPU (a CPU build ignores the request)."""
+    import llama_cpp
+    from starlette.testclient import TestClient
+
+    from tasks.evaluate.windows import load_llama
+    from tasks.gguf.toolchain import gpu_layers
+    from tasks.serve.app import build_app
+
+    assert gpu_layers() == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    assert load_llama(llama_ggufs["Q8_0"], 64).model_params.n_gpu_layers == gpu_layers()
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    # -1 (all layers), as llama-cpp-python passes it on to llama.cpp
+    assert load_llama(llama_ggufs["Q8_0"], 64).model_params.n_gpu_layers == 2**31 - 1
+    app = build_app(str(llama_ggufs["Q8_0"]), "tiny-Q8_0", {}, n_ctx=64)
+    with TestClient(app) as client:
+        assert client.get("/info").json()["gpu_layers"] == -1

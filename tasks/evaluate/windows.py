@@ -58,9 +58,13 @@ def plan_windows(tokens: list[int] | np.ndarray, n_ctx: int, max_tokens: int | N
 
 
 def load_llama(model_path: Path | str, n_ctx: int, threads: int | None = None, **kw: Any) -> Any:
+    """llama.cpp's Llama for scoring: every layer on the GPU when the build offloads (toolchain.gpu_layers)."""
     from llama_cpp import Llama
 
+    from tasks.gguf.toolchain import gpu_layers
+
     args: dict[str, Any] = {"model_path": str(model_path), "n_ctx": n_ctx, "verbose": False, **kw}
+    args.setdefault("n_gpu_layers", gpu_layers())
     if threads:
         args.update(n_threads=threads, n_threads_batch=threads)
     return Llama(**args)

@@ -93,6 +93,15 @@ def installed_runtime_version() -> str:
         ) from None
 
 
+def gpu_layers() -> int:
+    """How many layers llama.cpp puts on the GPU when it loads a model to run it (serve, evaluate): every one
+    (-1) when this llama-cpp-python was built with GPU offload (setup.sh's CUDA build), else none. Quantize
+    never offloads: llama.cpp quantizes on the CPU."""
+    import llama_cpp
+
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
 def cache_folder() -> Path:
 
     return cache_root() / "llama.cpp"

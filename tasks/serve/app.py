@@ -30,14 +30,23 @@ def build_app(
     from llama_cpp.server.settings import ModelSettings, ServerSettings
     from starlette.concurrency import run_in_threadpool
 
-    kwargs: dict[str, Any] = {"model": model_path, "model_alias": alias, "n_ctx": n_ctx, "verbose": False}
+    from tasks.gguf.toolchain import gpu_layers
+
+    layers = gpu_layers()  # all on the GPU with a CUDA build of llama-cpp-python
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "model_alias": alias,
+        "n_ctx": n_ctx,
+        "n_gpu_layers": layers,
+        "verbose": False,
+    }
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
     if chat_format:
         kwargs["chat_format"] = chat_format
     app = create_app(server_settings=ServerSettings(), model_settings=[ModelSettings(**kwargs)])
     started = time.time()
-    info = {**info, "id": alias, "file": model_path, "context": n_ctx}
+    info = {**info, "id": alias, "file": model_path, "context": n_ctx, "gpu_layers": layers}
 
     @app.get("/health", tags=["loraship"])
     def health() -> dict[str, Any]:
