@@ -74,6 +74,8 @@ def test_served_deployments_match_prefect_yaml() -> None:
             "loraship-nightly-health",
             "loraship-on-training",
             "loraship-space-idle",
+            "loraship-model-api",
+            "loraship-model-api-stop",
         }
     )
     for name, d in served.items():
