@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import socket
 import threading
 import time
@@ -362,6 +363,8 @@ def test_parallel_stages_in_the_flow_and_the_ui_gets_every_line(
     assert files["serve.log"].count("serve line") == 20 and "evaluate" not in files["serve.log"].split("=====")[-1]
     assert files["evaluate.log"].count("evaluate line") == 20 and "serve line" not in files["evaluate.log"]
     assert files["evaluate.log"].count("from a task runner thread") == 2
+    # Prefect's own lines name their task run, as on its console
+    assert len(re.findall(r"task run 'item-\w+' \| Finished in state Completed", files["evaluate.log"])) == 2
     assert "serve: done" in files["pipeline.log"] and "evaluate: done" in files["pipeline.log"]
     summary = state.result()
     assert summary.log_dir == str(logs) and "logs: " + str(logs) in files["summary.log"]

@@ -48,7 +48,7 @@ from tasks.core.settings import StrictModel
 PIPELINE_LOG = "pipeline.log"
 SUMMARY_LOG = "summary.log"
 _HEADER = re.compile(r"^===== loraship run (?P<run>\S+) started (?P<at>\S+)(?: .*)?$")
-_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s | %(message)s"
+_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(where)s | %(message)s"
 _DATEFMT = "%Y-%m-%dT%H:%M:%S"
 
 
@@ -87,6 +87,23 @@ def log_dir_for(settings: LoggingSettings, run_root: Path, model: str, version: 
 
 def _utc(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+class _Formatter(logging.Formatter):
+    """UTC times; Prefect's run records name their task or flow run (as its console does), others their logger."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        task_run, flow_run = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.where = (
+            f"task run {task_run!r}"
+            if task_run and record.name.startswith("prefect")
+            else f"flow run {flow_run!r}"
+            if flow_run and record.name.startswith("prefect")
+            else record.name
+        )
+        return super().format(record)
 
 
 # --- retention ----------------------------------------------------------------------------------------------
@@ -203,8 +220,7 @@ class RunLogs:
         self._files: dict[str, _LogFile] = {}
         self._lock = threading.Lock()
         self._followed: list[_Followed] = []
-        self._formatter = logging.Formatter(_FORMAT, _DATEFMT)
-        self._formatter.converter = time.gmtime
+        self._formatter = _Formatter(_FORMAT, _DATEFMT)
 
     @property
     def pipeline_log(self) -> Path:
@@ -231,9 +247,11 @@ class RunLogs:
         if self.closed or record.levelno < self.level:
             return
         try:
-            text = scrub(self._formatter.format(record))
+            text = self._formatter.format(record)
         except Exception:  # pragma: no cover - a record that cannot be formatted is not worth a crash
             return
+        if not getattr(record, "loraship_scrubbed", False) or record.stack_info:  # made before the record factory
+            text = scrub(text)
         if not getattr(record, "runlog_stage_only", False):
             self._file(PIPELINE_LOG).write(text)
         if stage:

@@ -171,6 +171,7 @@ def install_log_scrubbing() -> None:
             record.msg, record.args = clean, None
         if record.exc_info and not record.exc_text:
             record.exc_text = scrub(formatter.formatException(record.exc_info))
+        record.loraship_scrubbed = True  # the run log files (tasks/core/runlog.py) need not scrub it again
         return record
 
     logging.setLogRecordFactory(factory)
