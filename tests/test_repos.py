@@ -300,6 +300,28 @@ def test_a_base_without_a_hub_id_is_named_never_linked(tmp_path, hub_server, run
         assert str(run["base_dir"]) not in c.content
 
 
+def test_a_local_path_inside_a_published_text_refuses_the_push(tmp_path, hub_server, run):
+    """A path the scrubbing cannot see (inside a longer string: a chat template here) is the last check's."""
+    folder = Path(run["merged"].path)
+    (folder / "chat_template.jinja").write_text(f"{{# exported from {run['base_dir']} #}}{{{{ messages }}}}")
+    run["merged"] = Artifact.from_path(folder, name="merged", kind="merged", stage="merge")
+    with pytest.raises(PermanentError, match=r"alice/tiny: staged files name local folders: chat_template.jinja"):
+        hub_push_repos(
+            run["ggufs"],
+            HubSettings(endpoint=hub_server.url, repos=ALL),
+            CardSettings(),
+            tmp_path / "publish",
+            tmp_path / "reports",
+            model_name="tiny",
+            version="v1",
+            base_model=str(run["base_dir"]),
+            adapter=run["adapter"],
+            merged=run["merged"],
+            token=WRITE,
+        )
+    assert hub_server.state.calls("POST", r"/commit/") == [], "refused before anything was sent"
+
+
 def test_every_repo_kind_keeps_the_contract(tmp_path):
     """Conformance over HUB_REPOS: a kind has a distinct suffix, a card (library, title), a layout on the
     allow-list, and says why an empty run cannot publish it instead of failing later."""

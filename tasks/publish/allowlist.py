@@ -153,6 +153,29 @@ def scrub_json_file(src: Path, dst: Path, base_hub_id: str = "") -> bool:
     return True
 
 
+# --- the last check: no local path in a staged text file ---------------------------------------------
+
+WEIGHT_SUFFIXES = (".gguf", ".safetensors")  # numbers, not text (their headers go through the secret scan)
+
+
+def local_path_leaks(folder: Path, paths: list[str]) -> list[tuple[str, str]]:
+    """(file, path) for each staged file of `folder` that names one of `paths` (the run folder, a local base,
+    the training box's folder): what the scrubbing above did not catch, e.g. a path inside a longer text.
+    Weights are skipped; text files are read whole (tokenizer.json included: a few MB)."""
+    needles = sorted({p.rstrip("/") for p in paths if p and len(p.rstrip("/")) > 4}, key=len, reverse=True)
+    hits: list[tuple[str, str]] = []
+    if not needles:
+        return hits
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES:
+            continue
+        text = f.read_bytes().decode("utf-8", errors="replace")
+        found = next((n for n in needles if n in text), None)
+        if found is not None:
+            hits.append((f.relative_to(folder).as_posix(), found))
+    return hits
+
+
 # --- loraship.json: fields per artifact kind -------------------------------------------------------
 
 ARTIFACT_FIELDS = ("kind", "sha256", "size", "stage", "inputs", "settings_digest", "tools")

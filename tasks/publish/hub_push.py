@@ -40,7 +40,14 @@ from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
-from tasks.publish.allowlist import adapter_file_allowed, artifact_entry, merged_file_allowed, repo_file_allowed
+from tasks.publish.allowlist import (
+    adapter_file_allowed,
+    artifact_entry,
+    is_local_path,
+    local_path_leaks,
+    merged_file_allowed,
+    repo_file_allowed,
+)
 from tasks.publish.card import DEFAULT_TEMPLATE, base_model_names, build_card, planned_space
 from tasks.publish.hub_io import hub_api, push_folder, whoami
 from tasks.publish.repos import HUB_REPOS, RepoJob
@@ -262,6 +269,7 @@ def hub_push_repos(
         manifest = publish_manifest(repo.publishable(job), model_name, version, repo_id)
         known = stage_repo_folder(folder, kind, job, card_text=card_text, manifest=manifest)
         refuse_secrets(folder, f"to {repo_id}")  # before any upload, also in a dry run (it shows what would go)
+        refuse_local_paths(folder, repo_id, local_paths(job, base_model))
         staged[kind] = {
             "repo_kind": kind,
             "repo_id": repo_id,
@@ -300,6 +308,30 @@ def hub_push_repos(
     report = {a.meta["repo_kind"]: {k: v for k, v in a.meta.items() if k != "extra_files"} for a in made}
     atomic_write_json(reports_dir / "hub_push.json", {**report[primary_kind(settings.repos)], "repos": report})
     return made
+
+
+def local_paths(job: RepoJob, base_model: str) -> list[str]:
+    """The folders of this machine and of the training box that nothing published may name: the run folder
+    (where adapter/ and merged/ live), a local base model, the folder the adapter was trained in."""
+    paths = [str(Path(a.path).parent) for a in (job.adapter, job.merged) if a is not None]
+    if base_model and Path(base_model).expanduser().exists():
+        paths.append(str(Path(base_model).expanduser().resolve()))
+    source = str((job.adapter.meta.get("source") if job.adapter is not None else "") or "")
+    where = source if is_local_path(source) else source.rsplit(":", 1)[-1]  # "ssh:host:/workspace/out"
+    if is_local_path(where):
+        paths.append(where)
+    return paths
+
+
+def refuse_local_paths(folder: Path, repo_id: str, paths: list[str]) -> None:
+    """PermanentError naming the staged files that hold a local path (`allowlist.local_path_leaks`)."""
+    leaks = local_path_leaks(folder, paths)
+    if leaks:
+        listed = "; ".join(f"{rel} names {path}" for rel, path in leaks[:10])
+        raise PermanentError(
+            f"refusing to publish to {repo_id}: staged files name local folders: {listed}",
+            hint="remove the path from that file at its source (training output, card template, description)",
+        )
 
 
 def record_name(kind: str) -> str:
