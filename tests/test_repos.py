@@ -364,6 +364,16 @@ def test_a_speech_models_merged_card(tmp_path):
     assert result["metrics"] == [{"type": "wer", "value": 0.125, "name": "word error rate"}], "not the timing"
     assert 'pipeline("automatic-speech-recognition", model="alice/whisper-tiny-ft")' in text
     assert "AutoModelForCausalLM" not in text and "| word error rate | 0.125 |" in text
+    lora = build_card(
+        [],
+        model_name="whisper-tiny-ft",
+        version="v1",
+        repo_id="alice/whisper-tiny-ft-LoRA",
+        settings=CardSettings(pipeline_tag="automatic-speech-recognition"),
+        base_model="openai/whisper-tiny",
+        kind="adapter",
+    )
+    assert 'AutoModelForSpeechSeq2Seq.from_pretrained("openai/whisper-tiny")' in lora and "CausalLM" not in lora
 
 
 def test_hub_repos_is_validated_against_the_registry():

@@ -298,7 +298,7 @@ def hub_push_repos(
                 name=record_name(kind),
                 kind=ArtifactKind.PUBLISH,
                 stage=STAGE,
-                inputs=[*repo.publishable(job), *([eval_report] if eval_report is not None else [])],
+                inputs=_inputs(repo.publishable(job), adapter, eval_report),
                 settings=settings,
                 tools=["huggingface_hub"],
                 meta={"endpoint": endpoint, "private": settings.private, **rec, "repos": repo_ids},
@@ -308,6 +308,12 @@ def hub_push_repos(
     report = {a.meta["repo_kind"]: {k: v for k, v in a.meta.items() if k != "extra_files"} for a in made}
     atomic_write_json(reports_dir / "hub_push.json", {**report[primary_kind(settings.repos)], "repos": report})
     return made
+
+
+def _inputs(published: list[Artifact], *read: Artifact | None) -> list[Artifact]:
+    """A record's inputs: what its repo publishes, and what its card was made from (training rows, eval)."""
+    names = {a.name for a in published}
+    return [*published, *(a for a in read if a is not None and a.name not in names)]
 
 
 def local_paths(job: RepoJob, base_model: str) -> list[str]:
