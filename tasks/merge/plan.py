@@ -26,6 +26,7 @@ import difflib
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,31 @@ def build_plan(
             raise _unknown(key, module_weight, base)
         return found
 
+    pairs, magnitudes = _sort_adapter_tensors(adapter, plan, resolve)
+    for (module, kind), slot in sorted(pairs.items()):
+        name, op = _lora_op(plan, adapter_cfg, module, kind, slot, magnitudes, resolve)
+        plan.ops.setdefault(name, []).append(op)
+    if magnitudes:
+        raise PermanentError(
+            f"adapter has DoRA magnitudes without lora_A/lora_B for: {', '.join(sorted(magnitudes)[:3])}",
+            hint="the adapter file is incomplete: copy it again",
+        )
+    if plan.dora and any(len(v) > 1 for v in plan.ops.values()):
+        raise PermanentError("DoRA updates of a tied tensor cannot be merged", hint="merge with merge.backend: peft")
+    if tied and plan.tied_to and not plan.untied and (plan.tied_to in plan.ops or plan.tied_to in plan.replace):
+        _untie(plan, f"the update of {plan.tied_to}")  # the input embedding changes, the output head must not
+    _check_targets(adapter_cfg, base, plan)
+    return plan
+
+
+Resolve = Callable[[str, str], str]  # (adapter key, module weight name) -> the base tensor it updates
+
+
+def _sort_adapter_tensors(
+    adapter: dict[str, Any], plan: MergePlan, resolve: Resolve
+) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+    """The adapter's tensors by role: LoRA A/B pairs by (module, linear|embedding), DoRA magnitudes by module;
+    saved whole modules (modules_to_save) go straight into `plan.replace` after a shape check."""
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
     magnitudes: dict[str, Any] = {}
     for key, tensor in adapter.items():
@@ -285,117 +311,121 @@ def build_plan(
                     "a saved module must have the base's shape; a resized vocabulary is not supported",
                 )
             plan.replace[name] = tensor
+    return pairs, magnitudes
 
-    fifo = bool(adapter_cfg.get("fan_in_fan_out"))
-    for (module, kind), slot in sorted(pairs.items()):
-        keys = slot["keys"]
-        if "A" not in slot or "B" not in slot:
-            have = ", ".join(keys.values())
-            raise PermanentError(
-                f"adapter for {module!r} has only {have}: lora_A and lora_B come in pairs",
-                hint="the adapter file is incomplete: copy it again",
-            )
-        A, B = slot["A"], slot["B"]
-        name = resolve(keys["A"], f"{module}.weight")
-        info = plan.output_tensors()[name]
-        if kind == "linear":
-            if A.dim() != 2 or B.dim() != 2:
-                raise PermanentError(
-                    (
-                        f"adapter tensor {keys['A']!r} is {A.dim()}-D: only linear and embedding LoRA layers can "
-                        "be merged (not convolutions)"
-                    ),
-                    hint="merge with peft directly",
-                )
-            r = A.shape[0]
-            if len(info.shape) != 2:
-                raise _shape_error(keys["A"], A.shape, name, info.shape, "LoRA applies to 2-D weights")
-            out_f, in_f = (info.shape[1], info.shape[0]) if fifo else (info.shape[0], info.shape[1])
-            if A.shape[1] != in_f:
-                raise _shape_error(
-                    keys["A"],
-                    A.shape,
-                    name,
-                    info.shape,
-                    f"lora_A must be [r, in_features={in_f}]" + (" with fan_in_fan_out" if fifo else ""),
-                )
-            if B.shape != (out_f, r):
-                raise _shape_error(
-                    keys["B"], B.shape, name, info.shape, f"lora_B must be [out_features={out_f}, r={r}]"
-                )
-        else:
-            r = A.shape[0]
-            if len(info.shape) != 2 or A.shape[1] != info.shape[0] or B.shape != (info.shape[1], r):
-                raise _shape_error(
-                    keys["A"],
-                    A.shape,
-                    name,
-                    info.shape,
-                    (
-                        f"lora_embedding_A must be [r, {info.shape[0]}] and lora_embedding_B "
-                        f"[{info.shape[1] if len(info.shape) > 1 else '?'}, r]"
-                    ),
-                )
-        expected_r = _pattern_value(adapter_cfg.get("rank_pattern") or {}, module) or adapter_cfg.get("r")
-        if expected_r and int(expected_r) != r:
-            log.warning(
-                "adapter %s: tensors have rank %d, adapter_config says %s; using the tensors' rank",
-                module,
-                r,
-                expected_r,
-            )
-        op = LoraOp(
-            module=module,
-            kind=kind,
-            A=A,
-            B=B,
-            scaling=scaling_for(adapter_cfg, module, r),
-            fan_in_fan_out=fifo and kind == "linear",
-        )
-        if module in magnitudes:
-            mag = magnitudes.pop(module)
-            if kind != "linear":
-                raise PermanentError(
-                    (
-                        f"adapter tensor {module}.lora_magnitude_vector: DoRA on embeddings is not supported by "
-                        "the merge stage"
-                    ),
-                    hint="merge this adapter with merge.backend: peft",
-                )
-            if mag.shape != (B.shape[0],):
-                raise _shape_error(
-                    f"{PREFIX}{module}.lora_magnitude_vector",
-                    mag.shape,
-                    name,
-                    info.shape,
-                    "the DoRA magnitude has one value per output feature",
-                )
-            op.magnitude = mag
-            plan.dora = True
-        if "B_bias" in slot:
-            bias_name = _find_base(f"{module}.bias", base)
-            if bias_name is None:
-                raise PermanentError(
-                    (
-                        f"adapter tensor {keys['B'].replace('.weight', '.bias')!r} (lora_bias) needs a bias in "
-                        f"the base, and {module} has none"
-                    ),
-                    hint="the adapter was trained on a different base model",
-                )
-            op.bias = slot["B_bias"]
-            plan.bias_adds.setdefault(bias_name, []).append(op)
-        plan.ops.setdefault(name, []).append(op)
-    if magnitudes:
+
+def _lora_op(
+    plan: MergePlan,
+    adapter_cfg: dict[str, Any],
+    module: str,
+    kind: str,
+    slot: dict[str, Any],
+    magnitudes: dict[str, Any],
+    resolve: Resolve,
+) -> tuple[str, LoraOp]:
+    """(base tensor name, the checked update) of one module's LoRA pair, with its DoRA magnitude (taken out of
+    `magnitudes`) and lora_bias (recorded in `plan.bias_adds`)."""
+    keys = slot["keys"]
+    if "A" not in slot or "B" not in slot:
+        have = ", ".join(keys.values())
         raise PermanentError(
-            f"adapter has DoRA magnitudes without lora_A/lora_B for: {', '.join(sorted(magnitudes)[:3])}",
+            f"adapter for {module!r} has only {have}: lora_A and lora_B come in pairs",
             hint="the adapter file is incomplete: copy it again",
         )
-    if plan.dora and any(len(v) > 1 for v in plan.ops.values()):
-        raise PermanentError("DoRA updates of a tied tensor cannot be merged", hint="merge with merge.backend: peft")
-    if tied and plan.tied_to and not plan.untied and (plan.tied_to in plan.ops or plan.tied_to in plan.replace):
-        _untie(plan, f"the update of {plan.tied_to}")  # the input embedding changes, the output head must not
-    _check_targets(adapter_cfg, base, plan)
-    return plan
+    A, B = slot["A"], slot["B"]
+    name = resolve(keys["A"], f"{module}.weight")
+    info = plan.output_tensors()[name]
+    fifo = bool(adapter_cfg.get("fan_in_fan_out"))
+    r = _checked_rank(keys, kind, A, B, name, info, fifo)
+    expected_r = _pattern_value(adapter_cfg.get("rank_pattern") or {}, module) or adapter_cfg.get("r")
+    if expected_r and int(expected_r) != r:
+        log.warning(
+            "adapter %s: tensors have rank %d, adapter_config says %s; using the tensors' rank",
+            module,
+            r,
+            expected_r,
+        )
+    op = LoraOp(
+        module=module,
+        kind=kind,
+        A=A,
+        B=B,
+        scaling=scaling_for(adapter_cfg, module, r),
+        fan_in_fan_out=fifo and kind == "linear",
+    )
+    if module in magnitudes:
+        op.magnitude = _dora_magnitude(magnitudes.pop(module), module, kind, B, name, info)
+        plan.dora = True
+    if "B_bias" in slot:
+        bias_name = _find_base(f"{module}.bias", plan.base_tensors)
+        if bias_name is None:
+            raise PermanentError(
+                (
+                    f"adapter tensor {keys['B'].replace('.weight', '.bias')!r} (lora_bias) needs a bias in "
+                    f"the base, and {module} has none"
+                ),
+                hint="the adapter was trained on a different base model",
+            )
+        op.bias = slot["B_bias"]
+        plan.bias_adds.setdefault(bias_name, []).append(op)
+    return name, op
+
+
+def _checked_rank(keys: dict[str, str], kind: str, A: Any, B: Any, name: str, info: TensorInfo, fifo: bool) -> int:
+    """The pair's rank, once A and B fit the base tensor `name` (a linear weight or an embedding)."""
+    r = A.shape[0]
+    if kind == "linear":
+        if A.dim() != 2 or B.dim() != 2:
+            raise PermanentError(
+                (
+                    f"adapter tensor {keys['A']!r} is {A.dim()}-D: only linear and embedding LoRA layers can "
+                    "be merged (not convolutions)"
+                ),
+                hint="merge with peft directly",
+            )
+        if len(info.shape) != 2:
+            raise _shape_error(keys["A"], A.shape, name, info.shape, "LoRA applies to 2-D weights")
+        out_f, in_f = (info.shape[1], info.shape[0]) if fifo else (info.shape[0], info.shape[1])
+        if A.shape[1] != in_f:
+            raise _shape_error(
+                keys["A"],
+                A.shape,
+                name,
+                info.shape,
+                f"lora_A must be [r, in_features={in_f}]" + (" with fan_in_fan_out" if fifo else ""),
+            )
+        if B.shape != (out_f, r):
+            raise _shape_error(keys["B"], B.shape, name, info.shape, f"lora_B must be [out_features={out_f}, r={r}]")
+    elif len(info.shape) != 2 or A.shape[1] != info.shape[0] or B.shape != (info.shape[1], r):
+        raise _shape_error(
+            keys["A"],
+            A.shape,
+            name,
+            info.shape,
+            (
+                f"lora_embedding_A must be [r, {info.shape[0]}] and lora_embedding_B "
+                f"[{info.shape[1] if len(info.shape) > 1 else '?'}, r]"
+            ),
+        )
+    return r
+
+
+def _dora_magnitude(mag: Any, module: str, kind: str, B: Any, name: str, info: TensorInfo) -> Any:
+    """A DoRA magnitude vector, checked: linear layers only, one value per output feature."""
+    if kind != "linear":
+        raise PermanentError(
+            f"adapter tensor {module}.lora_magnitude_vector: DoRA on embeddings is not supported by the merge stage",
+            hint="merge this adapter with merge.backend: peft",
+        )
+    if mag.shape != (B.shape[0],):
+        raise _shape_error(
+            f"{PREFIX}{module}.lora_magnitude_vector",
+            mag.shape,
+            name,
+            info.shape,
+            "the DoRA magnitude has one value per output feature",
+        )
+    return mag
 
 
 def _untie(plan: MergePlan, why: str) -> None:
