@@ -69,7 +69,7 @@ if (( WANT_TOOLS )); then
   apt_install cmake ninja-build g++
 fi
 if (( WANT_TEST )); then
-  apt_install openssh-server chromium chromium-driver
+  apt_install openssh-server chromium chromium-driver espeak-ng  # espeak-ng: the speech the ASR Space test transcribes
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

@@ -88,23 +88,23 @@ def test_space_app_chats_in_chromium(tmp_path, hub_server, llama_ggufs):
     assert downloads and downloads[-1].authorized_as == "alice", "the app fetched the private GGUF with the read token"
 
 
-def _merged_repo(tmp_path, hub_server, base) -> str:
-    """The tiny Llama's folder pushed as a private merged (transformers) repo; returns its id."""
+def _merged_repo(tmp_path, hub_server, base, repo: str = "alice/llama") -> str:
+    """A tiny model's folder pushed as a private merged (transformers) repo; returns its id."""
     from tasks.publish.hub_io import push_folder
     from tasks.support.tiny_models import copy_tree
 
-    merged = copy_tree(base, tmp_path / "merged")
+    merged = copy_tree(base, tmp_path / "merged" / repo.split("/")[1])
     for marker in merged.glob(".*"):
         marker.unlink()
     push_folder(
         merged,
-        "alice/llama",
+        repo,
         token="hf_write_alice",
         endpoint=hub_server.url,
         private=True,
         commit_message="merged model",
     )
-    return "alice/llama"
+    return repo
 
 
 def test_transformers_chat_streams_in_chromium_on_zero_gpu_path(tmp_path, hub_server, llama_base):
@@ -144,3 +144,42 @@ def test_transformers_chat_streams_in_chromium_on_zero_gpu_path(tmp_path, hub_se
         assert "Error" not in str(final) and str(final).strip(), final
     downloads = hub_server.state.calls("GET", r"/alice/llama/resolve/[^/]+/model.safetensors")
     assert downloads and downloads[-1].authorized_as == "alice", "the app fetched the private repo with the read token"
+
+
+def test_asr_transcribes_an_espeak_wav_in_chromium(tmp_path, hub_server):
+    """asr: a WAV spoken here by espeak-ng is uploaded in chromium and transcribed by the tiny wav2vec2 CTC
+    model (pushed as a private merged repo) with its timing; a CTC model offers no language menu; the
+    shipped example audio answers the smoke test's /transcribe call through gradio_client."""
+    import subprocess
+
+    from tasks.publish.space import SpaceSettings, space_inputs
+    from tasks.publish.space_smoke import example_input, smoke_test
+    from tasks.publish.space_templates import SPACE_TEMPLATES
+    from tests.asr_models import tiny_wav2vec2
+
+    espeak = shutil.which("espeak-ng")
+    assert espeak, "espeak-ng is needed (./setup.sh --test installs it)"
+    said = tmp_path / "said.wav"
+    subprocess.run([espeak, "-v", "en", "-w", str(said), "The quick brown fox jumps over the lazy dog."], check=True)
+    repo = _merged_repo(tmp_path, hub_server, tiny_wav2vec2(), "alice/tiny-asr")
+    template = SPACE_TEMPLATES["asr"]
+    settings = SpaceSettings(template="asr", examples=[])
+    inputs = space_inputs(settings, repo, "", "Tiny ASR", f"{hub_server.url}/{repo}")
+    folder = template.render_to(tmp_path / "space", inputs, "apache-2.0")
+    assert sorted(p.name for p in (folder / "examples").iterdir()) == ["en_hello.wav", "fr_bonjour.wav"]
+    with launched(folder, template.variables(inputs), hub_server.url, tmp_path) as url:
+        with browser_page(url) as page:
+            page.get_by_text("Tiny ASR").first.wait_for(timeout=60_000)
+            assert not page.locator("#language").is_visible(), "wav2vec2 offers no language choice"
+            page.locator("#audio input[type=file]").set_input_files(str(said))
+            page.locator("#transcribe").click()
+            page.locator("#timing").get_by_text("real time").wait_for(timeout=180_000)
+            timing = page.locator("#timing").inner_text()
+            text = page.locator("#text textarea").input_value()
+            assert text.strip() and not text.startswith("⚠️"), text
+            seconds = float(timing.split(" s of audio")[0])
+            assert 2.0 < seconds < 6.0, timing  # espeak-ng's sentence, resampled to 16 kHz
+            page.screenshot(path=str(tmp_path / "asr.png"), full_page=True)
+        keep_screenshots(tmp_path, ["asr.png"])
+        record = smoke_test(url, template, example_input(template, folder, []), timeout=120)
+        assert record["ok"] and record["example"] == "en_hello.wav" and record["answer_chars"] > 0

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _record(tmp_path, hub_server, repo: str) -> Artifact:
     return Artifact.from_path(
-        tmp_path / "merged",
+        tmp_path / "merged" / repo.split("/")[1],
         name="publish:hub:merged",
         kind="publish",
         stage="hub_push",

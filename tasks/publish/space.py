@@ -91,6 +91,7 @@ class SpaceSettings(StrictModel):
     timeout: float = Field(1800, gt=0, description="seconds to wait for RUNNING")
     poll_interval: float = Field(10.0, gt=0, description="seconds between runtime checks")
     max_restarts: int = Field(2, ge=0, description="restarts after BUILD_ERROR/RUNTIME_ERROR before the stage fails")
+    language: str = Field("auto", description="asr: the language preselected where the model offers a choice")
     smoke_test: bool = Field(True, description="once RUNNING, call the app's API with one example (gradio_client)")
     smoke_timeout: float = Field(600, gt=0, description="seconds the smoke test waits for the answer")
     app_url: str = Field(
@@ -148,6 +149,7 @@ def space_inputs(
         rate_limit_per_minute=str(settings.rate_limit_per_minute),
         zero_gpu="1" if settings.hardware.startswith("zero-") else "",
         hf_home=hf_home(settings),
+        language=settings.language,
     )
 
 
