@@ -203,6 +203,42 @@ def test_files_are_hashed_while_rsync_writes_them(ssh_server, remote, tmp_path):
     assert got["adapter_model.safetensors"] == sha(dest / "adapter_model.safetensors") == want
 
 
+def test_rsync_rides_the_openssh_connection_opened_beside_paramiko(ssh_server, remote, tmp_path, monkeypatch):
+    """With the host key known, OpenSSH connects (a ControlMaster) while paramiko discovers; rsync's ssh uses it,
+    and it is closed with the session. A host met for the first time gets none."""
+    import tasks.download.transfer as transfer
+
+    run = make_run(remote / "out", big=3_000_000)
+    seen: list[tuple[str, list[list[str]]]] = []
+    real = transfer._run_rsync
+
+    def masters() -> list[list[str]]:
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.NoSuchProcess:  # a short-lived child (rsync --version) ended meanwhile
+                continue
+            if "-M" in cmd and cmd[0] == "ssh":
+                out.append(cmd)
+        return out
+
+    def spy(argv, env, progress, on_bytes):
+        seen.append((argv[argv.index("--rsh") + 1], masters()))
+        return real(argv, env, progress, on_bytes)
+
+    monkeypatch.setattr(transfer, "_run_rsync", spy)
+    art = download(ssh_settings(ssh_server, run), tmp_path / "a" / "adapter")
+    assert art.meta["method"] == "rsync"
+    rsh, running = seen[0]
+    assert running and "ControlPath=" in rsh
+    assert not masters()  # gone with the session
+
+    unknown = tmp_path / "kh"  # trust on first use: no early connection, rsync's ssh checks paramiko's key
+    download(ssh_settings(ssh_server, run, known_hosts=str(unknown), trust_on_first_use=True), tmp_path / "b" / "x")
+    assert "ControlPath=" not in seen[1][0] and not seen[1][1]
+
+
 def _write_like_rsync(folder: Path, name: str, data: bytes, suffix: str, *, rename: bool) -> None:
     """Append `data` to `.name.suffix` in pieces, as rsync's receiver does, then rename it (or drop it)."""
     tmp = folder / f".{name}.{suffix}"

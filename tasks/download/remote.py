@@ -145,7 +145,8 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
     t0 = time.monotonic()
     target, path, facts = resolve_target(settings)
     dest.mkdir(parents=True, exist_ok=True)
-    with RemoteSession(target) as session:
+    early = settings.io_timeout_s if settings.transfer != "sftp" else None
+    with RemoteSession(target, openssh_early=early) as session:
         # rsync on both sides? asked while the run folder is found and listed (a remote command each way)
         probe = _Background("rsync-probe", lambda: _choose_method(session, settings))
         root = session.realpath(path)

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -166,16 +167,22 @@ class _Refuse:
 class RemoteSession:
     """One authenticated SSH connection (paramiko) to the training box, with an SFTP channel."""
 
-    def __init__(self, target: SshTarget):
+    def __init__(self, target: SshTarget, *, openssh_early: int | None = None):
+        """`openssh_early`: rsync's io timeout when rsync will likely run (start_openssh_early on entering)."""
         self.target = target
         self.client: Any = None
         self.host_key: Any = None
         self._sftp: Any = None
         self._tmp: Path | None = None
+        self._master: subprocess.Popen[bytes] | None = None
+        self._mux: Path | None = None
+        self._openssh_early = openssh_early
 
     # -- connection ---------------------------------------------------------------------------
     def __enter__(self) -> RemoteSession:
         try:
+            if self._openssh_early is not None:
+                self.start_openssh_early(self._openssh_early)
             self.connect()
         except BaseException:  # auth failure, refused host key, timeout, Ctrl-C: nothing may stay behind
             self.close()
@@ -285,11 +292,19 @@ class RemoteSession:
     def close(self) -> None:
         """Close the connection and delete the private folder (key file, known_hosts), whatever happened."""
         try:
+            if self._master is not None:
+                self._master.terminate()
+                try:
+                    self._master.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._master.kill()
+                    self._master.wait()
             if self._sftp is not None:
                 self._sftp.close()
             if self.client is not None:
                 self.client.close()
         finally:
+            self._master = None
             self._sftp = self.client = None
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
@@ -323,11 +338,18 @@ class RemoteSession:
             raise TransientError(f"the connection to {self.target.label} dropped: {exc}") from None
 
     def openssh_command(self, io_timeout: int = 60) -> list[str]:
-        """`ssh` with options for rsync's -e: the verified host key only, the same key, never a prompt."""
+        """`ssh` with options for rsync's -e: the verified host key only, the same key, never a prompt; through
+        the connection opened early (`start_openssh_early`) when it is up, which saves rsync a handshake."""
         t = self.target
-        d = self.private_dir()
-        kh = d / "known_hosts"
+        kh = self.private_dir() / "known_hosts"
         kh.write_text(f"{t.known_hosts_name} {self.host_key.get_name()} {self.host_key.get_base64()}\n")
+        cmd = self._ssh_options(str(kh), io_timeout)
+        if self._master is not None and self._master.poll() is None and self._mux is not None:
+            cmd += ["-o", "ControlMaster=no", "-o", f"ControlPath={self._mux}"]  # no master yet: ssh connects
+        return cmd
+
+    def _ssh_options(self, known_hosts: str, io_timeout: int) -> list[str]:
+        t = self.target
         cmd = [
             "ssh",
             "-p",
@@ -339,7 +361,7 @@ class RemoteSession:
             "-o",
             "StrictHostKeyChecking=yes",
             "-o",
-            f"UserKnownHostsFile={kh}",
+            f"UserKnownHostsFile={known_hosts}",
             "-o",
             "GlobalKnownHostsFile=/dev/null",
             "-o",
@@ -354,8 +376,8 @@ class RemoteSession:
             "LogLevel=ERROR",
         ]
         key = t.key_file
-        if t.key_text is not None:  # rsync's ssh reads keys from files only: 0600 in the 0700 folder, for now
-            key = d / "id"
+        if t.key_text is not None:  # OpenSSH reads keys from files only: 0600 in the 0700 folder, for now
+            key = self.private_dir() / "id"
             if not key.exists():
                 fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -364,6 +386,36 @@ class RemoteSession:
         if key is not None:
             cmd += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
         return cmd
+
+    def start_openssh_early(self, io_timeout: int) -> None:
+        """Open OpenSSH's connection for rsync now (a ControlMaster), while paramiko is imported, connects and
+        lists the run, instead of after: rsync's ssh then only opens a channel on it.
+
+        Only when the host key is already known: OpenSSH checks it against exactly what paramiko trusts
+        (source.known_hosts and source.known_hosts_entry), with StrictHostKeyChecking; a host met for the
+        first time (trust_on_first_use) gets no early connection, and neither does a failed one: rsync's
+        ssh then connects itself against the one key paramiko verified.
+        """
+        t = self.target
+        trusted = []
+        if t.known_hosts is not None and t.known_hosts.is_file():
+            trusted.append(str(t.known_hosts))
+        if t.known_hosts_entries:
+            given = self.private_dir() / "known_hosts_given"
+            given.write_text("".join(line.strip() + "\n" for line in t.known_hosts_entries))
+            trusted.append(str(given))
+        if not trusted or any(c in f for f in trusted for c in " \t'\""):  # a list OpenSSH splits on spaces
+            return
+        self._mux = self.private_dir() / "mux"
+        cmd = self._ssh_options(" ".join(trusted), io_timeout)
+        cmd += ["-M", "-o", f"ControlPath={self._mux}", "-o", "ControlPersist=no", "-N", "--", t.host]
+        try:
+            self._master = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        except OSError as exc:  # no ssh binary: rsync will say so itself
+            log.debug("no early OpenSSH connection: %s", exc)
+            self._master = None
 
     # -- discovery -----------------------------------------------------------------------------
     def realpath(self, path: str, what: str = "source.path") -> str:
