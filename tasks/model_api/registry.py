@@ -18,7 +18,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -142,7 +142,7 @@ class DeploymentRegistry:
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path else loraship_home() / "model_api" / "deployments.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             db.executescript(_SCHEMA)
 
     @property
@@ -284,7 +284,7 @@ class DeploymentRegistry:
 
     # --- reads ----------------------------------------------------------------------------------
     def get_id(self, dep_id: str) -> Deployment:
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             r = db.execute("SELECT * FROM deployments WHERE id=?", [dep_id]).fetchone()
         if r is None:
             raise PermanentError(f"no deployment with id {dep_id}")
@@ -294,7 +294,7 @@ class DeploymentRegistry:
         """The most recent deployment called `name` (a live one first)."""
         if reconcile:
             self.reconcile()
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             r = db.execute(
                 "SELECT * FROM deployments WHERE name=? ORDER BY status IN ('starting','ready') DESC, started_at DESC",
                 [name],
@@ -306,7 +306,7 @@ class DeploymentRegistry:
     def list(self, all_rows: bool = False) -> list[Deployment]:
         """Live deployments (reconciled first); `all_rows`: also the stopped and failed ones."""
         self.reconcile()
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             if all_rows:
                 rows = db.execute("SELECT * FROM deployments ORDER BY started_at").fetchall()
             else:
