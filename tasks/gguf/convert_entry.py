@@ -64,9 +64,12 @@ def _install_fused(recipe_dir: Path) -> object:
     if repo not in sys.path:
         sys.path.append(repo)
     import gguf.utility  # the converter's own gguf-py (first on sys.path)
+    import torch
 
+    from tasks.merge.backends.streaming import merge_threads
     from tasks.merge.fused import FusedRecipe, FusedSource, install
 
+    torch.set_num_threads(merge_threads())  # this process is the converter's: its pool leaves a core to it
     source = FusedSource(FusedRecipe.read(recipe_dir))
     install(source, gguf.utility)
     return source

@@ -28,6 +28,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,10 @@ def converter_folder(recipe_dir: Path, plan: MergePlan | None = None) -> Iterato
 class FusedSource:
     """Merged tensors made on demand, in the output dtype merged/ would hold, each checked as it is made."""
 
+    PREFETCH = 2  # tensors made ahead of the converter's requests
+
     def __init__(self, recipe: FusedRecipe, plan: MergePlan | None = None) -> None:
-        from tasks.merge.backends.streaming import needs_work
+        from tasks.merge.backends.streaming import Buffers, needs_work
         from tasks.merge.safetensors_io import OutEntry
         from tasks.merge.tensor_check import TensorVerifier
 
@@ -134,6 +137,9 @@ class FusedSource:
         self.made: set[str] = set()
         self.seconds = 0.0
         self._handles: dict[Path, Any] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fused-merge")
+        self._ahead: dict[str, Future] = {}
+        self._bufs = Buffers()
         self.by_shard: dict[str, list[TensorInfo]] = {}
         self.work: dict[str, str] = {}  # tensor -> output dtype, for those the merge changes (or casts)
         for info in self.plan.output_tensors().values():
@@ -141,6 +147,9 @@ class FusedSource:
             dtype = out_dtype_of(info.dtype, recipe.target_st)
             if needs_work(self.plan, info, OutEntry(info.name, dtype, info.shape), recipe.qlora):
                 self.work[info.name] = dtype
+        shards = {shard.name: i for i, shard in enumerate(self.plan.shards)}
+        self._order = sorted(self.work, key=lambda n: (shards.get(self.plan.output_tensors()[n].file.name, 0), n))
+        self._rank = {n: i for i, n in enumerate(self._order)}
 
     def _fh(self, path: Path) -> Any:
         if path not in self._handles:
@@ -148,12 +157,32 @@ class FusedSource:
         return self._handles[path]
 
     def produce(self, name: str) -> Any:
-        """The merged tensor `name` (HF layout, output dtype); raises naming the tensor when the check fails."""
+        """The merged tensor `name` (HF layout, output dtype); raises naming the tensor when the check fails.
+
+        Made on the source's one worker thread, which then goes on with the next tensor or two in the order
+        the converter reads them (by shard, then name, as gguf-py's reader lists them) while the converter
+        converts and writes this one: merging overlaps converting, and memory stays a few tensors."""
+        fut = self._ahead.pop(name, None) or self._pool.submit(self._make, name)
+        out = fut.result()
+        self.made.add(name)
+        at = self._rank.get(name, -1)
+        for nxt in self._order[at + 1 : at + 1 + self.PREFETCH]:
+            if nxt not in self.made and nxt not in self._ahead:
+                self._ahead[nxt] = self._pool.submit(self._make, nxt)
+        return out
+
+    def _make(self, name: str) -> Any:
         from tasks.merge.backends.streaming import merge_tensor, source_tensor
+        from tasks.merge.safetensors_io import FLOAT_DTYPES, read_tensor
 
         started = time.monotonic()
         info = self.plan.output_tensors()[name]
-        out = merge_tensor(self.plan, info, self.work[name], source_tensor(self.plan, info, self._fh(info.file)))
+        if name in self.plan.replace:
+            src = source_tensor(self.plan, info)
+        else:  # a float tensor is copied into the work buffer, so its read buffer can be reused
+            into = self._bufs.next("read", info.nbytes) if info.dtype in FLOAT_DTYPES else None
+            src = read_tensor(info, self._fh(info.file), into)
+        out = merge_tensor(self.plan, info, self.work[name], src, self.recipe.qlora, None, self._bufs.work(info.numel))
         self.counts["merged" if name in self.plan.ops or name in self.plan.bias_adds else "converted"] += 1
         if self.verifier is not None:
             result = self.verifier.check_tensor(name, out)
@@ -161,7 +190,6 @@ class FusedSource:
             self.counts["checked"] += 1
             if not result.ok:
                 raise RuntimeError(f"{CHECK_FAILED}: {name}: {result.detail}")
-        self.made.add(name)
         self.seconds += time.monotonic() - started
         return out
 
@@ -186,6 +214,10 @@ class FusedSource:
         }
 
     def close(self) -> None:
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        self._ahead.clear()
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()

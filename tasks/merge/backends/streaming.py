@@ -96,6 +96,13 @@ def _check_finite(name: str, op: LoraOp) -> None:
     op._finite = True  # type: ignore[attr-defined]
 
 
+def merge_threads() -> int:
+    """Torch threads for merging: the cores this process may use, minus one for reading and writing."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+
+
 @contextlib.contextmanager
 def compute_threads(n: int | None = None) -> Iterator[None]:
     """Torch's intra-op threads for the merge: the machine's cores minus one (at least one), restored after.
@@ -106,8 +113,7 @@ def compute_threads(n: int | None = None) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
-    want = n or max(1, min(before, len(os.sched_getaffinity(0)) - 1))
-    torch.set_num_threads(want)
+    torch.set_num_threads(n or merge_threads())
     try:
         yield
     finally:
@@ -155,7 +161,7 @@ def merge_tensor(
     for op in plan.bias_adds.get(info.name, []):
         w.add_(op.bias.float(), alpha=op.scaling)
     counts["merged" if ops or info.name in plan.bias_adds else "converted"] += 1
-    return w.to(dtype) if out is None else _view(out, w.shape, dtype).copy_(w)
+    return w.to(dtype, copy=work is not None) if out is None else _view(out, w.shape, dtype).copy_(w)
 
 
 def _view(buf: Any, shape: tuple[int, ...], dtype: Any) -> Any:
