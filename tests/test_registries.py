@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import typing
 from pathlib import Path
 
@@ -54,15 +55,18 @@ def test_entry_keeps_its_contract(field, name):
     contract = registry.contract
     entry = registry[name]
     assert isinstance(entry, contract.base) and entry.name == name
-    assert name.isidentifier() and name == name.lower(), "names are lower-case identifiers (they go in YAML)"
-    description = getattr(entry, "description", "")
+    assert re.fullmatch(r"[a-z][a-z0-9_-]*", name), "names are lower-case words (they are written in YAML and URLs)"
+    description = contract.describe(entry)
     assert description.strip() and "\n" not in description and len(description) <= 120, "one-line description"
-    run = getattr(type(entry), contract.run)
+    run = getattr(entry, contract.run, None)
     assert callable(run) and not getattr(run, "__isabstractmethod__", False), f"{name} implements {contract.run}"
-    assert "self" in inspect.signature(run).parameters
+    declared = inspect.getattr_static(contract.base, contract.run, None)
+    if type(entry) is not contract.base and inspect.isfunction(declared):  # a subclass: its own, not the base's
+        assert inspect.getattr_static(type(entry), contract.run) is not declared, f"{name} overrides {contract.run}"
     reason = contract.unavailable(entry)
     assert reason is None or (isinstance(reason, str) and reason.strip()), "None, or the reason it cannot run"
-    assert f"`{name}`" in (ROOT / "README.md").read_text(), f"the README documents {field}: {name}"
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", readme), f"the README documents {field}: {name}"
 
 
 def _takes_a_list(field: str) -> bool:
@@ -74,7 +78,20 @@ def _takes_a_list(field: str) -> bool:
     return typing.get_origin(annotation) is list
 
 
+CONFIG_FIELDS = [f for f in REGISTRIES if f.partition(".")[0] in PipelineConfig.model_fields]
+
+
 @pytest.mark.parametrize("field", list(REGISTRIES))
+def test_lookup_of_an_unknown_name_names_the_setting_and_lists_the_registered_ones(field):
+    registry = REGISTRIES[field]
+    with pytest.raises(PermanentError) as err:
+        registry.lookup(registry.names()[0] + "x")
+    text = str(err.value)
+    assert text.startswith(f"{field}: unknown {registry.what}") and field in err.value.hint
+    assert f"did you mean {registry.names()[0]!r}" in text and f"registered: {', '.join(registry.names())}" in text
+
+
+@pytest.mark.parametrize("field", CONFIG_FIELDS)
 def test_config_validation_lists_the_registered_names(field):
     registry = REGISTRIES[field]
     section, key = field.split(".")
@@ -86,9 +103,6 @@ def test_config_validation_lists_the_registered_names(field):
     text = str(err.value)
     assert field in text and f"unknown {registry.what} {bad!r}" in text and f"did you mean {first!r}" in text
     assert f"registered: {', '.join(registry.names())}" in text
-    with pytest.raises(PermanentError) as err:
-        registry.lookup(bad)
-    assert str(err.value).startswith(f"{field}: unknown {registry.what}") and field in err.value.hint
 
 
 def test_a_registry_refuses_an_entry_that_breaks_its_contract():

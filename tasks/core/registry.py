@@ -38,6 +38,9 @@ EXTENSION_POINTS: dict[str, str] = {
     "merge.backend": "tasks.merge.backends:MERGE_BACKENDS",
     "deployment.targets": "tasks.local.targets:LOCAL_TARGETS",
     "space.template": "tasks.publish.space_templates:SPACE_TEMPLATES",
+    "serving.engine": "tasks.serve.engines:SERVE_ENGINES",
+    "hub.repos": "tasks.publish.repos:HUB_REPOS",
+    "task": "tasks.model_api.tasks_table:TASKS",  # the model API's DeployRequest.task, not a config section
 }
 
 
@@ -45,15 +48,17 @@ EXTENSION_POINTS: dict[str, str] = {
 class Contract:
     """What every entry of one registry provides, said once so one test can check all registries alike.
 
-    `base`: the class every entry is an instance of (its docstring is the contract's documentation);
-    `run`: the name of the method that does the entry's work (a merge backend's `run`, a source's `fetch`);
-    `unavailable`: called with an entry, why it cannot run on this machine now (a missing package, no GPU,
-    no CLI), or None when it can. Cheap and side-effect free: stages call it before any work.
+    `base`: the class every entry is an instance of (its docstring is the contract's documentation; a
+    Protocol must be runtime_checkable); `run`: the name of the callable that does the entry's work (a merge
+    backend's `run`, a source's `fetch`); `unavailable`: called with an entry, why it cannot run on this
+    machine now (a missing package, no GPU, no CLI), or None when it can. Cheap and side-effect free: stages
+    call it before any work. `describe`: the entry's one-line description (for help texts and errors).
     """
 
     base: type
     run: str
     unavailable: Callable[[Any], str | None]
+    describe: Callable[[Any], str] = lambda entry: entry.description
 
 
 class Registry(Mapping[str, T], Generic[T]):

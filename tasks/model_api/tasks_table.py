@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.errors import PermanentError
-from tasks.core.registry import Registry
+from tasks.core.registry import Contract, Registry
 from tasks.model_api.inputs import InputKind, NonEmpty, png_base64, wav_base64
 from tasks.model_api.pipelines import QuestionAnsweringPipeline, Seq2SeqPipeline
 
@@ -280,7 +280,8 @@ _T = "text"
 TASKS: Registry[TaskSpec] = Registry(
     "model API task",
     "task",
-    [
+    contract=Contract(TaskSpec, run="run", unavailable=lambda spec: None, describe=lambda spec: spec.summary),
+    entries=[
         TaskSpec(
             "text-generation",
             "text generation",

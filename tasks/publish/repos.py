@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.core.artifacts import Artifact
-from tasks.core.registry import Registry
+from tasks.core.registry import Contract, Registry
 from tasks.publish.allowlist import (
     adapter_file_allowed,
     merged_file_allowed,
@@ -246,4 +246,10 @@ class AdapterRepo(HubRepo):
         return [*training_note(job, skip=("adapter_config.json",)), LORASHIP_NOTE]
 
 
-HUB_REPOS: Registry[HubRepo] = Registry("hub repo kind", "hub.repos", [MergedRepo(), GgufRepo(), AdapterRepo()])
+HUB_REPOS: Registry[HubRepo] = Registry(
+    "hub repo kind",
+    "hub.repos",
+    [MergedRepo(), GgufRepo(), AdapterRepo()],
+    # any machine can publish any kind; whether this run made what a kind needs is unavailable(job)
+    contract=Contract(HubRepo, run="stage", unavailable=lambda repo: None),
+)

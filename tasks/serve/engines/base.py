@@ -10,7 +10,7 @@ registered in tasks/serve/engines/__init__.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from tasks.core.artifacts import Artifact
 from tasks.core.vocab import ArtifactKind
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from tasks.serve.stage import ServeSettings
 
 
+@runtime_checkable  # the registry checks its entries against it (tasks/core/registry.py Contract)
 class ServeEngine(Protocol):
     name: str
     description: str
