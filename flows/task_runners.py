@@ -63,22 +63,29 @@ def prepare_task_runner(runner: Any, level: str) -> None:
         return
     from distributed.diagnostics.plugin import WorkerPlugin
 
+    from tasks.core.runlog import worker_spec
+
     class LoraShipLogging(WorkerPlugin):
         """Sets the project's log level in each worker; llama.cpp's per-tensor lines only when debugging
-        (llama-cpp-python 0.3.36 maps ggml's INFO to WARNING, so its own WARNING threshold lets them through)."""
+        (llama-cpp-python 0.3.36 maps ggml's INFO to WARNING, so its own WARNING threshold lets them through).
+        Workers on this machine also write the run's log files (tasks/core/runlog.py)."""
 
         name = "loraship-logging"
 
-        def __init__(self, level: str) -> None:
+        def __init__(self, level: str, run_logs: dict[str, Any] | None) -> None:
             self.level = level
+            self.run_logs = run_logs
 
         def setup(self, worker: Any) -> None:
             import logging as _logging
 
+            from tasks.core.runlog import attach_worker_logs
+
             _logging.getLogger("loraship").setLevel(self.level)
             _logging.getLogger("llama-cpp-python").setLevel(_logging.DEBUG if self.level == "DEBUG" else _logging.ERROR)
+            attach_worker_logs(self.run_logs)
 
-    runner.client.register_plugin(LoraShipLogging(level), name="loraship-logging")
+    runner.client.register_plugin(LoraShipLogging(level, worker_spec()), name="loraship-logging")
 
 
 def _api_url() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import socket
 import threading
@@ -415,6 +416,46 @@ def test_a_fan_out_on_dask_threads_lands_in_its_stage_log(demo: dict[str, Path],
     files = _all_logs(demo["runs"] / "dask-threads" / "v1" / "logs")
     assert files["quantize.log"].count("on a Dask thread") == 3 and files["pipeline.log"].count("on a Dask thread") == 3
     assert "DaskTaskRunner" in files["summary.log"]
+
+
+def _worker_item(i: int) -> int:
+    logging.getLogger("loraship.test.dask").info("quantize item %d in worker process %d", i, os.getpid())
+    return i
+
+
+def test_dask_worker_processes_write_the_stage_log(
+    demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """performance.dask_processes: the quantize items run in other processes, which append to the same
+    files (found by Prefect's run context there), under the run's one header. Needs a real Prefect server."""
+    pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (./setup.sh --test installs it)")
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows import stages
+    from flows.config import parse_config
+    from flows.full import full
+    from flows.task_runners import configured_flow
+    from tests.prefect_server import serving
+
+    item = task(name="quantize", cache_policy=NO_CACHE, persist_result=False)(_worker_item)
+
+    def fan_out(ctx: Any) -> list[Any]:
+        logging.getLogger("loraship.test.dask").info("quantize fan-out from the flow's process %d", os.getpid())
+        ctx.map("quantize", item, [1, 2, 3, 4])
+        return []
+
+    monkeypatch.setitem(stages.RUNNERS, "quantize", fan_out)
+    perf = {"task_runner": "dask", "dask_processes": True, "parallelism": 2}
+    cfg = _config(demo, "dask-procs", performance=perf, logging={"level": "INFO"})
+    with serving(tmp_path / "prefect-server"):
+        state = configured_flow(full, parse_config(cfg))(config=cfg, only=["quantize"], return_state=True)
+    assert state.is_completed(), state.message
+    text = (demo["runs"] / "dask-procs" / "v1" / "logs" / "quantize.log").read_text()
+    pids = {int(p) for p in re.findall(r"in worker process (\d+)", text)}
+    assert len(re.findall(r"quantize item \d in worker process", text)) == 4
+    assert pids and os.getpid() not in pids and f"from the flow's process {os.getpid()}" in text
+    assert text.count(f"===== loraship run {state.state_details.flow_run_id} started") == 1
 
 
 def test_the_converter_warning_reaches_convert_log(

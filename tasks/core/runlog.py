@@ -30,6 +30,7 @@ import datetime as dt
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -185,9 +186,18 @@ class _LogFile:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                os.write(fd, self._header.encode())
+                if not self._has_header():  # a worker process of this run may have started the part already
+                    os.write(fd, self._header.encode())
                 self._fd = fd
             os.write(self._fd, data)
+
+    def _has_header(self) -> bool:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 1_000_000))
+                return self._header.strip().encode() in fh.read()
+        except OSError:
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -369,10 +379,10 @@ _ROUTER = _Router(level=logging.DEBUG)
 
 
 def _attach_router() -> None:
-    """The router on the root logger (Prefect's loggers and `loraship` propagate to it) and on `loraship`
-    loggers a user's logging config made non-propagating. Checked at every run: a later non-incremental
-    `setup_logging` (Prefect's dictConfig) replaces the root logger's handlers."""
-    names = {""} | {
+    """The router on the root logger (Prefect's loggers and `loraship` propagate to it), on `loraship` itself
+    and on `loraship` loggers a user's logging config made non-propagating. Checked at every run: a later
+    non-incremental `setup_logging` (Prefect's dictConfig) replaces the root logger's handlers."""
+    names = {"", "loraship"} | {
         name
         for name, lg in logging.root.manager.loggerDict.items()
         if isinstance(lg, logging.Logger) and not lg.propagate and name.startswith("loraship")
@@ -421,6 +431,43 @@ def open_run_logs(
 def current_run_logs() -> RunLogs | None:
     logs = _RUN.get()
     return None if logs is None or logs.closed else logs
+
+
+def worker_spec() -> dict[str, Any] | None:
+    """What a worker process of this run (a Dask worker) needs to write into the same files, or None."""
+    logs = current_run_logs()
+    if logs is None:
+        return None
+    return {
+        "dir": str(logs.dir),
+        "flow_run_id": logs.flow_run_id,
+        "header": logs.header,
+        "level": logs.level,
+        "started": logs.started,
+        "host": socket.gethostname(),
+    }
+
+
+_WORKER_RUNS_KEPT = 8
+
+
+def attach_worker_logs(spec: dict[str, Any] | None) -> bool:
+    """In a worker process: records of `spec`'s flow run (found by Prefect's run context there) go to its
+    files too. Only on the machine that has them: a remote worker would write a stray folder of its own."""
+    if not spec or spec.get("host") != socket.gethostname():
+        return False
+    import prefect.main  # noqa: F401 - Prefect configures logging on import: attach after it, or it drops us
+
+    logs = RunLogs(Path(spec["dir"]), spec["flow_run_id"], "", "", spec["level"], started=spec["started"])
+    logs.header = spec["header"]
+    with _REGISTRY_LOCK:
+        if spec["flow_run_id"] in _BY_FLOW_RUN:
+            return True
+        _BY_FLOW_RUN[spec["flow_run_id"]] = logs
+        while len(_BY_FLOW_RUN) > _WORKER_RUNS_KEPT:  # a long-lived worker of many runs: the oldest go
+            _BY_FLOW_RUN.pop(next(iter(_BY_FLOW_RUN))).close()
+        _attach_router()
+    return True
 
 
 def close_run_logs(*_hook_args: Any, flow_run_id: str | None = None) -> None:
