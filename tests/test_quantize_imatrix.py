@@ -99,3 +99,32 @@ def test_a_given_imatrix_file_still_wins_and_short_texts_are_refused(llama_ggufs
     short.write_text("Hello world.")
     with pytest.raises(PermanentError, match="quantization.calibration"):
         compute_imatrix(f16, short, tmp_path / "gguf")
+
+
+def test_the_flow_computes_one_imatrix_from_the_evaluation_text_and_caches_the_run(prefect_api, llama_base, tmp_path):
+    """Through Prefect: calibration defaults to evaluation.heldout_text; the second run is all cache hits."""
+    import shutil
+
+    from flows.full import full
+    from tasks.core.run import RunFolder
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n".join(corpus_lines()))
+    cfg = {
+        "model": {"name": "tiny", "version": "t1"},
+        "source": {"kind": "local", "path": str(tmp_path / "unused")},
+        "quantization": {"types": ["Q4_K_M", "IQ4_XS"], "generate_tokens": 1, "compute_imatrix": True},
+        "evaluation": {"heldout_text": str(text)},
+        "pipeline": {"runs_dir": str(tmp_path / "runs"), "stages": ["convert", "quantize"]},
+    }
+    run = RunFolder(tmp_path / "runs" / "tiny" / "t1", "tiny", "t1").ensure()
+    shutil.copytree(llama_base, run.merged_dir)
+    run.record("merge", "done", [Artifact.from_path(run.merged_dir, name="merged", kind="merged", stage="merge")])
+    first = full(config=cfg)
+    assert {s.stage: s.status for s in first.stages} == {"convert": "done", "quantize": "done"}, first.stages
+    manifest = run.load_manifest()
+    infos = [manifest.artifacts[f"gguf:{q}"].meta["imatrix_info"] for q in ("Q4_K_M", "IQ4_XS")]
+    assert infos[0]["sha256"] == infos[1]["sha256"] and infos[0]["dataset"] == "heldout.txt"
+    assert len(list((run.gguf_dir / "imatrix").glob("imatrix-*.gguf"))) == 1
+    second = full(config=cfg)
+    assert {s.stage: s.status for s in second.stages} == {"convert": "cached", "quantize": "cached"}
