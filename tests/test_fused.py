@@ -187,3 +187,43 @@ def test_an_update_with_nan_is_refused_naming_the_tensor(llama_base, llama_adapt
     with pytest.raises(ValueError, match=f"NaN/inf in {target}"):
         stream_merge(plan, tmp_path / "out", None)
     assert torch.get_num_threads() == threads  # the merge's thread setting is undone, also on failure
+
+
+@pytest.mark.prefect
+def test_in_the_flow_fused_records_rerun_cached_and_switching_off_recomputes(
+    prefect_api, llama_base, llama_adapter, tmp_path
+):
+    """merge.fused_convert through the real flow: the recipe and the GGUF in the manifest, a cached re-run, and
+    switching it off makes a new merged/ (weights) and a GGUF with the same tensor data."""
+    from flows.full import full
+
+    cfg = {
+        "model": {"name": "fusedtest", "version": "v1", "base_model": str(llama_base)},
+        "source": {"kind": "local", "path": str(llama_adapter)},
+        "merge": {"base_model": str(llama_base), "fused_convert": True},
+        "convert": {"check_tokenizer": False},
+        "pipeline": {"runs_dir": str(tmp_path / "runs")},
+    }
+    stages = ["download", "merge", "convert"]
+    first = full(config=cfg, only=stages)
+    assert {s.stage: s.status for s in first.stages if s.stage in stages} == dict.fromkeys(stages, "done")
+    arts = json.loads(Path(first.manifest).read_text())["artifacts"]
+    merged, f16 = arts["merged"], arts["gguf:F16"]
+    assert RECIPE_FILE in {f["path"] for f in merged["files"]} and not any(
+        f["path"].endswith(".safetensors") for f in merged["files"]
+    )
+    assert f16["inputs"] == {"merged": merged["sha256"]} and f16["meta"]["fused"]["tensor_check"]["tensors_checked"]
+    fused_tensors = _tensors(Path(f16["path"]))
+
+    second = full(config=cfg, only=stages)
+    assert {s.stage: s.status for s in second.stages if s.stage in ("merge", "convert")} == {
+        "merge": "cached",
+        "convert": "cached",
+    }
+
+    cfg["merge"]["fused_convert"] = False
+    third = full(config=cfg, only=stages)
+    assert next(s for s in third.stages if s.stage == "merge").status == "done"
+    arts = json.loads(Path(third.manifest).read_text())["artifacts"]
+    assert any(f["path"].endswith(".safetensors") for f in arts["merged"]["files"])
+    assert "fused" not in arts["gguf:F16"]["meta"] and _tensors(Path(arts["gguf:F16"]["path"])) == fused_tensors
