@@ -463,17 +463,21 @@ def test_the_converter_warning_reaches_convert_log(
 ) -> None:
     """Qwen2's home-trained BPE tokenizer has a pre-tokenizer hash llama.cpp does not know: with vocab_pre
     the converter warns and goes on. The warning (a subprocess's output) is in convert.log, the converter's
-    per-tensor lines are not (as on the terminal), and nothing of convert is in merge.log."""
+    and llama.cpp quantize's per-tensor lines are not (as on the terminal), nothing of convert is in merge.log."""
     from flows.full import full
 
-    cfg = _config(demo, "convert-warn", convert={"vocab_pre": "qwen2"})
+    cfg = _config(demo, "convert-warn", convert={"vocab_pre": "qwen2"}, quantization={"types": ["Q8_0"]})
     cfg["model"]["base_model"] = str(qwen2_base)
     cfg["merge"]["base_model"] = str(qwen2_base)
     cfg["source"]["path"] = str(qwen2_adapter)
-    state = full(config=cfg, only=["download", "merge", "convert"], return_state=True)
+    state = full(config=cfg, only=["download", "merge", "convert", "quantize"], return_state=True)
     assert state.is_completed(), state.message
     files = _all_logs(demo["runs"] / "convert-warn" / "v1" / "logs")
     convert = files["convert.log"]
     assert "converter: WARNING" in convert and "unknown BPE pre-tokenizer hash" in convert
     assert "blk.0.attn_q.weight" not in convert  # per-tensor lines stay out
     assert "converter:" not in files["merge.log"]
+    # llama.cpp's quantize prints a line per tensor through llama-cpp-python's logger: kept out too
+    quantize = files["quantize.log"]
+    assert "convert-warn-Q8_0.gguf:" in quantize and "bits/weight" in quantize
+    assert "blk.0" not in quantize and "type =" not in quantize
