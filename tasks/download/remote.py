@@ -141,6 +141,9 @@ def _parent_metadata(session: RemoteSession, root: str, run_dir: str) -> dict[st
 
 
 def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHook | None = None) -> Artifact:
+    """Pull the run folder over SSH into `dest`: only files whose sha256 differs from the remote's travel, every
+    file is verified against the remote's sha256 (a mismatch is fetched once more from scratch), and what is
+    not part of the run is removed. Writes download.json beside `dest`; returns the `adapter` artifact."""
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
     target, path, facts = resolve_target(settings)
@@ -150,22 +153,7 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         # rsync on both sides? asked while the run folder is found and listed (a remote command each way)
         probe = _Background("rsync-probe", lambda: _choose_method(session, settings))
         root = session.realpath(path)
-        run_dir, how = session.find_run(root, settings.final_glob, settings.checkpoint_glob)
-        files = session.list_files(run_dir, settings.include, settings.exclude)
-        if not files:
-            raise PermanentError(
-                (
-                    f"{run_dir} on {target.host} holds no files matching include {settings.include} / exclude "
-                    f"{settings.exclude}"
-                ),
-                hint="check source.path, source.include and source.exclude",
-            )
-        if not any(f.rel == ADAPTER_MARKER for f in files):
-            raise PermanentError(
-                f"{run_dir} on {target.host} has no {ADAPTER_MARKER} among the selected files",
-                hint="check source.include / source.exclude",
-            )
-        log.info("run folder %s (%s): %d file(s), %.1f MB", run_dir, how, len(files), sum(f.size for f in files) / 1e6)
+        run_dir, how, files = _select_run(session, settings, target, root)
         rels = [f.rel for f in files]
         hashing = _Background("remote-sha256", lambda: session.sha256(run_dir, rels))
         local = _local_digests(dest, files)
@@ -181,50 +169,12 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         method = "none"
         if todo:
             method, local_info, remote_info = probe.result()
-            total = sum(f.size for f in todo)
-            for attempt in (1, 2):
-                with Progress(f"download {Path(run_dir).name} from {target.host}", total) as progress:
-                    if method == "rsync":
-                        st = rsync_pull(
-                            session,
-                            run_dir,
-                            todo,
-                            dest,
-                            local=local_info,
-                            remote=remote_info,
-                            remote_rsync=settings.remote_rsync,
-                            bwlimit_kbps=settings.bwlimit_kbps,
-                            compress=settings.compress,
-                            io_timeout=settings.io_timeout_s,
-                            progress=progress,
-                            on_bytes=on_bytes,
-                        )
-                    else:
-                        st = sftp_pull(session, run_dir, todo, dest, progress=progress, on_bytes=on_bytes)
-                stats_list.append(st)
-                expected = expected or hashing.result()
-                bad = []
-                for f in todo:
-                    got = st.digests.get(f.rel) or sha256_file(local_target(dest, f.rel))
-                    if got == expected[f.rel]:
-                        verified[f.rel] = got
-                    else:
-                        bad.append(f)
-                if not bad:
-                    break
-                names = ", ".join(f.rel for f in bad)
-                if attempt == 2:
-                    raise PermanentError(
-                        f"sha256 of {names} still differs from the remote after a re-fetch",
-                        hint="is training still writing to that folder? check the disk here and on the box",
-                    )
-                log.warning("sha256 mismatch after transfer: %s; fetching again from scratch", names)
-                refetched = [f.rel for f in bad]
-                for f in bad:
-                    local_target(dest, f.rel).unlink(missing_ok=True)
-                    (dest / SFTP_PARTIAL / f.rel).unlink(missing_ok=True)
-                clean_partials(dest)
-                todo, total = bad, sum(f.size for f in bad)
+
+            pull = _puller(session, settings, run_dir, dest, method, local_info, remote_info, on_bytes)
+            label = f"download {Path(run_dir).name} from {target.host}"
+            stats_list, refetched = _fetch_verified(
+                pull, todo, dest, lambda: expected or hashing.result(), verified, label
+            )
         else:
             log.info("all %d file(s) already here with matching sha256: nothing to transfer", len(files))
         expected = expected or hashing.result()
@@ -234,7 +184,6 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         host_fp = fingerprint(session.host_key)
     seconds = time.monotonic() - t0
     wire = sum(s.bytes_received for s in stats_list)
-    fetched_bytes = sum(f.size for f in files if f.rel in {r for s in stats_list for r in s.files})
     training = training_summary(dest, parent_meta)
     record = {
         **facts,
@@ -246,19 +195,9 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         "selected": how,
         "method": method,
         "started_at": started_at,
-        "files": {f.rel: {"sha256": expected[f.rel], "size": f.size} for f in files},
-        "bytes_total": sum(f.size for f in files),
-        "bytes_fetched": fetched_bytes,
-        "bytes_received": wire,
-        "literal_bytes": sum(s.literal_bytes for s in stats_list),
-        "matched_bytes": sum(s.matched_bytes for s in stats_list),
-        "compression": next((s.compression for s in stats_list if s.compression), None),
-        "files_fetched": sorted({r for s in stats_list for r in s.files}),
-        "hashed_on_arrival": sorted({r for s in stats_list for r in s.digests}),
+        **_transfer_record(files, expected, stats_list, seconds),
         "refetched": refetched,
         "removed": removed,
-        "seconds": round(seconds, 3),
-        "throughput_mb_s": round(fetched_bytes / 1e6 / seconds, 2) if fetched_bytes and seconds else None,
         "training": training,
         "training_metadata_beside_run": parent_meta,
     }
@@ -291,6 +230,125 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
             **({"vastai": facts["vastai"]} if "vastai" in facts else {}),
         },
     )
+
+
+def _puller(
+    session: RemoteSession,
+    settings: DownloadSettings,
+    run_dir: str,
+    dest: Path,
+    method: str,
+    local_info: dict,
+    remote_info: dict,
+    on_bytes: BytesHook | None,
+) -> Callable[[list[RemoteFile], Progress], TransferStats]:
+    """`pull(files, progress)` by the chosen method: rsync over the session's ssh, or SFTP with resume."""
+
+    def pull(batch: list[RemoteFile], progress: Progress) -> TransferStats:
+        if method != "rsync":
+            return sftp_pull(session, run_dir, batch, dest, progress=progress, on_bytes=on_bytes)
+        return rsync_pull(
+            session,
+            run_dir,
+            batch,
+            dest,
+            local=local_info,
+            remote=remote_info,
+            remote_rsync=settings.remote_rsync,
+            bwlimit_kbps=settings.bwlimit_kbps,
+            compress=settings.compress,
+            io_timeout=settings.io_timeout_s,
+            progress=progress,
+            on_bytes=on_bytes,
+        )
+
+    return pull
+
+
+def _select_run(
+    session: RemoteSession, settings: DownloadSettings, target: SshTarget, root: str
+) -> tuple[str, str, list[RemoteFile]]:
+    """(run folder, how it was chosen, its selected files) below `root`; it must hold the adapter's config."""
+    run_dir, how = session.find_run(root, settings.final_glob, settings.checkpoint_glob)
+    files = session.list_files(run_dir, settings.include, settings.exclude)
+    if not files:
+        raise PermanentError(
+            (
+                f"{run_dir} on {target.host} holds no files matching include {settings.include} / exclude "
+                f"{settings.exclude}"
+            ),
+            hint="check source.path, source.include and source.exclude",
+        )
+    if not any(f.rel == ADAPTER_MARKER for f in files):
+        raise PermanentError(
+            f"{run_dir} on {target.host} has no {ADAPTER_MARKER} among the selected files",
+            hint="check source.include / source.exclude",
+        )
+    log.info("run folder %s (%s): %d file(s), %.1f MB", run_dir, how, len(files), sum(f.size for f in files) / 1e6)
+    return run_dir, how, files
+
+
+def _fetch_verified(
+    pull: Callable[[list[RemoteFile], Progress], TransferStats],
+    todo: list[RemoteFile],
+    dest: Path,
+    expected_digests: Callable[[], dict[str, str]],
+    verified: dict[str, str],
+    label: str,
+) -> tuple[list[TransferStats], list[str]]:
+    """Pull `todo`, check every file against the remote's sha256 (into `verified`), and pull the mismatches once
+    more from scratch; a second mismatch is a PermanentError. Returns the transfers' stats and the re-fetched."""
+    stats_list: list[TransferStats] = []
+    refetched: list[str] = []
+    for attempt in (1, 2):
+        with Progress(label, sum(f.size for f in todo)) as progress:
+            st = pull(todo, progress)
+        stats_list.append(st)
+        expected = expected_digests()
+        bad = []
+        for f in todo:
+            got = st.digests.get(f.rel) or sha256_file(local_target(dest, f.rel))
+            if got == expected[f.rel]:
+                verified[f.rel] = got
+            else:
+                bad.append(f)
+        if not bad:
+            break
+        names = ", ".join(f.rel for f in bad)
+        if attempt == 2:
+            raise PermanentError(
+                f"sha256 of {names} still differs from the remote after a re-fetch",
+                hint="is training still writing to that folder? check the disk here and on the box",
+            )
+        log.warning("sha256 mismatch after transfer: %s; fetching again from scratch", names)
+        refetched = [f.rel for f in bad]
+        for f in bad:
+            local_target(dest, f.rel).unlink(missing_ok=True)
+            (dest / SFTP_PARTIAL / f.rel).unlink(missing_ok=True)
+        clean_partials(dest)
+        todo = bad
+    return stats_list, refetched
+
+
+def _transfer_record(
+    files: list[RemoteFile], expected: dict[str, str], stats_list: list[TransferStats], seconds: float
+) -> dict[str, Any]:
+    """download.json's account of what travelled: per-file digests and sizes, bytes, rsync's numbers, speed."""
+    fetched = {r for s in stats_list for r in s.files}
+    fetched_bytes = sum(f.size for f in files if f.rel in fetched)
+    return {
+        "files": {f.rel: {"sha256": expected[f.rel], "size": f.size} for f in files},
+        "bytes_total": sum(f.size for f in files),
+        "bytes_fetched": fetched_bytes,
+        "bytes_received": sum(s.bytes_received for s in stats_list),
+        "literal_bytes": sum(s.literal_bytes for s in stats_list),
+        "matched_bytes": sum(s.matched_bytes for s in stats_list),
+        "compression": next((s.compression for s in stats_list if s.compression), None),
+        "files_fetched": sorted(fetched),
+        "hashed_on_arrival": sorted({r for s in stats_list for r in s.digests}),
+        "seconds": round(seconds, 3),
+        "throughput_mb_s": round(fetched_bytes / 1e6 / seconds, 2) if fetched_bytes and seconds else None,
+    }
 
 
 def _choose_method(session: RemoteSession, settings: DownloadSettings) -> tuple[str, dict, dict]:
