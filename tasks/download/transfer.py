@@ -46,6 +46,7 @@ _PROGRESS2 = re.compile(rb"^\s*(\d+)\s+\d+%")
 # rsync exit codes worth a retry: socket/protocol/IPC errors, killed by a signal, timeouts, vanished
 # source files (the box is still writing), and 255 (ssh lost the connection).
 _RSYNC_TRANSIENT = {10, 12, 14, 20, 21, 24, 30, 35, 255}
+_SUFFIX = re.compile(r"[A-Za-z0-9]{6}")  # rsync's mkstemp suffix of a temporary `.<name>.XXXXXX`
 
 BytesHook = Callable[[int], None]
 
@@ -80,12 +81,21 @@ class LandingHasher:
     followed and its size is what was hashed; the rest is left to the caller, who hashes it as before.
     """
 
-    def __init__(self, dest: Path, files: list[RemoteFile], *, poll_s: float = 0.003, chunk: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        files: list[RemoteFile],
+        *,
+        poll_s: float = 0.003,
+        chunk: int = 4 << 20,
+        min_size: int = 1 << 20,
+    ) -> None:
         self.dest = dest
         self.poll_s = poll_s
         self.chunk = chunk
         self._sizes = {f.rel: f.size for f in files}
-        self._pending = {f.rel for f in files if f.size > 0}
+        # small files land faster than a poll; reading them again afterwards costs nothing
+        self._pending = {f.rel for f in files if f.size >= min_size}
         self._followed: dict[str, _Followed] = {}
         self._stale = self._candidates_now()  # temporaries of a killed earlier run are not this transfer's
         self._stop = threading.Event()
@@ -106,41 +116,43 @@ class LandingHasher:
         if self._thread.is_alive():
             self._thread.join()
 
-    def _temp_pattern(self, rel: str) -> tuple[Path, re.Pattern[str]]:
-        path = self.dest / rel
-        return path.parent, re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9]{{6}}")
+    def _temporaries(self, rels: set[str]) -> list[tuple[str, Path]]:
+        """(file, path) of the rsync temporaries `.<name>.XXXXXX` now present for `rels`: one listing per
+        folder and a name lookup per entry, so many files cost what one does."""
+        by_folder: dict[Path, dict[str, str]] = {}
+        for rel in rels:
+            path = self.dest / rel
+            by_folder.setdefault(path.parent, {})[path.name] = rel
+        out = []
+        for folder, names in by_folder.items():
+            for entry in _scandir(folder):
+                n = entry.name
+                if len(n) > 8 and n[0] == "." and n[-7] == "." and _SUFFIX.fullmatch(n[-6:]) and n[1:-7] in names:
+                    out.append((names[n[1:-7]], folder / n))
+        return out
 
     def _candidates_now(self) -> set[tuple[int, int]]:
         out: set[tuple[int, int]] = set()
-        for rel in self._pending:
-            folder, pat = self._temp_pattern(rel)
-            for entry in _scandir(folder):
-                if pat.fullmatch(entry.name):
-                    with contextlib.suppress(OSError):
-                        st = entry.stat(follow_symlinks=False)
-                        out.add((st.st_dev, st.st_ino))
+        for _rel, path in self._temporaries(self._pending):
+            with contextlib.suppress(OSError):
+                st = path.stat(follow_symlinks=False)
+                out.add((st.st_dev, st.st_ino))
         return out
 
     def _find(self) -> None:
         """Open the temporary file of every pending file that rsync has started."""
-        by_folder: dict[Path, list[tuple[str, re.Pattern[str]]]] = {}
-        for rel in self._pending - self._followed.keys():
-            folder, pat = self._temp_pattern(rel)
-            by_folder.setdefault(folder, []).append((rel, pat))
-        for folder, wanted_here in by_folder.items():
-            for entry in _scandir(folder):
-                for rel, pat in wanted_here:
-                    if rel in self._followed or not pat.fullmatch(entry.name):
-                        continue
-                    try:
-                        fd = os.open(folder / entry.name, os.O_RDONLY | os.O_NOFOLLOW)
-                    except OSError:  # renamed or removed in between: a small file, hashed afterwards
-                        continue
-                    st = os.fstat(fd)
-                    if (st.st_dev, st.st_ino) in self._stale or not stat.S_ISREG(st.st_mode):
-                        os.close(fd)
-                        continue
-                    self._followed[rel] = _Followed(fd=fd, hasher=hashlib.sha256())
+        for rel, path in self._temporaries(self._pending - self._followed.keys()):
+            if rel in self._followed:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:  # renamed or removed in between: hashed afterwards
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in self._stale or not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                continue
+            self._followed[rel] = _Followed(fd=fd, hasher=hashlib.sha256())
 
     def _drain(self, f: _Followed, limit: int) -> bool:
         """Hash what was appended since the last call; True when something was read."""
