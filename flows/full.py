@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = None
     try:
         if args.config:
             cfg = load_config(args.config)
@@ -494,9 +495,25 @@ def main(argv: list[str] | None = None) -> int:
             )
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _point_at_logs(cfg)
         return 2
+    except Exception:
+        _point_at_logs(cfg)
+        raise
     print(summary.model_dump_json(indent=2) if args.json else format_summary(summary))
     return 0
+
+
+def _point_at_logs(cfg: Any) -> None:
+    """After a failed run on the command line: where its log files are (the failed stage's is linked in
+    summary.log)."""
+    if cfg is None:
+        return
+    from tasks.core.runlog import SUMMARY_LOG, log_dir_for
+
+    folder = log_dir_for(cfg.logging, cfg.run_dir().resolve(), cfg.model.name, cfg.model.version)
+    if (folder / SUMMARY_LOG).is_file():
+        print(f"run logs: {folder} ({SUMMARY_LOG} links the failed stage's log)", file=sys.stderr)
 
 
 if __name__ == "__main__":

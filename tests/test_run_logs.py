@@ -321,6 +321,36 @@ def test_a_failing_stage_leaves_its_traceback_in_its_log_linked_everywhere(
     assert artifact is not None and f"**log of merge**: {logs / 'merge.log'}" in str(artifact.data)
 
 
+def test_the_command_line_points_at_the_logs_of_a_failed_run(demo: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m flows.full` with a base model that is not there: merge fails at once (a PermanentError),
+    the command says where the run logs are, and merge.log has the reason."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _config(demo, "cli-fail")
+    cfg["merge"]["base_model"] = str(tmp_path / "no-such-base")
+    cfg["pipeline"]["stages"] = ["download", "merge"]
+    path = tmp_path / "deployment_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.full", "--config", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**env, "PREFECT_HOME": str(tmp_path / "prefect-home")},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    logs = demo["runs"] / "cli-fail" / "v1" / "logs"
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert f"run logs: {logs} (summary.log links the failed stage's log)" in proc.stderr, proc.stderr[-3000:]
+    merge = (logs / "merge.log").read_text()
+    assert "stage merge failed" in merge and "no-such-base" in merge
+    assert f"log of merge: {logs / 'merge.log'}" in (logs / "summary.log").read_text()
+
+
 def test_parallel_stages_in_the_flow_and_the_ui_gets_every_line(
     demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
