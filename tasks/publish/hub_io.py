@@ -198,11 +198,7 @@ def push_folder(
     in `folder` (a dropped quantization) are deleted in the same commit; a file the project did not put
     there is never touched.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-    known = known or {}
     api = hub_api(endpoint, token)
-
     call = hub_caller(repo_id, token=token, repo_type=repo_type)
 
     url = str(
@@ -220,57 +216,17 @@ def push_folder(
     if readme.is_file():
         validate_card_remote(api, readme.read_text(encoding="utf-8"), token, repo_type=repo_type)
     remote = remote_files(api, repo_id, token, repo_type)
-    changed: list[CommitOperationAdd] = []
-    skipped: list[str] = []
-    sizes: dict[str, int] = {}
-    local = {rel.as_posix() for rel in iter_files(folder)}
+    here = {rel.as_posix() for rel in iter_files(folder)}
     stale = sorted(
         p
         for p in (published_before(api, repo_id, owned_list, token, repo_type) if owned_list in remote else [])
-        if p in remote and p not in local
+        if p in remote and p not in here
     )
-    for rel in iter_files(folder):
-        path_in_repo = rel.as_posix()
-        local = folder / rel
-        digest = known.get(path_in_repo) or sha256_file(local)
-        sizes[path_in_repo] = local.stat().st_size
-        if _unchanged(local, digest, remote.get(path_in_repo)):
-            skipped.append(path_in_repo)
-        else:
-            changed.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
-    commit_oid = None
+    changed, skipped, sizes = _changed_files(folder, remote, known or {})
     if changed or stale:
-        total = sum(sizes[op.path_in_repo] for op in changed)
-        log.info(
-            "uploading %d changed file(s), %.1f MB, to %s (%d unchanged)",
-            len(changed),
-            total / 1e6,
-            repo_id,
-            len(skipped),
+        commit_oid = _upload_and_commit(
+            api, call, repo_id, changed, stale, sizes, len(skipped), commit_message, commit_description, repo_type
         )
-        with Progress(f"upload to {repo_id}", total) as progress:
-            for op in changed:  # one at a time: progress per file, and a retry resumes after the last stored file
-                call(
-                    f"upload {op.path_in_repo} to",
-                    api.preupload_lfs_files,
-                    repo_id,
-                    additions=[op],
-                    repo_type=repo_type,
-                    free_memory=False,
-                )
-                progress.advance(sizes[op.path_in_repo])
-        if stale:
-            log.info("removing %d file(s) earlier pushes put in %s: %s", len(stale), repo_id, ", ".join(stale))
-        info = call(
-            "commit to",
-            api.create_commit,
-            repo_id,
-            operations=[*changed, *(CommitOperationDelete(path_in_repo=p) for p in stale)],
-            commit_message=commit_message,
-            commit_description=commit_description,
-            repo_type=repo_type,
-        )
-        commit_oid = info.oid
     else:
         log.info("%s already has every file (%d unchanged): nothing to send", repo_id, len(skipped))
         commit_oid = call("read", api.repo_info, repo_id, repo_type=repo_type).sha
@@ -297,6 +253,71 @@ def push_folder(
         "tag": tagged,
         "bytes_uploaded": sum(sizes[op.path_in_repo] for op in changed),
     }
+
+
+def _changed_files(folder: Path, remote: dict[str, Any], known: dict[str, str]) -> tuple[list[Any], list[str], dict]:
+    """(an upload operation per file that differs from the repo's copy, the unchanged paths, every file's size);
+    `known` digests (from the artifacts) spare re-hashing."""
+    from huggingface_hub import CommitOperationAdd
+
+    changed: list[CommitOperationAdd] = []
+    skipped: list[str] = []
+    sizes: dict[str, int] = {}
+    for rel in iter_files(folder):
+        path_in_repo = rel.as_posix()
+        local = folder / rel
+        digest = known.get(path_in_repo) or sha256_file(local)
+        sizes[path_in_repo] = local.stat().st_size
+        if _unchanged(local, digest, remote.get(path_in_repo)):
+            skipped.append(path_in_repo)
+        else:
+            changed.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
+    return changed, skipped, sizes
+
+
+def _upload_and_commit(
+    api: Any,
+    call: Callable[..., Any],
+    repo_id: str,
+    changed: list[Any],
+    stale: list[str],
+    sizes: dict[str, int],
+    unchanged: int,
+    commit_message: str,
+    commit_description: str,
+    repo_type: str,
+) -> str:
+    """Upload the changed files one at a time (progress per file; a retry resumes after the last stored one),
+    then one commit that adds them and deletes `stale`; returns the commit id."""
+    from huggingface_hub import CommitOperationDelete
+
+    total = sum(sizes[op.path_in_repo] for op in changed)
+    log.info(
+        "uploading %d changed file(s), %.1f MB, to %s (%d unchanged)", len(changed), total / 1e6, repo_id, unchanged
+    )
+    with Progress(f"upload to {repo_id}", total) as progress:
+        for op in changed:
+            call(
+                f"upload {op.path_in_repo} to",
+                api.preupload_lfs_files,
+                repo_id,
+                additions=[op],
+                repo_type=repo_type,
+                free_memory=False,
+            )
+            progress.advance(sizes[op.path_in_repo])
+    if stale:
+        log.info("removing %d file(s) earlier pushes put in %s: %s", len(stale), repo_id, ", ".join(stale))
+    info = call(
+        "commit to",
+        api.create_commit,
+        repo_id,
+        operations=[*changed, *(CommitOperationDelete(path_in_repo=p) for p in stale)],
+        commit_message=commit_message,
+        commit_description=commit_description,
+        repo_type=repo_type,
+    )
+    return info.oid
 
 
 def published_before(
