@@ -132,12 +132,12 @@ def test_only_skip_and_from_run_just_the_chosen_stages(tmp_path: Path, standins:
     _, summary = _run(cfg, from_stage="hub_push")
     # the gate is implied: the publishing stages after it need its decision
     assert set(standins.spans) == {"gate", "hub_push", "card", "space"}
-    assert [s.stage for s in summary.stages] == ["gate", "hub_push", "card", "space"]
+    assert [s.stage for s in summary.stages] == [s for s in STAGES if s in {"gate", "hub_push", "card", "space"}]
 
     standins.reset()
     _, summary = _run(cfg, only=["serve", "health", "evaluate"])
     assert set(standins.spans) == {"serve", "health", "evaluate"}
-    assert [s.stage for s in summary.stages] == ["serve", "health", "evaluate"]
+    assert [s.stage for s in summary.stages] == [s for s in STAGES if s in {"serve", "health", "evaluate"}]
 
     standins.reset()
     _, summary = _run(cfg, skip=["space", "template_contract"])
