@@ -174,6 +174,13 @@ def compute_imatrix(
         if cached is not None:
             log.info("imatrix: %s from the cache (same F16, text and tool)", final.name)
             return cached
+        log.info(
+            "imatrix: computing with llama-imatrix on %s (windows of %d tokens, at most %d) for %s",
+            calibration.name,
+            n_ctx,
+            chunks,
+            src.name,
+        )
         started = time.monotonic()
         with atomic_path(final) as tmp:
             cmd = [
