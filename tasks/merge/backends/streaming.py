@@ -7,6 +7,11 @@ allocated), narrowed to the output dtype and handed to a writer thread while the
 Peak memory is the adapter plus a few copies of the largest targeted tensor (the one being read, its
 float32 working copy, the one being written), never a shard.
 
+Speed: the work is bound by memory traffic, not arithmetic (r is small). Those few copies live in reused
+buffers (`Buffers`: fresh large buffers are pages the kernel faults in and zeroes, which cost more than the
+merge itself), torch keeps one core free for the reader and writer threads (`compute_threads`), and NaN/inf
+is looked for once in each update's factors rather than in every merged tensor.
+
 Numerics: the update is computed and added in float32 and rounded once to the output dtype. peft on CPU
 computes the delta in float32 too but rounds it to the base dtype before adding, so the two agree to
 within one unit in the last place of a bf16/fp16 weight (tests check exactly that).
