@@ -65,6 +65,9 @@ def _assert_fused_record(recipe, fused, merged) -> None:
     assert check["tensors_checked"] == fused.meta["fused"]["tensors_merged"] + fused.meta["fused"]["tensors_converted"]
     assert check["tensors_checked"] > 0 and not check["failed"] and not fused.meta["fused"]["changed_not_read"]
     assert fused.inputs == {"merged": recipe.sha256}  # lineage: made from this run's recipe
+    made = fused.meta["fused"]
+    assert made["made_ahead"] + made["made_on_request"] == check["tensors_checked"]
+    assert made["made_ahead"] > made["made_on_request"]  # the worker guessed the converter's read order
 
 
 def test_llama_with_dora_is_byte_identical(llama_base, tmp_path):

@@ -132,7 +132,7 @@ class FusedSource:
         self.recipe = recipe
         self.plan = plan or plan_of(recipe)
         self.verifier = TensorVerifier(self.plan, recipe.qlora, recipe.verify_rows) if recipe.check else None
-        self.counts = {"merged": 0, "converted": 0, "rounded": 0, "checked": 0, "untouched": 0}
+        self.counts = {"merged": 0, "converted": 0, "checked": 0, "untouched": 0, "made_ahead": 0, "made_on_request": 0}
         self.results: list[Any] = []
         self.made: set[str] = set()
         self.seconds = 0.0
@@ -162,7 +162,9 @@ class FusedSource:
         Made on the source's one worker thread, which then goes on with the next tensor or two in the order
         the converter reads them (by shard, then name, as gguf-py's reader lists them) while the converter
         converts and writes this one: merging overlaps converting, and memory stays a few tensors."""
-        fut = self._ahead.pop(name, None) or self._pool.submit(self._make, name)
+        fut = self._ahead.pop(name, None)
+        self.counts["made_ahead" if fut is not None else "made_on_request"] += 1
+        fut = fut or self._pool.submit(self._make, name)
         out = fut.result()
         self.made.add(name)
         at = self._rank.get(name, -1)
@@ -201,6 +203,8 @@ class FusedSource:
             "tensors_merged": self.counts["merged"],
             "tensors_converted": self.counts["converted"],
             "changed_not_read": sorted(set(self.work) - self.made),
+            "made_ahead": self.counts["made_ahead"],  # the converter found it made (the read order was guessed)
+            "made_on_request": self.counts["made_on_request"],
             "merge_seconds": round(self.seconds, 3),
             "tensor_check": None
             if self.verifier is None
