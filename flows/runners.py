@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from flows.cleanup import remove_intermediates
 from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
-from tasks.core.vocab import ArtifactKind, Stage
+from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
 from tasks.gguf import quant_types
 
 log = logging.getLogger("loraship.flow")
@@ -612,7 +612,7 @@ def run_health(ctx: RunContext) -> list[Artifact]:
         f"{a.meta['model_id']}: {a.meta['verdict']}" + (f" ({a.meta['reasons'][0]})" if a.meta["reasons"] else "")
         for a in made
     )
-    bad = [a for a in made if a.meta["verdict"] == "unhealthy"]
+    bad = [a for a in made if a.meta["verdict"] == HealthVerdict.UNHEALTHY]
     if bad and s.fail_on_unhealthy:
         raise PermanentError(
             f"{bad[0].meta['model_id']} at {bad[0].meta['base_url']} is unhealthy: {'; '.join(bad[0].meta['reasons'])}",

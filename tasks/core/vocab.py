@@ -1,4 +1,4 @@
-"""The pipeline's vocabulary: stage names, stage statuses and artifact kinds, written once.
+"""The pipeline's vocabulary: stage names, stage statuses, artifact kinds and health verdicts, written once.
 
 They are `str` enums, so a member compares equal to its text (`Stage.MERGE == "merge"`), formats as its
 text in messages (`f"{Stage.MERGE}"` is `merge`) and lands in manifest.json and loraship.json as plain
@@ -10,6 +10,7 @@ Adding a stage: a member here, a row in flows/stages.py, and its module under ta
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -59,3 +60,18 @@ class ArtifactKind(StrEnum):
     REPORT = "report"  # a report the run wrote: health, eval, the model card, the release gate
     PUBLISH = "publish"  # a record of what was published or installed (Hub repo, Space, LM Studio, Ollama)
     SERVICE = "service"  # a running server (serve)
+
+
+class HealthVerdict(StrEnum):
+    """The health report's verdict (`report:health` meta `verdict`), from its checks; the gate and the health
+    runner read it. Members are in order of severity."""
+
+    HEALTHY = "healthy"  # every check passed
+    DEGRADED = "degraded"  # a check warned (slow answer, little disk or memory)
+    UNHEALTHY = "unhealthy"  # a check failed (no answer, wrong model list, empty answer)
+
+    @classmethod
+    def worst(cls, verdicts: Iterable[str]) -> HealthVerdict:
+        """The most severe of `verdicts` (healthy when there are none or none is known)."""
+        seen = set(verdicts)
+        return next((v for v in (cls.UNHEALTHY, cls.DEGRADED) if v in seen), cls.HEALTHY)

@@ -28,7 +28,7 @@ from tasks.core.atomic import atomic_dir
 from tasks.core.settings import SecretRef, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.ui import artifact_key, publish_markdown
-from tasks.core.vocab import ArtifactKind, Stage
+from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
 
 STAGE = Stage.HEALTH
 log = logging.getLogger("loraship.health")
@@ -258,10 +258,11 @@ def system_checks(disk_path: Path, settings: HealthSettings) -> list[dict[str, A
     return out
 
 
-def verdict_of(checks: list[dict[str, Any]]) -> tuple[str, list[str]]:
+def verdict_of(checks: list[dict[str, Any]]) -> tuple[HealthVerdict, list[str]]:
     fails = [f"{c['group']}/{c['name']}: {c['detail']}" for c in checks if c["status"] == "fail"]
     warns = [f"{c['group']}/{c['name']}: {c['detail']}" for c in checks if c["status"] == "warn"]
-    return ("unhealthy" if fails else "degraded" if warns else "healthy"), fails + warns
+    verdict = HealthVerdict.UNHEALTHY if fails else HealthVerdict.DEGRADED if warns else HealthVerdict.HEALTHY
+    return verdict, fails + warns
 
 
 def check_health(

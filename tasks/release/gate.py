@@ -31,7 +31,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.settings import StrictModel
 from tasks.core.stage import stage_task
-from tasks.core.vocab import ArtifactKind, Stage
+from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
 from tasks.gguf import quant_types
 
 STAGE = Stage.GATE
@@ -127,8 +127,8 @@ def _health_problem(settings: GateSettings, health: list[Artifact]) -> tuple[str
     if not health:
         return None, "require_healthy: no health report in this run's lineage (the health stage did not run or failed)"
     verdicts = [str(h.meta.get("verdict")) for h in health]
-    worst = "unhealthy" if "unhealthy" in verdicts else "degraded" if "degraded" in verdicts else "healthy"
-    if worst == "unhealthy" or (worst == "degraded" and not settings.allow_degraded):
+    worst = HealthVerdict.worst(verdicts)
+    if worst == HealthVerdict.UNHEALTHY or (worst == HealthVerdict.DEGRADED and not settings.allow_degraded):
         reasons = "; ".join(r for h in health for r in h.meta.get("reasons") or [])
         return worst, f"the health check says {worst}" + (f" ({reasons})" if reasons else "")
     return worst, None
