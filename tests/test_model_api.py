@@ -109,12 +109,16 @@ def test_predict_single_and_batch(servers, name):
     assert isinstance(result, kind), result
     items = result if kind is list else [result]
     assert items and all(keys <= set(i) for i in items), result
+    from tasks.model_api.server import response_model
+
+    response_model(srv.state.task).model_validate(body)  # /docs tells the truth about the answer
 
     r = srv.predict(_batch_body(name, example))
     assert r.status_code == 200, r.text
     batch = r.json()["result"]
     assert isinstance(batch, list) and len(batch) == 3
     assert all(isinstance(b, kind) for b in batch)
+    response_model(srv.state.task).model_validate(r.json())
     if name in ("text-classification", "feature-extraction", "image-classification", "question-answering"):
         assert _numbers(batch[0]) == pytest.approx(_numbers(result), rel=1e-4, abs=1e-5)  # batching changes nothing
 

@@ -280,12 +280,16 @@ def create_app(spec: ServerSpec, registry: DeploymentRegistry | None = None, loa
             )
         state.latencies.append((time.perf_counter() - t0) * 1000.0)
         result = outcome.results if batch.batched else outcome.results[0]
-        return {
-            "status": "ok",
-            "result": _plain(result),
-            "deployment_id": spec.deployment_id,
-            "inference_time_ms": round(outcome.inference_ms, 2),
-        }
+        # a Response is sent as is: the response model documents the shape (/docs) without a second
+        # validation of every result on the event loop, where it would delay /health and other requests
+        return JSONResponse(
+            {
+                "status": "ok",
+                "result": _plain(result),
+                "deployment_id": spec.deployment_id,
+                "inference_time_ms": round(outcome.inference_ms, 2),
+            }
+        )
 
     if load:
         threading.Thread(target=state.load, name="model-api-loader", daemon=True).start()
