@@ -105,8 +105,14 @@ def merged_weights_needed(config: Any) -> str | None:
 def run_convert(ctx: RunContext) -> list[Artifact]:
     from tasks.gguf.convert import convert_task
 
+    from tasks.gguf.convert import UnsupportedArchitecture
+
     merged = _need(ctx, ArtifactKind.MERGED, "convert")[0]
-    f16 = ctx.call("convert", convert_task, merged, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
+    try:
+        f16 = ctx.call("convert", convert_task, merged, ctx.config.convert, ctx.run.gguf_dir, ctx.config.model.name)
+    except UnsupportedArchitecture as exc:  # a speech/vision model: no GGUF; the merged repo is the product
+        ctx.notes["gguf_skipped"] = str(exc).split("\n")[0]
+        raise StageSkipped(ctx.notes["gguf_skipped"]) from exc
     m = f16.meta
     commit = str(m.get("llama_cpp_commit") or "?")[:9]
     msg = (
@@ -152,6 +158,8 @@ def run_quantize(ctx: RunContext) -> list[Artifact]:
     from tasks.gguf.plan import plan_jobs
     from tasks.gguf.quantize import quantize_task
 
+    if ctx.notes.get("gguf_skipped"):
+        raise StageSkipped(f"no GGUF to quantize: {ctx.notes['gguf_skipped']}")
     ggufs = _need(ctx, ArtifactKind.GGUF, "quantize")
     source_name = f"gguf:{ctx.config.convert.outtype.upper()}"
     f16 = ctx.artifacts.get(source_name) or next((a for a in ggufs if a.stage == Stage.CONVERT), None)
@@ -383,13 +391,15 @@ def run_space(ctx: RunContext) -> list[Artifact]:
     from tasks.publish.space import space_task
 
     pushed = ctx.artifacts.get("publish:hub")
+    if pushed is not None and pushed.meta.get("repo_kind", "gguf") != "gguf":
+        pushed = None  # the GGUF repo's record only; the merged repo's is merged_repo
     merged_repo = _merged_repo(ctx)
     if pushed is None and merged_repo is None:
         raise PermanentError(
             "the space stage needs a Hub push record (publish:hub) and this run has none",
             hint="enable hub_push, or run with --from space after a run that pushed",
         )
-    ggufs = _released(ctx, "space")
+    ggufs = _released(ctx, "space") if pushed is not None else []  # a merged-repo template needs no GGUF
     settings, fallback = _space_settings(ctx, ggufs)
     source = merged_repo if pushed is None else pushed
     real = not source.meta.get("dry_run") and not ctx.dry_run

@@ -51,3 +51,24 @@ def _build_wav2vec2(out: Path, version: int) -> None:
 def tiny_wav2vec2() -> Path:
     """The cached folder (built once per machine, ~1 s)."""
     return _cached("wav2vec2-ctc-tiny", _build_wav2vec2, version=1)  # bump `version` when the builder changes
+
+
+def _build_wav2vec2_lora(out: Path, version: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Wav2Vec2ForCTC
+
+    base = tiny_wav2vec2()
+    model = Wav2Vec2ForCTC.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)  # a LoRA that changes the model, as a trained one would
+    peft_model.save_pretrained(out)
+
+
+def tiny_wav2vec2_lora() -> Path:
+    """A LoRA adapter (q_proj, v_proj, non-zero B) on tiny_wav2vec2(), as a training run leaves it."""
+    return _cached("wav2vec2-ctc-tiny-lora", _build_wav2vec2_lora, version=1)

@@ -83,6 +83,11 @@ class ConvertSettings(StrictModel):
 _SRC_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
+class UnsupportedArchitecture(PermanentError):
+    """llama.cpp's converter has no support for the model's architecture (a speech or vision model): the
+    GGUF stages skip with this reason and the merged repo is what gets published."""
+
+
 def gguf_name(model: str, quant: str) -> str:
     return f"{model}-{quant.upper()}.gguf"
 
@@ -386,7 +391,7 @@ def _converter_error(
         )
     m = next((re.search(r"Model (\S+) is not supported", line) for line in tail if "is not supported" in line), None)
     if m:
-        return PermanentError(
+        return UnsupportedArchitecture(
             f"llama.cpp's converter cannot convert the architecture {m.group(1)} (from {src / 'config.json'})",
             hint=(
                 "use a model architecture llama.cpp supports, or a llama.cpp checkout that adds it "

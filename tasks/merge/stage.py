@@ -332,6 +332,23 @@ def available_backend(name: str) -> MergeBackend:
     return backend
 
 
+def _not_a_causal_lm(folder: Path) -> str | None:
+    """Why the logit check (prompts through AutoModelForCausalLM) does not apply to this model, or None when
+    it does: its config names an architecture other than the causal LM class of its model type (a speech
+    or vision model: Whisper, wav2vec2, ...). A config without architectures is checked as before."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = [str(a) for a in config.get("architectures") or []]
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")))
+    if not archs or causal in archs:
+        return None
+    return f"the logit check runs causal LMs; {', '.join(archs)} is checked per tensor only"
+
+
 def _verify(
     settings: MergeSettings, job: MergeJob, merged_dir: Path, base_bytes: int, merged_state: Any = None
 ) -> dict[str, Any]:
@@ -343,6 +360,9 @@ def _verify(
             else "merge.verify: never"
         )
         return {"max_abs_logit_diff": None, "verify_skipped": skipped}
+    not_causal = _not_a_causal_lm(merged_dir)
+    if not_causal:  # a speech or vision model: no prompt logits to compare
+        return {"max_abs_logit_diff": None, "verify_skipped": not_causal}
     from tasks.merge.verify import verify_logits
 
     result = verify_logits(job.base_dir, job.adapter_dir, merged_dir, job.plan, job.qlora, job.dtype, merged_state)
