@@ -103,9 +103,7 @@ def merged_weights_needed(config: Any) -> str | None:
 
 
 def run_convert(ctx: RunContext) -> list[Artifact]:
-    from tasks.gguf.convert import convert_task
-
-    from tasks.gguf.convert import UnsupportedArchitecture
+    from tasks.gguf.convert import UnsupportedArchitecture, convert_task
 
     merged = _need(ctx, ArtifactKind.MERGED, "convert")[0]
     try:
