@@ -54,17 +54,19 @@ def requirements() -> dict[str, str | None]:
 
 
 def _llama_gpu_missing() -> str | None:
-    try:
-        import llama_cpp
-
-        if llama_cpp.llama_supports_gpu_offload():
-            return None
-        return (
-            f"llama-cpp-python built with CUDA (the installed {llama_cpp.__version__} is a CPU build; setup.sh builds "
-            "the CUDA one where a CUDA toolkit is found)"
-        )
-    except ImportError:
-        return "llama-cpp-python (not installed: run setup.sh)"
+    """Asked of a fresh interpreter: the build step may replace llama-cpp-python, and a module imported here
+    before it would stay the old build for the rest of this process."""
+    probe = "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload(), llama_cpp.__version__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    if out.returncode:
+        return "llama-cpp-python (it does not import: run setup.sh)"
+    offload, version = (out.stdout.split() + ["", ""])[:2]
+    if offload == "True":
+        return None
+    return (
+        f"llama-cpp-python built with CUDA (the installed {version} is a CPU build; setup.sh builds the CUDA one "
+        "where a CUDA toolkit and a GPU are found)"
+    )
 
 
 class Check:
@@ -131,14 +133,7 @@ def build_step() -> dict[str, Any]:
     out = subprocess.run(["bash", "setup.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise RuntimeError(f"setup.sh exited {out.returncode}: {(out.stdout + out.stderr)[-1500:]}")
-    # the check continues in this process: ask a fresh interpreter whether the installed build offloads
-    probe = subprocess.run(
-        [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return {"llama_build": asdict(det), "gpu_offload": probe.stdout.strip() == "True", "tail": out.stdout[-500:]}
+    return {"llama_build": asdict(det), "gpu_offload": _llama_gpu_missing() is None, "tail": out.stdout[-500:]}
 
 
 def max_ulps(a_dir: Path, b_dir: Path, base_dir: Path | None = None) -> dict[str, Any]:
