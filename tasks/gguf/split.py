@@ -175,25 +175,9 @@ def check_shards(folder: Path, src_tensors: list[str], max_bytes: int) -> list[d
     return out
 
 
-def split_gguf(
-    gguf: Artifact, max_size: str | int, out_dir: Path, model_name: str, *, generate_tokens: int = 4, threads: int = 2
-) -> Artifact | None:
-    """Split the GGUF artifact `gguf` into `out_dir/<model>-<QUANT>/` shards of at most `max_size` bytes.
-
-    Returns the folder artifact `gguf-split:<QUANT>`, or None when the file is not bigger than the
-    maximum (nothing to split).
-    """
-    from tasks.gguf.validate import generate_check
-
-    max_bytes = parse_size(max_size)
-    src = Path(gguf.path)
-    if not src.is_file():
-        raise PermanentError(f"the GGUF {src} to split is missing", hint="re-run the quantize stage")
-    quant = str(gguf.meta.get("quant") or src.stem.rsplit("-", 1)[-1]).upper()
-    size = src.stat().st_size
-    if size <= max_bytes:
-        log.info("%s: %d bytes, not above quantization.split_max_size (%d): not split", src.name, size, max_bytes)
-        return None
+def _tensor_budget(src: Path, max_size: str | int, max_bytes: int) -> tuple[int, list[tuple[str, int]]]:
+    """(the tensor bytes one shard may hold, the file's (tensor, bytes) list); a tensor larger than that budget
+    is a PermanentError saying the smallest split_max_size that works (a tensor is never split across shards)."""
     overhead, align, tensors = _header_overhead(src)
     # GGUFWriter counts tensor bytes only: leave room for a whole header (the first shard carries all the
     # metadata), every tensor's alignment padding and the split keys, so no shard exceeds the maximum.
@@ -209,6 +193,44 @@ def split_gguf(
             ),
             hint=f"set quantization.split_max_size to at least {need} bytes ({need / 1e6:.1f}MB)",
         )
+    return budget, tensors
+
+
+def _same_generation(first: Path, gguf: Artifact, n_tokens: int, threads: int) -> dict[str, Any]:
+    """Generate from the first shard (llama.cpp loads the rest beside it); the tokens must be the unsplit file's."""
+    from tasks.gguf.validate import generate_check
+
+    generation = generate_check(first, n_tokens=n_tokens, threads=threads)
+    expected = (gguf.meta.get("generation") or {}).get("tokens")
+    if expected and len(expected) == len(generation["tokens"]) and expected != generation["tokens"]:
+        raise PermanentError(
+            (
+                f"{first.name} (first shard) generates {generation['tokens']} but the unsplit {Path(gguf.path).name} "
+                f"generated {expected}"
+            ),
+            hint="the split changed the model: report this with the llama.cpp commit",
+        )
+    return generation
+
+
+def split_gguf(
+    gguf: Artifact, max_size: str | int, out_dir: Path, model_name: str, *, generate_tokens: int = 4, threads: int = 2
+) -> Artifact | None:
+    """Split the GGUF artifact `gguf` into `out_dir/<model>-<QUANT>/` shards of at most `max_size` bytes.
+
+    Returns the folder artifact `gguf-split:<QUANT>`, or None when the file is not bigger than the
+    maximum (nothing to split).
+    """
+    max_bytes = parse_size(max_size)
+    src = Path(gguf.path)
+    if not src.is_file():
+        raise PermanentError(f"the GGUF {src} to split is missing", hint="re-run the quantize stage")
+    quant = str(gguf.meta.get("quant") or src.stem.rsplit("-", 1)[-1]).upper()
+    size = src.stat().st_size
+    if size <= max_bytes:
+        log.info("%s: %d bytes, not above quantization.split_max_size (%d): not split", src.name, size, max_bytes)
+        return None
+    budget, tensors = _tensor_budget(src, max_size, max_bytes)
     folder = shard_folder(out_dir, model_name, quant)
     env, gguf_py = _gguf_py_env()
     started = time.monotonic()
@@ -224,19 +246,9 @@ def split_gguf(
         for line in proc.stderr.splitlines():
             log.debug("gguf-py: %s", line)
         shards = check_shards(tmp, [t[0] for t in tensors], max_bytes)
-        first = tmp / shards[0]["file"]
-        generation = None
-        if generate_tokens:
-            generation = generate_check(first, n_tokens=generate_tokens, threads=threads)
-            expected = (gguf.meta.get("generation") or {}).get("tokens")
-            if expected and len(expected) == len(generation["tokens"]) and expected != generation["tokens"]:
-                raise PermanentError(
-                    (
-                        f"{first.name} (first shard) generates {generation['tokens']} but the unsplit {src.name} "
-                        f"generated {expected}"
-                    ),
-                    hint="the split changed the model: report this with the llama.cpp commit",
-                )
+        generation = (
+            _same_generation(tmp / shards[0]["file"], gguf, generate_tokens, threads) if generate_tokens else None
+        )
     seconds = time.monotonic() - started
     meta: dict[str, Any] = {
         "quant": quant,
