@@ -308,6 +308,7 @@ def test_a_failing_stage_leaves_its_traceback_in_its_log_linked_everywhere(
     assert "RuntimeError: the base refused token" in merge and "merging with token" in merge
     assert "merging with token" not in files["download.log"]
     assert "a print with the token" in files["pipeline.log"]  # log_prints: the flow's print goes in too
+    assert "flow run ended Failed" in files["pipeline.log"].split("=====")[-1]
     for name, text in files.items():
         assert TOKEN not in text and PLAIN_SECRET not in text, f"a secret in {name}"
     # the run summary: the stage table, the failed stage's log, the retention count
@@ -397,6 +398,7 @@ def test_parallel_stages_in_the_flow_and_the_ui_gets_every_line(
     # Prefect's own lines name their task run, as on its console
     assert len(re.findall(r"task run 'item-\w+' \| Finished in state Completed", files["evaluate.log"])) == 2
     assert "serve: done" in files["pipeline.log"] and "evaluate: done" in files["pipeline.log"]
+    assert files["pipeline.log"].rstrip().endswith("flow run ended Completed")
     summary = state.result()
     assert summary.log_dir == str(logs) and "logs: " + str(logs) in files["summary.log"]
     APILogHandler().flush()  # the batch of lines still queued for the API

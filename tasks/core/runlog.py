@@ -250,9 +250,6 @@ class RunLogs:
                 f = self._files[name] = _LogFile(self.dir / name, self.header)
             return f
 
-    def has_stage_log(self, stage: str) -> bool:
-        return f"{stage}.log" in self._files
-
     def emit(self, record: logging.LogRecord, stage: str | None) -> None:
         if self.closed or record.levelno < self.level:
             return
@@ -282,6 +279,14 @@ class RunLogs:
 
     def write_summary(self, text: str) -> None:
         self._file(SUMMARY_LOG).write(scrub(text))
+
+    def note(self, text: str) -> None:
+        """A line of our own in pipeline.log (in the records' format)."""
+        record = logging.LogRecord("loraship.runlog", logging.INFO, __file__, 0, text, None, None)
+        self._file(PIPELINE_LOG).write(scrub(self._formatter.format(record)))
+
+    def has_file(self, name: str) -> bool:
+        return name in self._files
 
     def follow(self, path: Path, stage: str, label: str) -> None:
         """Copy what a subprocess appends to `path` from now on into the stage's log when the run's logs close
@@ -480,8 +485,15 @@ def close_run_logs(*_hook_args: Any, flow_run_id: str | None = None) -> None:
         if logs is None and run_id is None:
             current = _RUN.get()
             logs = _BY_FLOW_RUN.pop(current.flow_run_id, None) if current else None
-    if logs is not None:
-        logs.close()
+    if logs is None:
+        return
+    state = _hook_args[2] if len(_hook_args) >= 3 else None
+    if state is not None:  # Prefect logs the final state after the hooks: say it here, the files close now
+        ended = f"flow run ended {getattr(state, 'name', state)}: {getattr(state, 'message', '') or ''}".rstrip(": ")
+        logs.note(ended)
+        if not logs.has_file(SUMMARY_LOG):  # it failed before the end of the flow (no stage table)
+            logs.write_summary(f"no stage table: the {ended}")
+    logs.close()
 
 
 RUN_LOG_HOOKS: dict[str, list[Any]] = {
