@@ -106,6 +106,7 @@ def write_config(
         # the same stages as the `before` code: the chat-template contract came later (and refuses the 0.5B
         # model's home-made tokenizer, which llama.cpp tokenizes differently: a finding, not DAG work)
         cfg["pipeline"]["stages"] = [str(s) for s in STAGES if s != "template_contract"]
+        cfg["space"]["smoke_test"] = False  # no Space app runs behind the local Hub server (as in tests/test_dag.py)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=ROOT, help="the git repository holding --before")
     ap.add_argument("--only", choices=["demo", "0.5b"], nargs="+", default=["demo", "0.5b"])
     ap.add_argument("--repeat", type=int, default=1, help="rounds (contender order alternates)")
+    ap.add_argument("--name", default="dag", help="results file: benchmarks/results/<name>.json")
     args = ap.parse_args()
 
     from tests.hub_server import HubServer
@@ -170,7 +172,7 @@ def main() -> None:
                             }
                         )
                         print(result["rows"][-1], flush=True)
-                        save("dag", result)  # after every run: a bench cut short keeps what it measured
+                        save(args.name, result)  # after every run: a bench cut short keeps what it measured
                     shutil.rmtree(work / slug / "runs", ignore_errors=True)
             for attempt in RUNS:
                 base_wall = statistics.median(walls[(contenders[0][0], attempt)])
@@ -188,7 +190,7 @@ def main() -> None:
     finally:
         hub.stop()
         shutil.rmtree(work, ignore_errors=True)
-    out = save("dag", result)
+    out = save(args.name, result)
     cols = ["workload", "round", "contender", "run", "wall_s", "cpu_s", "peak_rss_mb", "hub_commits", "load_1m_before"]
     print(table(result["rows"], cols))
     print(table(result["summary"], ["workload", "run", "contender", "median_wall_s", "vs_before"]))
