@@ -72,3 +72,90 @@ def _build_wav2vec2_lora(out: Path, version: int) -> None:
 def tiny_wav2vec2_lora() -> Path:
     """A LoRA adapter (q_proj, v_proj, non-zero B) on tiny_wav2vec2(), as a training run leaves it."""
     return _cached("wav2vec2-ctc-tiny-lora", _build_wav2vec2_lora, version=1)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet (what a byte-level BPE vocabulary starts from)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+WHISPER_SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|fr|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+]
+
+
+def _build_whisper(out: Path, version: int) -> None:
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    (out / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(chars)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = WhisperTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), unk_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in WHISPER_SPECIALS}
+    cfg = WhisperConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_target_positions=64,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.proj_out.weight[ids["<|endoftext|>"]] -= 1.0  # not the first token: the transcription has text
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|fr|>": ids["<|fr|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        is_multilingual=True,
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_length=48,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(out)
+
+
+def tiny_whisper() -> Path:
+    """A random multilingual-style Whisper (languages en, fr) with its processor: the language menu's model."""
+    return _cached("whisper-tiny-random", _build_whisper, version=1)

@@ -183,3 +183,34 @@ def test_asr_transcribes_an_espeak_wav_in_chromium(tmp_path, hub_server):
         keep_screenshots(tmp_path, ["asr.png"])
         record = smoke_test(url, template, example_input(template, folder, []), timeout=120)
         assert record["ok"] and record["example"] == "en_hello.wav" and record["answer_chars"] > 0
+
+
+def test_asr_offers_the_languages_of_a_multilingual_whisper(tmp_path, hub_server):
+    """asr with a (tiny, random) multilingual-style Whisper: the language menu lists the languages of its
+    generation config, and a transcription with a chosen language comes back with its timing."""
+    from tasks.publish.space import SpaceSettings, space_inputs
+    from tasks.publish.space_templates import SPACE_TEMPLATES
+    from tests.asr_models import tiny_whisper
+
+    repo = _merged_repo(tmp_path, hub_server, tiny_whisper(), "alice/tiny-whisper")
+    template = SPACE_TEMPLATES["asr"]
+    settings = SpaceSettings(template="asr", language="en", max_tokens=8)
+    inputs = space_inputs(settings, repo, "", "Tiny Whisper", "")
+    folder = template.render_to(tmp_path / "space", inputs, "apache-2.0")
+    with launched(folder, template.variables(inputs), hub_server.url, tmp_path) as url:
+        with browser_page(url) as page:
+            page.get_by_text("Tiny Whisper").first.wait_for(timeout=60_000)
+            menu = page.locator("#language input")
+            menu.wait_for(timeout=10_000)
+            assert menu.input_value() == "en", "space.language preselects the language"
+            menu.click()
+            options = page.get_by_role("option")
+            options.first.wait_for(timeout=10_000)
+            listed = sorted(o.replace("✓", "").strip() for o in options.all_inner_texts())  # ✓ marks the chosen
+            assert listed == ["auto", "en", "fr"], listed
+            page.get_by_role("option", name="fr").click()
+            page.locator("#audio input[type=file]").set_input_files(str(folder / "examples" / "fr_bonjour.wav"))
+            page.locator("#transcribe").click()
+            page.locator("#timing").get_by_text("real time").wait_for(timeout=180_000)
+            text = page.locator("#text textarea").input_value()
+            assert text.strip() and not text.startswith("⚠️"), text
