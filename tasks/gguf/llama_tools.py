@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ from filelock import FileLock
 
 from tasks.core.atomic import atomic_dir
 from tasks.core.errors import PermanentError
-from tasks.gguf.toolchain import KNOWN_COMMITS, cache_folder, download_sdist, installed_runtime_version
+from tasks.gguf.toolchain import (
+    KNOWN_COMMITS,
+    cache_folder,
+    download_sdist,
+    extract_vendored,
+    installed_runtime_version,
+)
 
 log = logging.getLogger("loraship.llama_tools")
 
@@ -177,28 +182,7 @@ def _build_into(dest: Path, version: str, source_dir: Path | None, jobs: int | N
 
 def _vendored_source(archive: Path, dest: Path) -> tuple[Path, str | None]:
     """Extract the sdist's vendor/llama.cpp (less what the build does not read); return (root, commit)."""
-    commit: str | None = None
-    members = []
-    prefix = "vendor/llama.cpp/"
-    with tarfile.open(archive, "r:gz") as tar:
-        for m in tar.getmembers():
-            parts = m.name.split("/", 1)
-            if len(parts) < 2:
-                continue
-            rel = parts[1]
-            if rel == ".git/modules/vendor/llama.cpp/HEAD" and m.isfile():
-                fh = tar.extractfile(m)
-                text = fh.read().decode().strip() if fh else ""
-                commit = text if re.fullmatch(r"[0-9a-f]{40}", text) else None
-                continue
-            if not rel.startswith(prefix) or not (m.isfile() or m.isdir()):
-                continue
-            inner = rel[len(prefix) :]
-            if inner.split("/", 1)[0] in SKIP_DIRS:
-                continue
-            m.name = inner
-            members.append(m)
-        tar.extractall(dest, members=members, filter="data")
+    commit, _ = extract_vendored(archive, dest, lambda inner: inner.split("/", 1)[0] not in SKIP_DIRS)
     if not (dest / "tools" / "perplexity" / "CMakeLists.txt").is_file():
         raise PermanentError(f"{archive.name} has no vendor/llama.cpp/tools/perplexity: not a llama-cpp-python sdist")
     return dest, commit

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,12 +246,15 @@ def _fetch_from_sdist(version: str, dest: Path) -> str | None:
         return extract_sdist(download_sdist(version, Path(tmpd)), dest)
 
 
-def extract_sdist(archive: Path, dest: Path) -> str | None:
-    """Extract the converter files of vendor/llama.cpp from a llama-cpp-python sdist; return the commit."""
+VENDORED = "vendor/llama.cpp/"
+
+
+def extract_vendored(archive: Path, dest: Path, keep: Callable[[str], bool]) -> tuple[str | None, int]:
+    """Extract what `keep` accepts of a llama-cpp-python sdist's vendor/llama.cpp into `dest` (paths relative to
+    vendor/llama.cpp); return (the vendored llama.cpp commit, read from the submodule's HEAD, or None; files)."""
     commit: str | None = None
-    wanted = 0
+    members = []
     with tarfile.open(archive, "r:gz") as tar:
-        members = []
         for m in tar.getmembers():
             parts = m.name.split("/", 1)
             if len(parts) < 2:
@@ -261,17 +265,21 @@ def extract_sdist(archive: Path, dest: Path) -> str | None:
                 text = fh.read().decode().strip() if fh else ""
                 commit = text if re.fullmatch(r"[0-9a-f]{40}", text) else None
                 continue
-            if not rel.startswith("vendor/llama.cpp/"):
+            if not rel.startswith(VENDORED) or not (m.isfile() or m.isdir()):
                 continue
-            inner = rel[len("vendor/llama.cpp/") :]
-            if not any(inner == n or inner.startswith(n + "/") for n in NEEDED):
-                continue
-            if not (m.isfile() or m.isdir()):
-                continue
-            m.name = inner
-            members.append(m)
-            wanted += m.isfile()
+            inner = rel[len(VENDORED) :]
+            if keep(inner):
+                m.name = inner
+                members.append(m)
         tar.extractall(dest, members=members, filter="data")
+    return commit, sum(m.isfile() for m in members)
+
+
+def extract_sdist(archive: Path, dest: Path) -> str | None:
+    """Extract the converter files of vendor/llama.cpp from a llama-cpp-python sdist; return the commit."""
+    commit, wanted = extract_vendored(
+        archive, dest, lambda inner: any(inner == n or inner.startswith(n + "/") for n in NEEDED)
+    )
     if not _is_tree(dest):
         raise RuntimeError(f"{archive.name} has no vendor/llama.cpp/convert_hf_to_gguf.py with gguf-py")
     log.debug("extracted %d converter files from %s", wanted, archive.name)
