@@ -322,6 +322,31 @@ def test_a_failing_stage_leaves_its_traceback_in_its_log_linked_everywhere(
     assert artifact is not None and f"**log of merge**: {logs / 'merge.log'}" in str(artifact.data)
 
 
+def test_a_degraded_run_links_the_failed_stages_log(demo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline.continue_on_error: a non-critical stage fails, the run completes degraded, and its summary
+    (returned, summary.log, the markdown artifact) links the stage's log with the traceback in it."""
+    from prefect.artifacts import Artifact
+
+    from flows import stages
+    from flows.full import full
+
+    def broken(ctx: Any) -> list[Any]:
+        raise ValueError("no eval samples (stand-in for a broken evaluation)")
+
+    monkeypatch.setitem(stages.RUNNERS, "evaluate", broken)
+    state = full(
+        config=_config(demo, "degraded", pipeline={"continue_on_error": True}), only=["evaluate"], return_state=True
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    log = Path(summary.log_dir) / "evaluate.log"
+    assert summary.degraded and summary.links["log of evaluate"] == str(log)
+    assert "ValueError: no eval samples" in log.read_text() and "Traceback" in log.read_text()
+    assert f"log of evaluate: {log}" in (log.parent / "summary.log").read_text()
+    artifact = Artifact.get("summary-degraded")
+    assert artifact is not None and str(log) in str(artifact.data)
+
+
 def test_the_command_line_points_at_the_logs_of_a_failed_run(demo: dict[str, Path], tmp_path: Path) -> None:
     """`python -m flows.full` with a base model that is not there: merge fails at once (a PermanentError),
     the command says where the run logs are, and merge.log has the reason."""
