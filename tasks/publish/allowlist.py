@@ -106,7 +106,7 @@ def repo_file_allowed(path_in_repo: str, kind: str = "gguf") -> bool:
 
 BASE_PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")  # where configs name the base
 _WHOLE_PATH = re.compile(r"^(/|~/|[A-Za-z]:[\\/])[^\n]*$")
-MAX_SCRUBBED_JSON = 8 << 20  # tokenizer.json is big and holds no paths; config files are a few KB
+MAX_SCRUBBED_JSON = 1 << 20  # configs are a few KB; a big tokenizer.json holds vocabulary (local_path_leaks reads it)
 _DROP = object()
 
 
