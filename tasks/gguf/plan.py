@@ -100,6 +100,61 @@ def largest_tensor(path: Path) -> tuple[int, int]:
     return out
 
 
+def _how_many_at_once(parallel: int | None, cores: int, n_jobs: int) -> tuple[int, str]:
+    """(jobs at once before memory is considered, why)."""
+    if parallel:
+        k = min(parallel, n_jobs)
+        return k, f"{k} at once as configured"
+    if cores == 1:
+        # one core has no idle time to fill: a second job would only time-slice the first (measured: 15%
+        # more CPU seconds for the same files, and the memory of two jobs)
+        return 1, "one at a time: a single core has no idle time for a second job to use"
+    k = min(n_jobs, 2 * cores)
+    return k, f"{k} at once: one per job, at most two per core"
+
+
+def _fit_in_memory(
+    k: int, configured: bool, budget: int, src_bytes: int, buf_full: int, reason: str
+) -> tuple[int, int, int, str]:
+    """(jobs at once, bytes of slab buffer per job, llama.cpp's max buffer size (0: its default), why): each job's
+    slab buffers shrink so that k jobs fit in `budget`; fewer jobs when slabs would get too small (unless the
+    number was configured)."""
+    while True:
+        per_job = (budget - BASE_RSS - k * src_bytes) // k
+        if per_job >= min(MIN_SLAB, buf_full) or k == 1 or configured:
+            break
+        k -= 1
+        reason = (
+            f"{k} at once: more would not fit in {budget / 1e6:.0f} MB with slabs of at least {MIN_SLAB // 2**20} MB"
+        )
+    per_job = max(per_job, min(MIN_SLAB, buf_full))
+    if per_job >= buf_full:
+        return k, buf_full, 0, reason  # llama.cpp's default: whole tensors fit
+    # llama.cpp counts the source row bytes in its slab size too (they are mapped, not allocated)
+    max_buf = int(per_job * (buf_full + src_bytes) / max(buf_full, 1))
+    reason += f"; buffers capped at {per_job / 1e6:.0f} MB per job to stay within {budget / 1e6:.0f} MB"
+    return k, per_job, max_buf, reason
+
+
+def _thread_shares(
+    names: list[str], order: tuple[str, ...], cost: dict[str, float], k: int, cores: int, threads: int | None
+) -> tuple[dict[str, int], str]:
+    """(threads per type, what to add to the reason)."""
+    if threads:
+        return {q: threads for q in names}, ""
+    if len(names) <= 1 or k == 1:
+        return {q: cores for q in names}, ""  # alone on the machine: one thread per core
+    # the OS shares the cores by runnable threads: give each job a share of its CPU work, so that the
+    # jobs running at once finish together (the k costliest set the scale; later ones are cheaper).
+    # Rounded up: a cheap job that ends early hands its cores to the others, one that ends late runs
+    # alone on its few threads. The costliest job, the one left at the end, may use every core.
+    budget_threads = OVERSUBSCRIBE * cores
+    scale = sum(cost[q] for q in order[:k]) or 1.0
+    by_type = {q: min(cores, max(1, math.ceil(budget_threads * cost[q] / scale - 1e-9))) for q in names}
+    by_type[order[0]] = cores
+    return by_type, f"; threads in proportion to each type's CPU work ({', '.join(f'{q} {by_type[q]}' for q in order)})"
+
+
 def plan_jobs(
     source: Path | None,
     jobs: int | Sequence[str],
@@ -123,51 +178,13 @@ def plan_jobs(
     buf_full = f32_buf + elems + 1
     single = BASE_RSS + src_bytes + buf_full
     budget = min(int(memory_factor * single), memory // 2)
-    if parallel:
-        k = min(parallel, n_jobs)
-        reason = f"{k} at once as configured"
-    elif cores == 1:
-        # one core has no idle time to fill: a second job would only time-slice the first (measured: 15%
-        # more CPU seconds for the same files, and the memory of two jobs)
-        k = 1
-        reason = "one at a time: a single core has no idle time for a second job to use"
-    else:
-        k = min(n_jobs, 2 * cores)
-        reason = f"{k} at once: one per job, at most two per core"
-    # shrink each job's slab buffers so that k jobs fit in the budget; fewer jobs if slabs get too small
-    while True:
-        per_job = (budget - BASE_RSS - k * src_bytes) // k
-        if per_job >= min(MIN_SLAB, buf_full) or k == 1 or parallel:
-            break
-        k -= 1
-        reason = (
-            f"{k} at once: more would not fit in {budget / 1e6:.0f} MB with slabs of at least {MIN_SLAB // 2**20} MB"
-        )
-    per_job = max(per_job, min(MIN_SLAB, buf_full))
-    if per_job >= buf_full:
-        max_buf = 0  # llama.cpp's default: whole tensors fit
-        per_job = buf_full
-    else:
-        # llama.cpp counts the source row bytes in its slab size too (they are mapped, not allocated)
-        max_buf = int(per_job * (buf_full + src_bytes) / max(buf_full, 1))
-        reason += f"; buffers capped at {per_job / 1e6:.0f} MB per job to stay within {budget / 1e6:.0f} MB"
+    k, reason = _how_many_at_once(parallel, cores, n_jobs)
+    k, per_job, max_buf, reason = _fit_in_memory(k, bool(parallel), budget, src_bytes, buf_full, reason)
     peak = BASE_RSS + k * (src_bytes + per_job)
     cost = {q: cpu_cost(q) if not isinstance(jobs, int) else 1.0 for q in names}
     order = tuple(sorted(names, key=lambda q: -cost[q]))  # costliest first: a queue then ends with cheap jobs
-    if threads:
-        by_type = {q: threads for q in names}
-    elif n_jobs == 1 or k == 1:
-        by_type = {q: cores for q in names}  # alone on the machine: one thread per core
-    else:
-        # the OS shares the cores by runnable threads: give each job a share of its CPU work, so that the
-        # jobs running at once finish together (the k costliest set the scale; later ones are cheaper).
-        # Rounded up: a cheap job that ends early hands its cores to the others, one that ends late runs
-        # alone on its few threads. The costliest job, the one left at the end, may use every core.
-        budget_threads = OVERSUBSCRIBE * cores
-        scale = sum(cost[q] for q in order[:k]) or 1.0
-        by_type = {q: min(cores, max(1, math.ceil(budget_threads * cost[q] / scale - 1e-9))) for q in names}
-        by_type[order[0]] = cores
-        reason += f"; threads in proportion to each type's CPU work ({', '.join(f'{q} {by_type[q]}' for q in order)})"
+    by_type, why_threads = _thread_shares(names, order, cost, k, cores, threads)
+    reason += why_threads
     return QuantPlan(
         parallel=k,
         threads=max(by_type.values(), default=cores),
