@@ -25,10 +25,13 @@ def test_speech_model_to_merged_repo_card_and_asr_space(tmp_path, hub_server, pr
         "merge": {"base_model": str(base)},
         "hub": {"token": f"env:{TOKEN_ENV}", "endpoint": hub_server.url, "repos": ["merged"]},
         "space": {"poll_interval": 0.05, "smoke_test": False},
+        "serving": {"engine": "transformers"},
         "pipeline": {"runs_dir": str(tmp_path / "runs")},
     }
     state = full(
-        config=cfg, only=["download", "merge", "convert", "quantize", "hub_push", "card", "space"], return_state=True
+        config=cfg,
+        only=["download", "merge", "convert", "quantize", "serve", "health", "hub_push", "card", "space"],
+        return_state=True,
     )
     assert state.is_completed(), state.message
     outcomes = {o.stage: (str(o.status), o.message) for o in state.result().stages}
@@ -36,6 +39,8 @@ def test_speech_model_to_merged_repo_card_and_asr_space(tmp_path, hub_server, pr
     assert outcomes["convert"] == ("skipped", outcomes["convert"][1])
     assert "cannot convert the architecture Wav2Vec2ForCTC" in outcomes["convert"][1]
     assert outcomes["quantize"][0] == "skipped" and "no GGUF to quantize" in outcomes["quantize"][1]
+    # served by the transformers engine as a speech recognition model API; health speaks OpenAI's API: skipped
+    assert outcomes["serve"][0] == "done" and outcomes["health"][0] == "skipped"
     assert {s: outcomes[s][0] for s in ("hub_push", "card", "space")} == dict.fromkeys(
         ("hub_push", "card", "space"), "done"
     )

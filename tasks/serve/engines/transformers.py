@@ -49,7 +49,7 @@ class TransformersEngine:
             DeployRequest(
                 model=str(merged.local_path),
                 name=name,
-                task="text-generation",
+                task=None,  # inferred from the model (pipeline_tag, architectures): speech models serve ASR
                 host=settings.host,
                 port_range=settings.port_range,
                 threads=settings.threads,
