@@ -148,29 +148,39 @@ def resolve_converter(
     """The converter tree to use (see the module docstring for the order)."""
     env = os.environ if environ is None else environ
     version = installed_runtime_version()
-    expected = KNOWN_COMMITS.get(version)
     named = llama_cpp_dir or env.get("LLAMA_CPP_DIR")
     if named:
-        root = Path(named).expanduser().resolve()
-        where = "convert.llama_cpp_dir" if llama_cpp_dir else "LLAMA_CPP_DIR"
-        if not _is_tree(root):
-            raise PermanentError(
-                f"{where}={root} is not a llama.cpp checkout (no convert_hf_to_gguf.py and gguf-py/ there)",
-                hint=(
-                    f"point {where} at the root of a llama.cpp clone, or unset it to use the converter of the "
-                    f"installed llama-cpp-python {version}"
-                ),
-            )
-        commit = _git_commit(root)
-        conv = Converter(root=root, commit=commit, origin="checkout", runtime_version=version)
-        if expected and commit and commit != expected:
-            msg = (
-                f"{where} is at llama.cpp {commit[:9]} but llama-cpp-python {version} runs {expected[:9]}: "
-                "files it writes may use metadata this runtime does not read"
-            )
-            log.warning(msg)
-            conv.notes.append(msg)
-        return conv
+        return _checkout(named, "convert.llama_cpp_dir" if llama_cpp_dir else "LLAMA_CPP_DIR", version)
+    return _cached_converter(version, allow_download)
+
+
+def _checkout(named: str | Path, where: str, version: str) -> Converter:
+    """A llama.cpp checkout the user named; a commit other than the runtime's is a note and a warning."""
+    expected = KNOWN_COMMITS.get(version)
+    root = Path(named).expanduser().resolve()
+    if not _is_tree(root):
+        raise PermanentError(
+            f"{where}={root} is not a llama.cpp checkout (no convert_hf_to_gguf.py and gguf-py/ there)",
+            hint=(
+                f"point {where} at the root of a llama.cpp clone, or unset it to use the converter of the "
+                f"installed llama-cpp-python {version}"
+            ),
+        )
+    commit = _git_commit(root)
+    conv = Converter(root=root, commit=commit, origin="checkout", runtime_version=version)
+    if expected and commit and commit != expected:
+        msg = (
+            f"{where} is at llama.cpp {commit[:9]} but llama-cpp-python {version} runs {expected[:9]}: "
+            "files it writes may use metadata this runtime does not read"
+        )
+        log.warning(msg)
+        conv.notes.append(msg)
+    return conv
+
+
+def _cached_converter(version: str, allow_download: bool) -> Converter:
+    """The converter of the installed runtime's version from the cache, else fetched once (sdist, then git)
+    under a file lock so parallel runs fetch it once."""
     folder = cache_folder() / f"llama-cpp-python-{version}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock", timeout=1800):
@@ -204,13 +214,13 @@ def resolve_converter(
             except Exception as exc:  # try the next source; report them all if none works
                 errors.append(f"{origin}: {exc}")
                 log.warning("could not get the converter from the %s: %s", origin, exc)
-        raise TransientError(
-            f"could not obtain llama.cpp's converter for llama-cpp-python {version}: " + "; ".join(errors),
-            hint=(
-                "check the network access to the package registry, or set convert.llama_cpp_dir (or "
-                "LLAMA_CPP_DIR) to a llama.cpp checkout"
-            ),
-        )
+    raise TransientError(
+        f"could not obtain llama.cpp's converter for llama-cpp-python {version}: " + "; ".join(errors),
+        hint=(
+            "check the network access to the package registry, or set convert.llama_cpp_dir (or "
+            "LLAMA_CPP_DIR) to a llama.cpp checkout"
+        ),
+    )
 
 
 def download_sdist(version: str, into: Path) -> Path:
