@@ -362,22 +362,24 @@ class _Router(logging.Handler):
     process has exactly one run open, that run's pipeline.log (a stage's own helper thread)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "_loraship_runlog", False):  # already written via another logger it reached
+        if not _BY_FLOW_RUN or getattr(record, "_loraship_runlog", False):  # no run open; or written already
             return
         record._loraship_runlog = True  # type: ignore[attr-defined]
-        logs, stage = _RUN.get(), _STAGE.get()
-        if logs is None or logs.closed:
-            logs = None
-            flow_run = str(getattr(record, "flow_run_id", "") or "")
-            if not flow_run:
-                flow_run, stage = _prefect_run_of_thread()
-            logs = _BY_FLOW_RUN.get(flow_run) if flow_run else None
-            if logs is None and len(_BY_FLOW_RUN) == 1:
-                logs = next(iter(_BY_FLOW_RUN.values()), None)
-            if logs is None:
-                return
-        stage = stage or _task_stage(record)
-        logs.emit(record, stage)
+        try:
+            logs, stage = _RUN.get(), _STAGE.get()
+            if logs is None or logs.closed:
+                flow_run = str(getattr(record, "flow_run_id", "") or "")
+                if not flow_run:
+                    flow_run, stage = _prefect_run_of_thread()
+                logs = _BY_FLOW_RUN.get(flow_run) if flow_run else None
+                if logs is None:
+                    open_runs = list(_BY_FLOW_RUN.values())
+                    logs = open_runs[0] if len(open_runs) == 1 else None
+                if logs is None:
+                    return
+            logs.emit(record, stage or _task_stage(record))
+        except Exception:  # a full disk must not break the run: logging reports it once per record, as usual
+            self.handleError(record)
 
 
 _ROUTER = _Router(level=logging.DEBUG)
