@@ -99,3 +99,44 @@ def test_graceful_stop_frees_port_and_cli_stop(llama_ggufs, tmp_path):
 def test_unknown_quant_is_permanent(llama_ggufs, tmp_path):
     with pytest.raises(PermanentError, match="Q3_K_S"):
         serve(gguf_artifacts(llama_ggufs), ServeSettings(quant="Q3_K_S"), tmp_path)
+
+
+def test_a_port_another_server_took_meanwhile_is_not_mistaken_for_ours(llama_ggufs, tmp_path, monkeypatch):
+    """Between finding a free port and the new server binding it, another process may take it (parallel runs
+    share the pool). Its /health must not count as ours: the stage checks the pid and moves on to another port."""
+    import http.server
+    import threading
+
+    from tasks.serve import stage
+
+    class Foreign(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = json.dumps({"status": "ok", "model": "someone-else", "pid": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    foreign = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Foreign)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    taken = foreign.server_address[1]
+    real = stage.free_port
+    ports = iter([taken])
+    monkeypatch.setattr(stage, "free_port", lambda host, rng: next(ports, None) or real(host, rng))
+    try:
+        base = free_port_range(6)
+        made = serve(
+            gguf_artifacts(llama_ggufs, ("Q4_K_M",)), ServeSettings(port_range=(base, base + 5), n_ctx=128), tmp_path
+        )
+        try:
+            assert made[0].meta["port"] != taken
+            health = requests.get(f"{made[0].meta['url']}/health", timeout=10).json()
+            assert health["pid"] == made[0].meta["pid"] and health["model"] == made[0].meta["model_id"]
+        finally:
+            stop_servers(made)
+    finally:
+        foreign.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def build_app(
 
     @app.get("/health", tags=["loraship"])
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": alias, "uptime_s": round(time.time() - started, 1)}
+        # the pid lets the serve stage tell its own server from another process that holds the port
+        return {"status": "ok", "model": alias, "pid": os.getpid(), "uptime_s": round(time.time() - started, 1)}
 
     @app.get("/info", tags=["loraship"])
     def get_info() -> dict[str, Any]:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 from pydantic import Field, field_validator, model_validator
@@ -152,25 +152,9 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
     attempts = 3
     for attempt in range(attempts):
         port = free_port(settings.host, settings.port_range)
-        cmd = [
-            sys.executable,
-            "-m",
-            "tasks.serve.app",
-            "--model",
-            str(gguf.local_path),
-            "--alias",
-            alias,
-            "--host",
-            settings.host,
-            "--port",
-            str(port),
-            "--n-ctx",
-            str(settings.n_ctx),
-            "--info-json",
-            str(info_path),
-        ]
-        if settings.threads:
-            cmd += ["--threads", str(settings.threads)]
+        cmd = [sys.executable, "-m", "tasks.serve.app", "--model", str(gguf.local_path), "--alias", alias]
+        cmd += ["--host", settings.host, "--port", str(port), "--n-ctx", str(settings.n_ctx)]
+        cmd += ["--info-json", str(info_path), *(["--threads", str(settings.threads)] if settings.threads else [])]
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
                 cmd,
@@ -183,54 +167,71 @@ def start_server(gguf: Artifact, settings: ServeSettings, state_dir: Path, alias
         _CHILDREN[proc.pid] = proc
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         base = f"http://{host}:{port}"
-        started = time.monotonic()
-        while time.monotonic() - started < settings.start_timeout_s:
-            if proc.poll() is not None:
-                break
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    record = {
-                        "pid": proc.pid,
-                        # pid + start time name this very process (a restart of the flow finds it again,
-                        # tasks/core/runlock.py stops it when the run that started it was killed)
-                        "process_start": process_start(proc.pid),
-                        "owner_pid": os.getpid(),
-                        "keep": settings.keep_running,
-                        "port": port,
-                        "host": settings.host,
-                        "base_url": f"{base}/v1",
-                        "url": base,
-                        "model_id": alias,
-                        "quant": quant,
-                        "gguf": str(gguf.local_path),
-                        "sha256": gguf.sha256,
-                        "log": str(log_path),
-                        "started_at": time.time(),
-                        "ready_s": round(time.monotonic() - started, 2),
-                    }
-                    log.info("serving %s on %s (pid %d, ready in %.1fs)", alias, base, proc.pid, record["ready_s"])
-                    return record
-            except requests.RequestException:
-                pass
-            time.sleep(0.25)
+        ready_s = _wait_ready(proc, base, settings.start_timeout_s)
+        if ready_s is not None:
+            record = {
+                "pid": proc.pid,
+                # pid + start time name this very process (a restart of the flow finds it again,
+                # tasks/core/runlock.py stops it when the run that started it was killed)
+                "process_start": process_start(proc.pid),
+                "owner_pid": os.getpid(),
+                "keep": settings.keep_running,
+                "port": port,
+                "host": settings.host,
+                "base_url": f"{base}/v1",
+                "url": base,
+                "model_id": alias,
+                "quant": quant,
+                "gguf": str(gguf.local_path),
+                "sha256": gguf.sha256,
+                "log": str(log_path),
+                "started_at": time.time(),
+                "ready_s": ready_s,
+            }
+            log.info("serving %s on %s (pid %d, ready in %.1fs)", alias, base, proc.pid, ready_s)
+            return record
         tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
         stop_pid(proc.pid, 5)
         if "address already in use" in tail.lower() and attempt + 1 < attempts:
             log.info("port %d was taken meanwhile; trying another", port)
             continue
-        if proc.returncode is None or proc.returncode in (-signal.SIGTERM, -signal.SIGKILL):
-            raise TransientError(
-                (
-                    f"the server for {gguf.local_path.name} did not answer /health within "
-                    f"{settings.start_timeout_s:.0f}s (log: {log_path})"
-                ),
-                hint="raise serving.start_timeout_s for big models",
-            )
-        raise PermanentError(
-            f"the server for {gguf.local_path.name} exited with code {proc.returncode}: {tail[-600:]}",
-            hint=f"see {log_path}",
-        )
+        _raise_not_started(proc, gguf, settings, log_path, tail)
     raise TransientError("could not bind a port from serving.port_range")  # pragma: no cover
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float | None:
+    """Seconds until `proc` itself answers /health at `base` (the pid in the answer: not another process that
+    took the port meanwhile), or None when it exits or the time runs out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            return None
+        try:
+            r = requests.get(f"{base}/health", timeout=2)
+            if r.status_code == 200 and r.json().get("pid", proc.pid) == proc.pid:
+                return round(time.monotonic() - started, 2)
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.25)
+    return None
+
+
+def _raise_not_started(
+    proc: subprocess.Popen, gguf: Artifact, settings: ServeSettings, log_path: Path, tail: str
+) -> NoReturn:
+    """A server that never answered is transient (slow load: retried); one that exited on its own is not."""
+    if proc.returncode is None or proc.returncode in (-signal.SIGTERM, -signal.SIGKILL):
+        raise TransientError(
+            (
+                f"the server for {gguf.local_path.name} did not answer /health within "
+                f"{settings.start_timeout_s:.0f}s (log: {log_path})"
+            ),
+            hint="raise serving.start_timeout_s for big models",
+        )
+    raise PermanentError(
+        f"the server for {gguf.local_path.name} exited with code {proc.returncode}: {tail[-600:]}",
+        hint=f"see {log_path}",
+    )
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> str:
