@@ -207,9 +207,10 @@ def _wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float | 
         if proc.poll() is not None:
             return None
         try:
-            r = requests.get(f"{base}/health", timeout=2)
-            if r.status_code == 200 and r.json().get("pid", proc.pid) == proc.pid:
-                return round(time.monotonic() - started, 2)
+            with requests.Session() as http:  # closed by us: the TIME_WAIT stays on our side, not the server's port
+                r = http.get(f"{base}/health", timeout=2)
+                if r.status_code == 200 and r.json().get("pid", proc.pid) == proc.pid:
+                    return round(time.monotonic() - started, 2)
         except (requests.RequestException, ValueError):
             pass
         time.sleep(0.25)
