@@ -31,6 +31,8 @@ def free_port_range(span: int) -> int:
 def silent_listener(port: int = 0, backlog: int = 16) -> Iterator[socket.socket]:
     """A listening socket on `port` (0: any) that accepts and never says a word; closed on exit."""
     sock = socket.socket()
+    # as servers do: a connection of an earlier server in TIME_WAIT does not make the port busy, a listener does
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((HOST, port))
         sock.listen(backlog)
