@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads, the same for both servers (0: torch's default)"
     )
+    p.add_argument(
+        "--naive-passive",
+        action="store_true",
+        help="give the hand-written server OMP_WAIT_POLICY=PASSIVE too (ours sets it; torch's default spins)",
+    )
     p.add_argument("--serve-naive", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "benchmarks.predict_bench", "--serve-naive", str(model), "--port", str(port)]
         + ["--threads", str(args.threads)],
         cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_WAIT_POLICY": "PASSIVE"} if args.naive_passive else {})},
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -242,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             "hand_written_health_p99_ms": theirs.get("health_p99_ms"),
         },
     }
-    out = save(f"predict_bench-threads{args.threads or 'default'}", payload)
+    payload["hand_written_omp_wait_policy"] = "PASSIVE" if args.naive_passive else os.environ.get("OMP_WAIT_POLICY")
+    tag = f"-threads{args.threads or 'default'}" + ("-both-passive" if args.naive_passive else "")
+    out = save(f"predict_bench{tag}", payload)
     cols = ["contender", "clients", "throughput_rps", "p50_ms", "p95_ms", "health_p99_ms", "errors"]
     print(table(rows, cols))
     print(f"speedup at {top} clients: {speedup}x; results: {out.relative_to(ROOT)}")

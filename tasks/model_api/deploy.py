@@ -74,6 +74,9 @@ def _config(path: Path) -> dict[str, Any]:
 def _spawn(spec: ServerSpec, spec_path: Path, log_path: Path) -> subprocess.Popen:
     atomic_write_json(spec_path, spec.model_dump(mode="json"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    # OpenMP workers that sleep instead of spinning between ops: one batcher thread drives torch, and spinning
+    # workers on a busy machine took the cores from it (a 32-input batch: 163 ms spinning, 30 ms passive).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.model_api.server", str(spec_path)],
@@ -111,9 +114,17 @@ def _wait_serving(
             )
         try:
             r = requests.get(f"{url}/health", timeout=2)
-            if r.status_code == 200:
-                return None
-        except requests.RequestException:
+            if r.headers.get("content-type", "").startswith("application/json"):
+                body = r.json()
+                if body.get("deployment_id") not in (None, dep_id):  # another server took the port first
+                    _terminate(proc.pid, process_start(proc.pid), 10.0)
+                    return "port"
+                if r.status_code == 200 and body.get("deployment_id") == dep_id:
+                    return None
+                if body.get("deployment_id") is None and r.status_code == 200:  # not one of ours at all
+                    _terminate(proc.pid, process_start(proc.pid), 10.0)
+                    return "port"
+        except (requests.RequestException, ValueError):
             pass
         rep.follow(registry.get_id(dep_id))
         time.sleep(0.2)
