@@ -331,6 +331,35 @@ def _slots_for(key: str, size: int) -> OrderedSlots:
         return gate
 
 
+def _quantize_params(
+    f16: Artifact, q: str, settings: QuantizeSettings, out_dir: Path, n_threads: int, max_buf_size: int
+) -> tuple[Any, Any, list[Any]]:
+    """(llama.cpp's quantize parameters for `q` from the settings, the importance matrix used or None, the ctypes
+    objects the parameters point into: keep them alive until llama_model_quantize returns)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = runtime_ftype(q)
+    params.nthread = n_threads
+    params.max_buf_size = max(0, int(max_buf_size))
+    params.pure = settings.pure
+    params.quantize_output_tensor = not settings.leave_output_tensor
+    types = tensor_type_names()
+    if settings.output_tensor_type:
+        params.output_tensor_type = types[settings.output_tensor_type]
+    if settings.token_embedding_type:
+        params.token_embedding_type = types[settings.token_embedding_type]
+    keep: list[Any] = []
+    im = resolve_imatrix(f16, settings, out_dir, threads=n_threads)
+    if im is not None:
+        arr, keep = _imatrix_struct(load_imatrix(im.path))
+        params.imatrix = arr
+        overrides = _kv_overrides(im.metadata())
+        params.kv_overrides = overrides
+        keep += [arr, overrides]
+    return params, im, keep
+
+
 def quantize(
     f16: Artifact,
     quant: str,
@@ -364,25 +393,7 @@ def quantize(
     expected = int(reference["size"] * min(1.0, (bpw + 1.0) / (reference["bits_per_weight"] or 16.0)))
     disk_preflight(Path(out_dir), expected, final.name)
     n_threads = threads or settings.threads or os.cpu_count() or 1
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = runtime_ftype(q)
-    params.nthread = n_threads
-    params.max_buf_size = max(0, int(max_buf_size))
-    params.pure = settings.pure
-    params.quantize_output_tensor = not settings.leave_output_tensor
-    types = tensor_type_names()
-    if settings.output_tensor_type:
-        params.output_tensor_type = types[settings.output_tensor_type]
-    if settings.token_embedding_type:
-        params.token_embedding_type = types[settings.token_embedding_type]
-    keep: list[Any] = []
-    im = resolve_imatrix(f16, settings, Path(out_dir), threads=n_threads)
-    if im is not None:
-        arr, keep = _imatrix_struct(load_imatrix(im.path))
-        params.imatrix = arr
-        overrides = _kv_overrides(im.metadata())
-        params.kv_overrides = overrides
-        keep += [arr, overrides]
+    params, im, keep = _quantize_params(f16, q, settings, Path(out_dir), n_threads, max_buf_size)
     started = time.monotonic()
     with atomic_path(final) as tmp:
         with file_progress(tmp, expected, f"quantize {final.name}"):
