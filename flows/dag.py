@@ -92,22 +92,44 @@ def run_graph(
     pending = [s for s in STAGES]
     fatal = False
     limit = max_parallel or len(STAGES)
+
+    def hollow(s: Stage) -> bool:
+        """Not run here and nothing recorded: settles at once, with nothing for a dependant to read."""
+        return s not in selected and not any(a.stage == s for a in ctx.records.values())
+
+    def through(u: Stage) -> list[Stage]:
+        """What a hard dependency on `u` means when `u` is hollow: a dependency on what `u` itself needs, so
+        a stage never starts before (or despite the failure of) a stage that runs further up its chain."""
+        return [u] if not hollow(u) else [n for v in SPECS[u].needs for n in through(v)]
+
+    def edges(s: Stage) -> tuple[list[Stage], list[Stage]]:
+        """(what `s` waits for, which of those it needs). A `uses` edge to a hollow stage is dropped (nothing
+        to use); a `needs` edge to one passes through to that stage's own needs."""
+        spec = SPECS[s]
+        waits: list[Stage] = []
+        needs: list[Stage] = []
+        for u in spec.upstream_for(ctx.config):
+            if u in spec.needs:
+                needs += [n for n in through(u) if n not in needs]
+            elif not hollow(u):
+                waits.append(u)
+        return waits + [n for n in needs if n not in waits], needs
+
     with ThreadPoolTaskRunner(max_workers=len(STAGES)) as pool:
         while True:
             for s in list(pending):
                 if fatal:
                     break
-                spec = SPECS[s]
-                upstream = spec.upstream_for(ctx.config)
+                upstream, needs = edges(s)
                 # a stage that does not run waits for its upstreams only to judge its records against them
-                # (lineage); with no records there is nothing to judge, and its dependants need not wait
-                nothing_to_carry = s not in selected and not any(a.stage == s for a in ctx.records.values())
-                if not nothing_to_carry and any(u not in results for u in upstream):
+                # (lineage); with no records there is nothing to judge: it settles at once, and its dependants
+                # wait for what it would have waited for (edges)
+                if not hollow(s) and any(u not in results for u in upstream):
                     continue
                 if s in selected and len(futures) >= limit:
                     break  # in table order: with max_parallel 1 the stages run one after another
                 pending.remove(s)
-                blocked = None if s not in selected else next((u for u in spec.needs if results[u].blocks), None)
+                blocked = None if s not in selected else next((u for u in needs if results[u].blocks), None)
                 if s not in selected:
                     res = carry(s)
                 elif blocked is not None:
@@ -127,7 +149,7 @@ def run_graph(
             if not futures:
                 if not pending or fatal:
                     break
-                if all(any(u not in results for u in SPECS[s].upstream_for(ctx.config)) for s in pending):
+                if all(any(u not in results for u in edges(s)[0]) for s in pending):
                     raise RuntimeError(f"stage graph stuck: {pending} wait for stages that never settle")
                 continue
             done, _ = concurrent.futures.wait(
