@@ -511,32 +511,12 @@ def merge(
         "the merged model's side files and recipe" if fused else "the merged model",
     )
 
-    meta: dict[str, Any] = {
-        "backend": backend.name,
-        "base_model": ref,
-        "base_dir": str(base_dir),
-        "adapter_base_model": str(adapter_cfg.get("base_model_name_or_path") or ""),
-        "dtype": job.dtype,
-        **_adapter_meta(adapter_cfg, plan),
-        "qlora_detected": qlora_found.reason if qlora_found else None,
-        "qlora_source": qlora_found.source if qlora_found else None,
-        "qlora_base": f"{qlora_fmt.tag}-roundtrip" if qlora_fmt else "original",
-        "qlora_format": qlora_fmt.model_dump() if qlora_fmt else None,
-    }
+    meta = _merge_meta(backend, job, adapter_cfg, qlora_found)
     if fused:
         with atomic_dir(out_dir) as tmp:
             meta.update(_fused_recipe(settings, job, adapter, base_key, tmp))
         meta["merge_seconds"] = meta["seconds"] = round(time.monotonic() - started, 3)
-        return Artifact.from_path(
-            out_dir,
-            name="merged",
-            kind=ArtifactKind.MERGED,
-            stage=STAGE,
-            inputs={adapter.name: adapter.sha256, "base": base_key or ref},
-            settings=settings,
-            tools=["torch", "safetensors", "transformers", "peft"],
-            meta=meta,
-        )
+        return _merged_artifact(out_dir, adapter, base_key or ref, settings, meta)
     with atomic_dir(out_dir) as tmp:
         with Progress(f"merge ({backend.name})", max(base_bytes, 1)) as progress:
             meta.update(backend.run(job, tmp, progress))
@@ -549,13 +529,36 @@ def merge(
         meta["merge_seconds"] = round(time.monotonic() - started, 3)
         meta.update(_verify(settings, job, tmp, base_bytes))
     meta["seconds"] = round(time.monotonic() - started, 3)
-    inputs = {adapter.name: adapter.sha256, "base": base_key or ref}
+    return _merged_artifact(out_dir, adapter, base_key or ref, settings, meta)
+
+
+def _merge_meta(backend: MergeBackend, job: MergeJob, adapter_cfg: dict[str, Any], qlora_found: Any) -> dict[str, Any]:
+    """What the merged record says about how it was made (before the backend and the checks add theirs)."""
+    fmt = job.qlora
+    return {
+        "backend": backend.name,
+        "base_model": job.base_ref,
+        "base_dir": str(job.base_dir),
+        "adapter_base_model": str(adapter_cfg.get("base_model_name_or_path") or ""),
+        "dtype": job.dtype,
+        **_adapter_meta(adapter_cfg, job.plan),
+        "qlora_detected": qlora_found.reason if qlora_found else None,
+        "qlora_source": qlora_found.source if qlora_found else None,
+        "qlora_base": f"{fmt.tag}-roundtrip" if fmt else "original",
+        "qlora_format": fmt.model_dump() if fmt else None,
+    }
+
+
+def _merged_artifact(
+    out_dir: Path, adapter: Artifact, base: str, settings: MergeSettings, meta: dict[str, Any]
+) -> Artifact:
+    """The `merged` record: its inputs are the adapter's digest and the base (its key, else the reference)."""
     return Artifact.from_path(
         out_dir,
         name="merged",
         kind=ArtifactKind.MERGED,
         stage=STAGE,
-        inputs=inputs,
+        inputs={adapter.name: adapter.sha256, "base": base},
         settings=settings,
         tools=["torch", "safetensors", "transformers", "peft"],
         meta=meta,
