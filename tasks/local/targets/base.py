@@ -13,10 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tasks.core.artifacts import Artifact
-from tasks.core.vocab import Stage
+from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
 if TYPE_CHECKING:
@@ -62,6 +62,20 @@ class LocalTarget(ABC):
     @property
     def record_name(self) -> str:
         return f"local:{self.name}"
+
+    def record(
+        self, path: Path, ggufs: list[Artifact], settings: LocalDeploySettings, meta: dict[str, Any]
+    ) -> Artifact:
+        """The `local:<name>` record artifact every target returns: its file or folder `path`, made from `ggufs`."""
+        return Artifact.from_path(
+            path,
+            name=self.record_name,
+            kind=ArtifactKind.PUBLISH,
+            stage=STAGE,
+            inputs=ggufs,
+            settings=settings,
+            meta=meta,
+        )
 
 
 def pick(ggufs: list[Artifact], quant: str, log) -> Artifact:

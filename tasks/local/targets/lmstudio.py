@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
 from tasks.core.errors import PermanentError
-from tasks.core.vocab import ArtifactKind
 from tasks.gguf import quant_types
 from tasks.local import lmstudio
-from tasks.local.targets.base import STAGE, Availability, LocalTarget, pick
+from tasks.local.targets.base import Availability, LocalTarget, pick
 
 if TYPE_CHECKING:
     from tasks.local.settings import LocalDeploySettings
@@ -84,20 +83,13 @@ class LMStudioTarget(LocalTarget):
     ) -> Artifact:
         rec = self._deploy(ggufs, settings, model, dry_run)
         path = atomic_write_json(out_dir / "lmstudio.json", rec)
-        return Artifact.from_path(
-            path,
-            name=self.record_name,
-            kind=ArtifactKind.PUBLISH,
-            stage=STAGE,
-            inputs=ggufs,
-            settings=settings,
-            meta={
-                "repo_dir": rec["repo_dir"],
-                "dry_run": dry_run,
-                "lms": rec.get("lms", {}),
-                "files": sorted(rec["files"]),
-            },
-        )
+        meta = {
+            "repo_dir": rec["repo_dir"],
+            "dry_run": dry_run,
+            "lms": rec.get("lms", {}),
+            "files": sorted(rec["files"]),
+        }
+        return self.record(path, ggufs, settings, meta)
 
     def _deploy(
         self, ggufs: list[Artifact], settings: LocalDeploySettings, model: str, dry_run: bool

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json, atomic_write_text
 from tasks.core.errors import PermanentError
-from tasks.core.vocab import ArtifactKind
 from tasks.local import ollama
-from tasks.local.targets.base import STAGE, Availability, LocalTarget, pick
+from tasks.local.targets.base import Availability, LocalTarget, pick
 
 if TYPE_CHECKING:
     from tasks.local.settings import LocalDeploySettings
@@ -42,20 +41,8 @@ class OllamaTarget(LocalTarget):
         folder = out_dir / "ollama"
         rec = self._deploy(ggufs, settings, model, folder, dry_run)
         atomic_write_json(folder / "ollama.json", rec)
-        return Artifact.from_path(
-            folder,
-            name=self.record_name,
-            kind=ArtifactKind.PUBLISH,
-            stage=STAGE,
-            inputs=ggufs,
-            settings=settings,
-            meta={
-                "name": rec["name"],
-                "modelfile": rec["modelfile"],
-                "create": rec["create"],
-                "chat_format": rec["chat_format"],
-            },
-        )
+        keys = ("name", "modelfile", "create", "chat_format")
+        return self.record(folder, ggufs, settings, {k: rec[k] for k in keys})
 
     def _deploy(
         self, ggufs: list[Artifact], settings: LocalDeploySettings, model: str, folder: Path, dry_run: bool
