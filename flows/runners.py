@@ -17,6 +17,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.errors import PermanentError, StageSkipped
 from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
 from tasks.gguf import quant_types
+from tasks.publish.space_templates import SPACE_TEMPLATES
 
 log = logging.getLogger("loraship.flow")
 
@@ -77,28 +78,18 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
 
 
 def merged_weights_needed(config: Any) -> str | None:
-    """Which setting needs merged/'s safetensors after convert (so merge.fused_convert still writes them), or None.
-
-    hub.include_merged, a Space template that runs from the merged repo; a merged-model repo (hub.repos) and a
-    transformers serving engine are read by name when their settings exist."""
-    hub = config.hub
-    if getattr(hub, "include_merged", False):
+    """Which setting needs merged/'s safetensors after convert (so merge.fused_convert still writes them), or None:
+    merged/ inside the GGUF repo, a merged-model repo, the transformers serve engine, a Space template that runs
+    from the merged repo."""
+    if config.hub.include_merged:
         return "hub.include_merged"
-    repos = getattr(hub, "repos", None) or []
-    for r in repos.values() if isinstance(repos, dict) else repos:
-        if "merged" in (r, getattr(r, "kind", None), getattr(r, "type", None)):
-            return "hub.repos (a merged repo)"
-    if str(getattr(config.serving, "engine", "") or "") == "transformers":
+    if "merged" in config.hub.repos:
+        return "hub.repos: merged"
+    if config.serving.engine == "transformers":
         return "serving.engine: transformers"
-    template = str(getattr(getattr(config, "space", None), "template", "") or "")
-    if template and template != "auto":
-        from tasks.publish.space_templates import SPACE_TEMPLATES
-
-        try:
-            if SPACE_TEMPLATES[template].manifest.runs_from == "merged":
-                return f"space.template: {template}"
-        except KeyError:
-            pass
+    template = config.space.template  # validated against the registry; auto picks from the repos above
+    if template != "auto" and SPACE_TEMPLATES[template].manifest.runs_from == "merged":
+        return f"space.template: {template}"
     return None
 
 
