@@ -8,49 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tasks.support import tiny_task_models as task_models
 from tasks.support.tiny_models import _cached
 
 
-def _build_wav2vec2(out: Path, version: int) -> None:
-    import torch
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-        Wav2Vec2Processor,
-    )
-
-    chars = ["<pad>", "<s>", "</s>", "<unk>", "|", *"abcdefghijklmnopqrstuvwxyz'"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(chars)}))
-    tok = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
-    fe = Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
-    )
-    cfg = Wav2Vec2Config(
-        vocab_size=len(chars),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        pad_token_id=0,
-        ctc_loss_reduction="mean",
-    )
-    torch.manual_seed(0)
-    model = Wav2Vec2ForCTC(cfg)
-    with torch.no_grad():
-        model.lm_head.bias[0] = -10.0  # the CTC blank (pad) never wins: the transcription is never empty
-    model.save_pretrained(out, safe_serialization=True)
-    Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
-
-
 def tiny_wav2vec2() -> Path:
-    """The cached folder (built once per machine, ~1 s)."""
-    return _cached("wav2vec2-ctc-tiny", _build_wav2vec2, version=1)  # bump `version` when the builder changes
+    """The cached folder (built once per machine, ~1 s): tasks/support/tiny_task_models.py's builder with
+    wav2vec2-base's seven-layer feature encoder, no attention mask (as base checkpoints) and the CTC blank
+    biased down to -10."""
+    return task_models.tiny_wav2vec2(frontend="base", attention_mask=False, blank_bias=-10.0)
 
 
 def _build_wav2vec2_lora(out: Path, version: int) -> None:
@@ -71,7 +37,7 @@ def _build_wav2vec2_lora(out: Path, version: int) -> None:
 
 def tiny_wav2vec2_lora() -> Path:
     """A LoRA adapter (q_proj, v_proj, non-zero B) on tiny_wav2vec2(), as a training run leaves it."""
-    return _cached("wav2vec2-ctc-tiny-lora", _build_wav2vec2_lora, version=1)
+    return _cached("wav2vec2-ctc-tiny-lora", _build_wav2vec2_lora, version=2)  # 2: its base from the support builder
 
 
 def _byte_chars() -> list[str]:

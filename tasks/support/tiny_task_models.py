@@ -147,7 +147,25 @@ def tiny_vit(size: int = 32, seed: int = 0) -> Path:
     return _cached("vit", _build_vit, size=size, seed=seed)
 
 
-def _build_wav2vec2(out: Path, seed: int) -> None:
+#: The convolutional feature encoder of a tiny wav2vec2: `small` is three layers 16 wide (80x downsampling,
+#: layer norm: the fastest that runs), `base` is wav2vec2-base's own seven-layer stack (320x, group norm)
+#: at width 32, so frame rates and the CTC output length are those of a real checkpoint.
+Wav2Vec2Frontend = Literal["small", "base"]
+_FRONTENDS: dict[str, dict[str, Any]] = {
+    "small": {
+        "conv_dim": (16, 16, 16),
+        "conv_stride": (5, 4, 4),
+        "conv_kernel": (10, 4, 4),
+        "feat_extract_norm": "layer",
+        "do_stable_layer_norm": True,
+    },
+    "base": {"conv_dim": (32,) * 7},  # the config's defaults: strides (5, 2, ...), kernels (10, 3, ..., 2, 2)
+}
+
+
+def _build_wav2vec2(
+    out: Path, seed: int, frontend: str = "small", attention_mask: bool = True, blank_bias: float | None = None
+) -> None:
     import torch
     from transformers import (
         Wav2Vec2Config,
@@ -163,7 +181,7 @@ def _build_wav2vec2(out: Path, seed: int) -> None:
     (out / "vocab.json").write_text(json.dumps(vocab))
     tok = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
     fe = Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=attention_mask
     )
     cfg = Wav2Vec2Config(
         vocab_size=len(vocab),
@@ -171,22 +189,31 @@ def _build_wav2vec2(out: Path, seed: int) -> None:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        conv_dim=(16, 16, 16),
-        conv_stride=(5, 4, 4),
-        conv_kernel=(10, 4, 4),
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
         pad_token_id=0,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
+        **_FRONTENDS[frontend],
     )
     torch.manual_seed(seed)
-    Wav2Vec2ForCTC(cfg).eval().save_pretrained(out, safe_serialization=True)
+    model = Wav2Vec2ForCTC(cfg).eval()
+    if blank_bias is not None:
+        with torch.no_grad():
+            model.lm_head.bias[0] = blank_bias  # the CTC blank (pad): very negative, it never wins a frame
+    model.save_pretrained(out, safe_serialization=True)
     Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
 
 
-def tiny_wav2vec2(seed: int = 0) -> Path:
-    return _cached("wav2vec2", _build_wav2vec2, seed=seed)
+def tiny_wav2vec2(
+    seed: int = 0, frontend: Wav2Vec2Frontend = "small", attention_mask: bool = True, blank_bias: float | None = None
+) -> Path:
+    """A wav2vec2 CTC model with its processor (character vocabulary, raw-waveform feature extractor).
+
+    `attention_mask`: whether the feature extractor returns one (wav2vec2-base checkpoints do not);
+    `blank_bias`: the CTC blank's output bias (e.g. -10: every frame votes for a character, so a random
+    model's transcript is never empty, as the Space and WER tests need)."""
+    return _cached(
+        "wav2vec2", _build_wav2vec2, seed=seed, frontend=frontend, attention_mask=attention_mask, blank_bias=blank_bias
+    )
 
 
 #: One builder per model-API task (the test fixture and the benchmark pick from here).
