@@ -622,9 +622,12 @@ def run_health(ctx: RunContext) -> list[Artifact]:
 
 def run_evaluate(ctx: RunContext) -> list[Artifact]:
     from tasks.evaluate.evaluation import data_digest, evaluate_task
+    from tasks.evaluate.speech import SPEECH_TASK
 
-    ggufs = _need(ctx, ArtifactKind.GGUF, "evaluate")
     s = ctx.config.evaluation
+    if _model_task(ctx) == SPEECH_TASK:  # no GGUF to compare: the merged model's word error rate
+        return _run_speech_evaluate(ctx)
+    ggufs = _need(ctx, ArtifactKind.GGUF, "evaluate")
     report = ctx.call(
         "evaluate", evaluate_task, ggufs, s, ctx.run.reports_dir / "eval", ctx.config.model.name, data_digest(s)
     )
@@ -634,6 +637,33 @@ def run_evaluate(ctx: RunContext) -> list[Artifact]:
         f"{q}: ppl {r['ppl']:.4g}" + (f", KL {r['kl_div']:.2g}" if r.get("kl_div") is not None and q != "F16" else "")
         for q, r in rows.items()
         if r.get("ppl") is not None
+    )
+    return [report]
+
+
+def _run_speech_evaluate(ctx: RunContext) -> list[Artifact]:
+    from tasks.evaluate.speech import data_digest, evaluate_speech_task
+
+    s = ctx.config.evaluation
+    if not s.samples:
+        raise StageSkipped(
+            "a speech model is scored on recordings with transcripts: set evaluation.samples to a JSONL file of "
+            '{"audio": "<wav path or base64>", "reference": "<transcript>"}'
+        )
+    merged = _need(ctx, ArtifactKind.MERGED, "evaluate")[0]
+    report = ctx.call(
+        "evaluate",
+        evaluate_speech_task,
+        merged,
+        s,
+        ctx.run.reports_dir / "eval",
+        ctx.config.model.name,
+        data_digest(s),
+    )
+    row = report.meta["quants"]["merged"]
+    ctx.notes.setdefault("links", {})["eval report"] = report.meta["markdown"]
+    ctx.notes.setdefault("messages", {})["evaluate"] = (
+        f"merged: WER {row['wer']:.4g}, CER {row['cer']:.4g} on {report.meta['samples']} recording(s)"
     )
     return [report]
 

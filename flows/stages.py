@@ -177,8 +177,9 @@ TABLE: tuple[StageSpec, ...] = (
         "evaluation",
         EvalSettings,
         runners.run_evaluate,
-        "each GGUF against the F16: perplexity, KL-divergence, top-1 agreement, accuracy, speed",
-        takes=(K.GGUF,),
+        "each GGUF against the F16: perplexity, KL-divergence, top-1 agreement, accuracy, speed; a speech "
+        "model's merged weights: word error rate on recordings",
+        takes=(K.GGUF, K.MERGED),
         makes=(K.REPORT,),
         needs=(Stage.QUANTIZE,),
     ),

@@ -52,7 +52,8 @@ class EvalSettings(StrictModel):
         None,
         description=(
             "eval_samples.jsonl (prompt, reference, optional metric exact|contains); default: a small bundled "
-            "set for the demo task"
+            "set for the demo task. For a speech model: audio (a WAV path relative to the file, or base64) and "
+            "reference (the transcript), scored by word error rate (tasks/evaluate/speech.py); no default"
         ),
     )
     heldout_text: Annotated[str | None, FILE_CONTENT] = Field(
