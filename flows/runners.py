@@ -584,25 +584,29 @@ def run_health(ctx: RunContext) -> list[Artifact]:
     from tasks.evaluate.health import health_task
 
     s = ctx.config.health_check
-    if s.base_url:
-        targets = [(s.base_url, s.model_id, None)]
+    if s.base_url:  # an OpenAI-compatible endpoint of the user's (LM Studio, Ollama)
+        targets = [(s.base_url, s.model_id, None, None)]
     else:
         servers = ctx.notes.get("servers") or ctx.of_kind(ArtifactKind.SERVICE)
-        # the health check speaks the OpenAI API; the transformers engine's model API has none
-        servers = [a for a in servers if a.meta.get("engine", "llama_cpp") != "transformers"]
         if not servers:
             raise StageSkipped(
                 "no server to check: enable the serve stage or set health_check.base_url (LM Studio: "
                 "http://127.0.0.1:1234/v1, Ollama: http://127.0.0.1:11434/v1)"
             )
+        # each server is checked the way its engine speaks (llama.cpp: OpenAI's API; transformers: the model API)
         targets = [
-            (a.meta["base_url"], s.model_id or a.meta["model_id"], ctx.artifacts.get(f"gguf:{a.meta['quant']}"))
+            (
+                a.meta["base_url"],
+                s.model_id or a.meta["model_id"],
+                ctx.artifacts.get(f"gguf:{a.meta['quant']}"),
+                a.meta.get("engine", "llama_cpp"),
+            )
             for a in servers
         ]
     made: list[Artifact] = []
-    for i, (url, model_id, gguf) in enumerate(targets):
+    for i, (url, model_id, gguf, engine) in enumerate(targets):
         out_dir = ctx.run.reports_dir / ("health" if i == 0 else f"health-{gguf.meta.get('quant') if gguf else i}")
-        report = ctx.call("health", health_task, s, out_dir, url, model_id, gguf)
+        report = ctx.call("health", health_task, s, out_dir, url, model_id, gguf, engine)
         if i:
             report = report.model_copy(update={"name": f"report:health:{gguf.meta.get('quant') if gguf else i}"})
         made.append(report)

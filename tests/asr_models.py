@@ -125,3 +125,16 @@ def _build_whisper(out: Path, version: int) -> None:
 def tiny_whisper() -> Path:
     """A random multilingual-style Whisper (languages en, fr) with its processor: the language menu's model."""
     return _cached("whisper-tiny-random", _build_whisper, version=1)
+
+
+def espeak_wav(text: str, path: Path, voice: str = "en") -> Path:
+    """`text` spoken by espeak-ng into the WAV `path` (22.05 kHz mono): real speech made here, for the
+    Space, health and WER tests. espeak-ng is a test requirement (./setup.sh --test installs it)."""
+    import shutil
+    import subprocess
+
+    espeak = shutil.which("espeak-ng")
+    assert espeak, "espeak-ng is needed (./setup.sh --test installs it)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([espeak, "-v", voice, "-w", str(path), text], check=True, capture_output=True)
+    return path

@@ -85,3 +85,33 @@ def test_killed_server_is_unhealthy(llama_ggufs, tmp_path):
     )
     assert art.meta["verdict"] == "unhealthy"
     assert any(r.startswith("api/reachable") for r in art.meta["reasons"])
+
+
+@pytest.mark.slow
+def test_transformers_engine_is_checked_through_its_model_api(tmp_path, monkeypatch):
+    """serving.engine transformers: the engine's health_checks speak the model API (/health, /info, a real
+    /predict with the test prompts for a text task); nothing listening there is unhealthy, not skipped."""
+    from tasks.core.vocab import ArtifactKind
+    from tasks.serve.engines import SERVE_ENGINES
+    from tasks.support.tiny_models import copy_tree
+    from tasks.support.tiny_task_models import tiny_causal_lm
+    from tests.ports import free_port
+
+    monkeypatch.setenv("LORASHIP_HOME", str(tmp_path / "home"))
+    merged_dir = copy_tree(tiny_causal_lm(), tmp_path / "runs" / "demo" / "v1" / "merged")
+    merged = Artifact.from_path(merged_dir, name="merged", kind=ArtifactKind.MERGED, stage="merge")
+    engine = SERVE_ENGINES["transformers"]
+    (rec,) = engine.start([merged], ServeSettings(engine="transformers", threads=1), tmp_path / "reports")
+    try:
+        settings = HealthSettings(test_prompts=["Hello!", "Once upon"], max_tokens=4)
+        report = check_health(rec.meta["base_url"], settings, model_id=rec.meta["model_id"], engine="transformers")
+    finally:
+        engine.stop([rec], 10)
+    assert report["verdict"] == "healthy", report["reasons"]
+    checks = {(c["group"], c["name"]): c for c in report["checks"]}
+    assert checks[("api", "info")]["task"] == "text-generation" and ("api", "models") not in checks
+    prompts = [checks[("model", "prompt: Hello!")], checks[("model", "prompt: Once upon")]]
+    assert all(c["status"] == "pass" and c["answer_chars"] > 0 and c["inference_ms"] > 0 for c in prompts)
+    assert report["model_id"] == "demo-v1" and report["summary"]["mean_answer_chars"] > 0
+    gone = check_health(f"http://127.0.0.1:{free_port()}", HealthSettings(timeout_s=5), engine="transformers")
+    assert gone["verdict"] == "unhealthy" and gone["reasons"][0].startswith("api/reachable: ")

@@ -1,8 +1,14 @@
 """The speech path through the pipeline: a tiny wav2vec2 CTC model fine-tuned with LoRA goes through
-download, merge (architecture-independent), the merged repo on the test Hub, its card and the asr Space;
-the GGUF stages skip with the reason (llama.cpp cannot convert the architecture)."""
+download, merge (architecture-independent), serve (transformers engine) and health (its model API, with a
+WAV), evaluate (word error rate on recordings made with espeak-ng), the merged repo on the test Hub with
+the WER in its card's model-index, and the asr Space; the GGUF stages skip with the reason (llama.cpp
+cannot convert the architecture)."""
 
 from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
 
 import pytest
 
@@ -10,27 +16,57 @@ pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 TOKEN_ENV = "LORASHIP_TEST_SPEECH_TOKEN"
 
 
+def speech_eval_samples(folder: Path) -> Path:
+    """Two recordings spoken by espeak-ng: one as a WAV beside the JSONL (a relative path), one inline as
+    base64, each with its reference transcript (capitals and punctuation as people write them)."""
+    from tests.asr_models import espeak_wav
+
+    espeak_wav("Hello world.", folder / "clips" / "hello.wav")
+    fox = espeak_wav("The quick brown fox.", folder / "fox.wav").read_bytes()
+    rows = [
+        {"id": "hello", "audio": "clips/hello.wav", "reference": "Hello, world!"},
+        {"id": "fox", "audio": base64.b64encode(fox).decode(), "reference": "The quick brown fox."},
+    ]
+    path = folder / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _card(repo_id: str, hub_server, tmp_path: Path):
+    """The repo's README read back from the test Hub with huggingface_hub and parsed as a model card."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    path = hf_hub_download(
+        repo_id, "README.md", endpoint=hub_server.url, token="hf_read_alice", cache_dir=str(tmp_path / "dl")
+    )
+    return ModelCard(Path(path).read_text())
+
+
 def test_speech_model_to_merged_repo_card_and_asr_space(tmp_path, hub_server, prefect_api, monkeypatch):
     from flows.full import full
+    from tasks.evaluate.speech import word_error_rate
     from tasks.publish.space_smoke import example_input, smoke_test
     from tasks.publish.space_templates import SPACE_TEMPLATES
     from tests.asr_models import tiny_wav2vec2, tiny_wav2vec2_lora
     from tests.space_apps import launched
 
     monkeypatch.setenv(TOKEN_ENV, "hf_write_alice")
+    monkeypatch.setenv("LORASHIP_HOME", str(tmp_path / "home"))  # the transformers engine's deployments registry
     base, adapter = tiny_wav2vec2(), tiny_wav2vec2_lora()
+    samples = speech_eval_samples(tmp_path / "eval")
     cfg = {
         "model": {"name": "tinyasr", "version": "v1", "base_model": str(base)},
         "source": {"kind": "local", "path": str(adapter)},
         "merge": {"base_model": str(base)},
         "hub": {"token": f"env:{TOKEN_ENV}", "endpoint": hub_server.url, "repos": ["merged"]},
         "space": {"poll_interval": 0.05, "smoke_test": False},
-        "serving": {"engine": "transformers"},
+        "serving": {"engine": "transformers", "threads": 1},
+        "evaluation": {"samples": str(samples)},
         "pipeline": {"runs_dir": str(tmp_path / "runs")},
     }
     state = full(
         config=cfg,
-        only=["download", "merge", "convert", "quantize", "serve", "health", "hub_push", "card", "space"],
+        only=["download", "merge", "convert", "quantize", "serve", "health", "evaluate", "hub_push", "card", "space"],
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -39,17 +75,39 @@ def test_speech_model_to_merged_repo_card_and_asr_space(tmp_path, hub_server, pr
     assert outcomes["convert"] == ("skipped", outcomes["convert"][1])
     assert "cannot convert the architecture Wav2Vec2ForCTC" in outcomes["convert"][1]
     assert outcomes["quantize"][0] == "skipped" and "no GGUF to quantize" in outcomes["quantize"][1]
-    # served by the transformers engine as a speech recognition model API; health speaks OpenAI's API: skipped
-    assert outcomes["serve"][0] == "done" and outcomes["health"][0] == "skipped"
-    assert {s: outcomes[s][0] for s in ("hub_push", "card", "space")} == dict.fromkeys(
-        ("hub_push", "card", "space"), "done"
-    )
+    assert {s: outcomes[s][0] for s in ("serve", "health", "evaluate", "hub_push", "card", "space")} == dict.fromkeys(
+        ("serve", "health", "evaluate", "hub_push", "card", "space"), "done"
+    ), outcomes
+    reports = tmp_path / "runs" / "tinyasr" / "v1" / "reports"
+    # served by the transformers engine as a speech recognition model API, health-checked through it: /health,
+    # /info's task, and a real /predict with the bundled espeak-ng WAV, its transcript length and latency kept
+    health = json.loads((reports / "health" / "health.json").read_text())
+    assert health["verdict"] == "healthy" and health["engine"] == "transformers", health["reasons"]
+    checks = {(c["group"], c["name"]): c for c in health["checks"]}
+    assert checks[("api", "health")]["status"] == "pass"
+    assert checks[("api", "info")]["task"] == "automatic-speech-recognition"
+    predict = checks[("model", "audio: en_hello.wav")]
+    assert predict["status"] == "pass" and predict["answer_chars"] > 0 and predict["latency_s"] > 0
+    assert health["summary"]["mean_answer_chars"] == predict["answer_chars"]
+    # evaluated by word error rate on the recordings, both sources of audio (a relative path, base64)
+    report = json.loads((reports / "eval" / "eval.json").read_text())
+    wer = report["quants"]["merged"]["wer"]
+    assert [s["id"] for s in report["samples"]] == ["hello", "fox"]
+    assert report["samples"][0]["audio"].endswith("clips/hello.wav") and report["samples"][1]["audio"] == "base64"
+    assert all(s["hypothesis"].strip() for s in report["samples"]), "the tiny model's transcripts are never empty"
+    hyps = [s["hypothesis"] for s in report["samples"]]
+    assert wer == pytest.approx(word_error_rate(["Hello, world!", "The quick brown fox."], hyps)["wer"], abs=1e-6)
+    assert wer > 0 and report["quants"]["merged"]["words"] == 6  # random weights do not transcribe English
+    assert "WER" in outcomes["evaluate"][1]
     # the merged repo as transformers expects it, no GGUF repo
     assert sorted(hub_server.state.repos) == [("model", "alice/tinyasr"), ("space", "alice/tinyasr-demo")]
     model = hub_server.state.repo("alice/tinyasr")
     assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json"} <= set(model.files())
-    card = hub_server.state.blob(model.files()["README.md"].sha256).decode()
-    assert "library_name: transformers" in card
+    card = _card("alice/tinyasr", hub_server, tmp_path)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "automatic-speech-recognition"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    assert results["wer"] == pytest.approx(wer, rel=1e-6), "the model-index carries the evaluated WER"
+    assert "| word error rate |" in card.text
     # the asr Space, chosen by auto from the architecture, configured for the merged repo
     space = hub_server.state.repo("alice/tinyasr-demo", "space")
     assert {"app.py", "examples/en_hello.wav", "packages.txt"} <= set(space.files())

@@ -1,11 +1,17 @@
-"""Stage 10, health: file, API, model and system checks against any OpenAI-compatible endpoint.
+"""Stage 10, health: file, API, model and system checks against a served model.
 
-Works against our own server (serve stage), LM Studio (http://127.0.0.1:1234/v1), Ollama
-(http://127.0.0.1:11434/v1) or any other OpenAI-compatible base URL. Checks:
+Works against our own servers (serve stage), LM Studio (http://127.0.0.1:1234/v1), Ollama
+(http://127.0.0.1:11434/v1) or any other OpenAI-compatible base URL. How a server is spoken to is its
+serve engine's business (tasks/serve/engines/: each engine's `health_checks`): llama.cpp's server and
+`health_check.base_url` speak OpenAI's API (`openai_checks`), the transformers engine's model API
+answers /health, /info and /predict (`model_api_checks`). Checks:
 - file: the GGUF opens (gguf.GGUFReader), its size and sha256 match the manifest record;
-- api: the port answers, /v1/models lists the model, response time, HTTP error codes;
-- model: each test prompt gives a non-empty answer of at least `min_response_length` characters;
-  latency and tokens/s from the answer's usage;
+- api: the port answers; OpenAI: /v1/models lists the model; model API: /health is 200 and ready,
+  /info names the task; response time, HTTP error codes;
+- model: each test input gives a non-empty answer of at least `min_response_length` characters:
+  OpenAI: each test prompt as a chat; model API: a request fitting the task (the test prompts for
+  text tasks, `test_audio` for speech recognition, the server's own example otherwise); latency,
+  tokens/s where the answer counts its tokens;
 - system: free disk where the run lives, free memory, GPUs through nvidia-ml-py when installed.
 Each check passes, warns or fails; the verdict is `unhealthy` if any check fails, `degraded` if any
 warns, else `healthy`, with the reasons. The report is written as JSON + Markdown into the run's
@@ -14,18 +20,21 @@ reports folder and published as a Prefect markdown artifact (best effort).
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import requests
 from pydantic import Field
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_dir
-from tasks.core.settings import SecretRef, StrictModel
+from tasks.core.constants import TEMPLATES_DIR
+from tasks.core.settings import FILE_CONTENT, SecretRef, StrictModel
 from tasks.core.stage import stage_task
 from tasks.core.ui import artifact_key, publish_markdown
 from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
@@ -33,6 +42,8 @@ from tasks.core.vocab import ArtifactKind, HealthVerdict, Stage
 STAGE = Stage.HEALTH
 log = logging.getLogger("loraship.health")
 Status = Literal["pass", "warn", "fail"]
+#: The speech test input: a short English sentence spoken by espeak-ng, shipped with the asr Space template.
+DEFAULT_TEST_AUDIO = TEMPLATES_DIR / "spaces" / "asr" / "examples" / "en_hello.wav"
 
 
 class HealthSettings(StrictModel):
@@ -53,6 +64,13 @@ class HealthSettings(StrictModel):
         default_factory=lambda: ["Hello!"],
         min_length=1,
         description="each must get an answer of at least min_response_length characters",
+    )
+    test_audio: Annotated[str | None, FILE_CONTENT] = Field(
+        None,
+        description=(
+            "the WAV sent to a speech recognition model API (serving.engine: transformers); default: the asr "
+            "Space template's examples/en_hello.wav"
+        ),
     )
     min_response_length: int = Field(
         1, ge=1, description="shorter (non-empty) answers make the verdict degraded; empty ones unhealthy"
@@ -212,6 +230,111 @@ def prompt_check(
     return _check("model", name, "pass", f"{len(answer.strip())} characters in {latency:.2f}s", **values)
 
 
+def openai_checks(
+    base_url: str, model_id: str | None, settings: HealthSettings, headers: dict[str, str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """An OpenAI-compatible .../v1 endpoint: /models, then each test prompt as a chat completion."""
+    checks, usable = api_checks(base_url, model_id, headers, settings.timeout_s)
+    if usable:
+        checks += [prompt_check(base_url, usable, p, settings, headers) for p in settings.test_prompts]
+    return checks, usable
+
+
+def _answer_text(result: Any) -> str:
+    """The text of a /predict result: a transcript, generated text, a label...; else its JSON."""
+    if isinstance(result, list):
+        return " ".join(_answer_text(r) for r in result)
+    if isinstance(result, dict):
+        for key in ("text", "generated_text", "summary_text", "translation_text", "answer", "label", "token_str"):
+            if isinstance(result.get(key), str):
+                return result[key]
+    return json.dumps(result) if result is not None else ""
+
+
+def model_api_inputs(example: dict[str, Any], settings: HealthSettings) -> list[tuple[str, dict[str, Any]]]:
+    """(label, request body) for each test input, shaped like the server's own /info example: a text task
+    gets the test prompts, speech recognition the test WAV, any other task (images, QA) the example."""
+    if "audio" in example:
+        path = Path(settings.test_audio).expanduser() if settings.test_audio else DEFAULT_TEST_AUDIO
+        return [(f"audio: {path.name}", {**example, "audio": base64.b64encode(path.read_bytes()).decode()})]
+    if isinstance(example.get("text"), str):
+        params = dict(example.get("parameters") or {})
+        if "max_new_tokens" in params:
+            params["max_new_tokens"] = settings.max_tokens
+        return [
+            (f"prompt: {p[:40]}", {**example, "text": p, **({"parameters": params} if params else {})})
+            for p in settings.test_prompts
+        ]
+    return [("example: " + ", ".join(sorted(example))[:40], example)]
+
+
+def predict_check(
+    base_url: str, label: str, body: dict[str, Any], settings: HealthSettings, headers: dict[str, str]
+) -> dict[str, Any]:
+    """One POST /predict: an answer of at least min_response_length characters, within max_latency_s."""
+    t0 = time.perf_counter()
+    try:
+        r = requests.post(f"{base_url}/predict", json=body, headers=headers, timeout=settings.timeout_s)
+    except requests.RequestException as exc:
+        return _check("model", label, "fail", f"no answer: {type(exc).__name__}")
+    latency = time.perf_counter() - t0
+    if r.status_code != 200:
+        return _check("model", label, "fail", f"HTTP {r.status_code}: {r.text[:200]}", http_status=r.status_code)
+    try:
+        data = r.json()
+        answer = _answer_text(data["result"])
+    except (ValueError, KeyError, TypeError):
+        return _check("model", label, "fail", "the answer is not a model API /predict response")
+    values = {
+        "latency_s": round(latency, 3),
+        "inference_ms": data.get("inference_time_ms"),
+        "answer_chars": len(answer),
+        "answer": answer[:200],
+    }
+    if not answer.strip():
+        return _check("model", label, "fail", "empty answer", **values)
+    n = len(answer.strip())
+    if n < settings.min_response_length:
+        short = f"answer of {n} characters, shorter than min_response_length {settings.min_response_length}"
+        return _check("model", label, "warn", short, **values)
+    if settings.max_latency_s and latency > settings.max_latency_s:
+        slow = f"took {latency:.2f}s, over max_latency_s {settings.max_latency_s}"
+        return _check("model", label, "warn", slow, **values)
+    return _check("model", label, "pass", f"{n} characters in {latency:.2f}s", **values)
+
+
+def model_api_checks(
+    base_url: str, model_id: str | None, settings: HealthSettings, headers: dict[str, str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A model API server (tasks/model_api/server.py): /health ready, /info's task, then /predict with test
+    inputs fitting that task. Returns the checks and the deployment's model id."""
+    t0 = time.perf_counter()
+    try:
+        r = requests.get(f"{base_url}/health", headers=headers, timeout=settings.timeout_s)
+    except requests.RequestException as exc:
+        return [_check("api", "reachable", "fail", f"{base_url} does not answer: {type(exc).__name__}")], None
+    ms = (time.perf_counter() - t0) * 1000
+    out = [_check("api", "reachable", "pass", f"answered in {ms:.0f} ms", response_ms=round(ms, 1))]
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code != 200 or body.get("status") != "ok":
+        why = body.get("error") or f"status {body.get('status', '?')}, {body.get('progress', '?')}%"
+        out.append(_check("api", "health", "fail", f"GET /health answered HTTP {r.status_code} ({why})"))
+        return out, None
+    out.append(_check("api", "health", "pass", f"ready, up {body.get('uptime_s')} s", http_status=200))
+    try:
+        info = requests.get(f"{base_url}/info", headers=headers, timeout=settings.timeout_s).json()
+        task, example, served = info["task"], info["example"], info.get("model_id")
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        out.append(_check("api", "info", "fail", f"GET /info did not answer the model's task ({type(exc).__name__})"))
+        return out, None
+    if not isinstance(example, dict):
+        out.append(_check("api", "info", "fail", f"GET /info has no example request for {task}"))
+        return out, None
+    out.append(_check("api", "info", "pass", f"{served} serves {task} on {info.get('device')}", task=task))
+    out += [predict_check(base_url, label, b, settings, headers) for label, b in model_api_inputs(example, settings)]
+    return out, model_id or served
+
+
 def system_checks(disk_path: Path, settings: HealthSettings) -> list[dict[str, Any]]:
     import psutil
 
@@ -271,8 +394,10 @@ def check_health(
     model_id: str | None = None,
     gguf: Artifact | None = None,
     disk_path: Path | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """Run every check against `base_url` (an OpenAI-compatible .../v1 URL) and return the report."""
+    """Run every check against `base_url` and return the report. `engine` (a serving.engine name) says how
+    to speak to it; None: an OpenAI-compatible .../v1 URL (health_check.base_url, LM Studio, Ollama)."""
     base_url = base_url.rstrip("/")
     headers = {}
     if settings.api_key is not None:
@@ -282,17 +407,22 @@ def check_health(
         checks += file_checks(gguf)
         if settings.verify_sha256 and gguf.local_path.is_file():
             checks.append(sha_check(gguf))
-    api, usable = api_checks(base_url, model_id, headers, settings.timeout_s)
+    if engine is None:
+        api, usable = openai_checks(base_url, model_id, settings, headers)
+    else:
+        from tasks.serve.engines import SERVE_ENGINES
+
+        api, usable = SERVE_ENGINES.lookup(engine).health_checks(base_url, model_id, settings, headers)
     checks += api
-    if usable:
-        checks += [prompt_check(base_url, usable, p, settings, headers) for p in settings.test_prompts]
     checks += system_checks(disk_path or Path.cwd(), settings)
     verdict, reasons = verdict_of(checks)
     prompts = [c for c in checks if c["group"] == "model" and "latency_s" in c]
     tps = [c["tokens_per_s"] for c in prompts if c.get("tokens_per_s")]
+    chars = [c["answer_chars"] for c in prompts if "answer_chars" in c]
     return {
         "verdict": verdict,
         "reasons": reasons,
+        "engine": engine,
         "base_url": base_url,
         "model_id": usable or model_id,
         "gguf": gguf.path if gguf else None,
@@ -300,6 +430,7 @@ def check_health(
         "summary": {
             "mean_latency_s": round(sum(c["latency_s"] for c in prompts) / len(prompts), 3) if prompts else None,
             "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
+            "mean_answer_chars": round(sum(chars) / len(chars), 1) if chars else None,
         },
         "checks": checks,
     }
@@ -331,10 +462,10 @@ def health(
     model_id: str | None = None,
     gguf: Artifact | None = None,
     name: str = "report:health",
+    engine: str | None = None,
 ) -> Artifact:
     """Check the endpoint, write out_dir/{health.json,health.md}, return the `report:health` record."""
-    report = check_health(base_url, settings, model_id=model_id, gguf=gguf, disk_path=out_dir.parent)
-    import json
+    report = check_health(base_url, settings, model_id=model_id, gguf=gguf, disk_path=out_dir.parent, engine=engine)
 
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
@@ -362,6 +493,7 @@ def health(
             "reasons": report["reasons"],
             "base_url": report["base_url"],
             "model_id": report["model_id"],
+            "engine": report["engine"],
             "measured_at": report["checked_at"],
             **report["summary"],
         },
@@ -370,6 +502,11 @@ def health(
 
 @stage_task(STAGE, cache=False, retries=0)
 def health_task(
-    settings: HealthSettings, out_dir: Path, base_url: str, model_id: str | None = None, gguf: Artifact | None = None
+    settings: HealthSettings,
+    out_dir: Path,
+    base_url: str,
+    model_id: str | None = None,
+    gguf: Artifact | None = None,
+    engine: str | None = None,
 ) -> Artifact:
-    return health(settings, out_dir, base_url, model_id, gguf)
+    return health(settings, out_dir, base_url, model_id, gguf, engine=engine)

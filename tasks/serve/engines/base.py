@@ -2,20 +2,22 @@
 
 An engine names the artifact kind it serves (`takes`: GGUF files for llama.cpp, the merged folder for
 transformers), starts one server per artifact it picks and returns their `serve:*` service records
-(`start`), and stops them (`stop`). `openai_compatible` tells the stages that talk to a server (health,
-template contract) whether `/v1` routes are there. Adding an engine is one module with one object
-registered in tasks/serve/engines/__init__.py.
+(`start`), and stops them (`stop`). It also says how its servers are health-checked (`health_checks`:
+the health stage asks the engine that started a server, so a new engine brings its own protocol).
+`openai_compatible` tells the stages that talk to a server (template contract) whether `/v1` routes are
+there. Adding an engine is one module with one object registered in tasks/serve/engines/__init__.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tasks.core.artifacts import Artifact
 from tasks.core.vocab import ArtifactKind
 
 if TYPE_CHECKING:
+    from tasks.evaluate.health import HealthSettings
     from tasks.serve.stage import ServeSettings
 
 
@@ -34,4 +36,11 @@ class ServeEngine(Protocol):
 
     def keep(self, records: list[Artifact]) -> None:
         """Leave these running when this process exits (serving.keep_running)."""
+        ...
+
+    def health_checks(
+        self, base_url: str, model_id: str | None, settings: HealthSettings, headers: dict[str, str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The api and model checks of one of its servers (tasks/evaluate/health.py check records), and the
+        model id they found (None: the server cannot be used)."""
         ...

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.artifacts import Artifact
 from tasks.core.vocab import ArtifactKind
 
 if TYPE_CHECKING:
+    from tasks.evaluate.health import HealthSettings
     from tasks.serve.stage import ServeSettings
 
 
@@ -34,3 +35,11 @@ class LlamaCppEngine:
         from tasks.serve.stage import keep
 
         keep([a.meta["pid"] for a in records])
+
+    def health_checks(
+        self, base_url: str, model_id: str | None, settings: HealthSettings, headers: dict[str, str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """OpenAI's API: /v1/models lists the model, each test prompt gets a chat completion."""
+        from tasks.evaluate.health import openai_checks
+
+        return openai_checks(base_url, model_id, settings, headers)

@@ -2,16 +2,16 @@
 
 It serves the merged HF model itself (no GGUF), as `python -m flows.model_api deploy merged/` would:
 text-generation on /predict with dynamic batching, /health, /info, /docs, recorded in the deployments
-registry (so `python -m flows.model_api list/stop` see it too). It has no OpenAI-compatible routes, so
-the health stage skips it. The deployment is named `serving.transformers_name`, else
-`<model>-<version>` of the run.
+registry (so `python -m flows.model_api list/stop` see it too). It has no OpenAI-compatible routes: the
+health stage checks it through the model API's own /health, /info and /predict (`health_checks`). The
+deployment is named `serving.transformers_name`, else `<model>-<version>` of the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_write_json
@@ -19,6 +19,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.vocab import ArtifactKind, Stage
 
 if TYPE_CHECKING:
+    from tasks.evaluate.health import HealthSettings
     from tasks.serve.stage import ServeSettings
 
 
@@ -92,3 +93,11 @@ class TransformersEngine:
 
     def keep(self, records: list[Artifact]) -> None:
         """Nothing to do: a deployment's server runs in its own session and outlives the flow anyway."""
+
+    def health_checks(
+        self, base_url: str, model_id: str | None, settings: HealthSettings, headers: dict[str, str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The model API: /health ready, /info's task, /predict with an input fitting the task (a WAV for speech)."""
+        from tasks.evaluate.health import model_api_checks
+
+        return model_api_checks(base_url, model_id, settings, headers)
