@@ -422,7 +422,8 @@ def test_the_spaces_embed_snippet_is_in_the_one_commit_and_kept_in_sync(tmp_path
     pushed = _push(tmp_path, hub_server, run, space_id="")  # the space stage runs after, with its default id
     for rid in ids:
         text = _card(rid, hub_server).text
-        assert '<iframe src="https://alice-tiny-demo.hf.space"' in text, rid
+        # a local Hub serves no <owner>-<name>.hf.space: the card embeds the Space page (the artifact's embed_url)
+        assert f'<iframe src="{hub_server.url}/spaces/alice/tiny-demo"' in text, rid
         assert f"[alice/tiny-demo]({hub_server.url}/spaces/alice/tiny-demo)" in text
     made = _card_stage(tmp_path, hub_server, run, pushed, _space_record(run, hub_server))
     assert set(made.meta["cards"]) == set(ALL) and (tmp_path / "reports" / "README-merged.md").is_file()
@@ -432,7 +433,7 @@ def test_the_spaces_embed_snippet_is_in_the_one_commit_and_kept_in_sync(tmp_path
         assert len(hub_server.state.repo(rid).commits) == 3, f"{rid}: the Space did not deploy; one card commit"
         assert "iframe" not in _card(rid, hub_server).text
     _card_stage(tmp_path, hub_server, run, pushed, _space_record(run, hub_server, "alice/Tiny_Chat.v2"))
-    assert '<iframe src="https://alice-tiny-chat-v2.hf.space"' in _card("alice/tiny-LoRA", hub_server).text
+    assert f'<iframe src="{hub_server.url}/spaces/alice/Tiny_Chat.v2"' in _card("alice/tiny-LoRA", hub_server).text
 
 
 def test_local_paths_are_scrubbed_from_published_json():

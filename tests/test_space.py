@@ -53,7 +53,7 @@ def test_deploy_sets_variables_and_the_read_token_as_secret_only(tmp_path, hub_s
     made = _deploy(tmp_path, pushed, hardware="cpu-upgrade", sleep_time=3600)
     repo = hub_server.state.repo("alice/tiny-demo", "space")
     assert repo.sdk == "gradio" and made.meta["stage"] == "RUNNING"
-    assert {"app.py", "requirements.txt", "README.md"} <= set(repo.files())
+    assert {"app.py", "loraship_space.py", "requirements.txt", "README.md"} <= set(repo.files())
     header = yaml.safe_load(hub_server.state.blob(repo.files()["README.md"].sha256).decode().split("---")[1])
     assert (
         header["sdk"] == "gradio"
@@ -119,7 +119,7 @@ def test_dry_run_renders_the_space_folder(tmp_path, hub_server, pushed):
     made = _deploy(tmp_path, pushed, token=None)
     assert made.meta["dry_run"] and "no hub.token" in made.meta["reason"]
     folder = Path(made.path)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "app.py", "loraship_space.py", "requirements.txt"]
     assert "llama-cpp-python==0.3.36" in (folder / "requirements.txt").read_text()
     plan = json.loads((tmp_path / "publish" / "space.json").read_text())
     assert plan["variables"]["MODEL_FILE"] == "tiny-Q4_K_M.gguf" and plan["secrets"] == ["HF_TOKEN"]

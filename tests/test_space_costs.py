@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from tasks.core.errors import PermanentError
+from tasks.publish.hub_io import space_embed_url as embed_url
 from tasks.publish.space import SpaceSettings, space
-from tasks.publish.space_costs import check_idle, embed_url, idle_decision, last_activity
+from tasks.publish.space_costs import check_idle, idle_decision, last_activity
 from tests import test_space
 from tests.test_space import FAST, READ, WRITE
 

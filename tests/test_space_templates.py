@@ -50,21 +50,26 @@ def test_template_conformance(name, tmp_path):
     t = SPACE_TEMPLATES[name]
     m = t.manifest
     out = t.render_to(tmp_path / name, SAMPLE, "apache-2.0")
-    for rel in [*m.copy_files, *(r.removesuffix(".j2") for r in m.render)]:
+    for rel in [*m.copy_files, *m.shared, *(r.removesuffix(".j2") for r in m.render)]:
         assert (out / rel).exists(), f"{name}: {rel} missing from the rendered Space"
     header = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert header["sdk"] == m.sdk and header["sdk_version"] == m.sdk_version and header["app_file"] == m.app_file
     assert header["models"] == [SAMPLE.model_repo] and header["title"] == SAMPLE.title
     assert m.sdk_version == version("gradio"), f"{name}: the browser tests run gradio {version('gradio')}"
     app = (out / m.app_file).read_text()
-    py_compile.compile(str(out / m.app_file), doraise=True)
-    read = set(re.findall(r"""environ(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]+)["']""", app))
+    for py in out.glob("*.py"):
+        py_compile.compile(str(py), doraise=True)
+    # the app reads a variable directly, or through the shared module's env_int / env_examples (EXAMPLES)
+    read = set(re.findall(r"""(?:environ(?:\.get\(|\[)|env_int\()\s*["']([A-Z][A-Z0-9_]+)["']""", app))
+    read |= {"EXAMPLES"} if re.search(r"\benv_examples\(", app) else set()
     declared = set(m.variables) | set(m.optional_variables)
     assert declared - PLATFORM <= read, f"{name}: the manifest names variables the app never reads: {declared - read}"
     assert read - declared <= PLATFORM, f"{name}: the app reads settings the manifest does not name"
     api = m.smoke.api_name.lstrip("/")
     assert re.search(rf"""api_name=["']{api}["']""", app), f"{name}: the app declares no {m.smoke.api_name} endpoint"
-    assert "loraship: activity" in app, f"{name}: the idle schedule needs an activity line per request"
+    assert re.search(r"^\s+activity\(\)$", app, re.M), f"{name}: the idle schedule needs an activity line per request"
+    shared = "\n".join((out / rel).read_text() for rel in m.shared)
+    assert "loraship: activity" in (app + shared), f"{name}: no app or shared file prints the activity line"
     reqs = [ln.strip() for ln in (out / "requirements.txt").read_text().splitlines()]
     reqs = [ln for ln in reqs if ln and not ln.startswith(("#", "--"))]
     assert reqs and all("==" in ln for ln in reqs), f"{name}: requirements must be pinned: {reqs}"

@@ -40,7 +40,7 @@ from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 from tasks.publish.allowlist import is_hub_id
-from tasks.publish.hub_io import update_readme
+from tasks.publish.hub_io import HUB_ENDPOINT, repo_url, space_embed_url, update_readme
 
 STAGE = Stage.CARD
 log = logging.getLogger("loraship.card")
@@ -229,7 +229,7 @@ def build_card(
     adapter: Artifact | None = None,
     eval_report: Artifact | None = None,
     extra_files: list[dict[str, str]] | None = None,
-    endpoint: str = "https://huggingface.co",
+    endpoint: str = HUB_ENDPOINT,
     splits: list[Artifact] | None = None,
     template_contract: Artifact | None = None,
     kind: str = "gguf",
@@ -255,7 +255,7 @@ def build_card(
 
     metrics = eval_by_quant(eval_report)
     split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
-    base_url = f"{endpoint.rstrip('/')}/{repo_id}"
+    base_url = repo_url(endpoint, repo_id)
     quants = []
     for a in sorted(ggufs, key=lambda a: quant_types.display_key(str(a.meta.get("quant", "")))):
         path = Path(a.path)
@@ -377,7 +377,7 @@ def build_card(
         "related": related_repos(kind, repos, endpoint),
         "space": space,
         "evaluation": [{"label": _METRIC_LABELS.get(k, k), "value": f"{v:.4g}"} for k, v in reference.items()],
-        "merged_link": f"[{repos['merged']}]({endpoint.rstrip('/')}/{repos['merged']})" if "merged" in repos else "",
+        "merged_link": f"[{repos['merged']}]({repo_url(endpoint, repos['merged'])})" if "merged" in repos else "",
         "base_hub_id": hub_base,
     }
     template_path = Path(settings.template).expanduser() if settings.template else DEFAULT_TEMPLATE
@@ -433,7 +433,7 @@ def related_repos(kind: str, repos: dict[str, str], endpoint: str) -> list[dict[
         {
             "title": REPO_TITLES.get(k, k),
             "repo_id": repos[k],
-            "url": f"{endpoint.rstrip('/')}/{repos[k]}",
+            "url": repo_url(endpoint, repos[k]),
             "this": k == kind,
         }
         for k in order
@@ -445,21 +445,19 @@ def space_view(space: Artifact | None) -> dict[str, str] | None:
     if space is None or space.meta.get("dry_run") or not space.meta.get("space_id"):
         return None
     url = str(space.meta.get("url") or "")
-    endpoint = url.split("/spaces/")[0] if "/spaces/" in url else "https://huggingface.co"
+    endpoint = url.split("/spaces/")[0] if "/spaces/" in url else HUB_ENDPOINT
     return planned_space(str(space.meta["space_id"]), endpoint)
 
 
 def planned_space(space_id: str, endpoint: str) -> dict[str, str]:
-    """The card's view of a Space: its page and the address to embed (the Hub serves a Space's app at
-    `https://<owner>-<name>.hf.space`, lower case, other characters as '-'). hub_push puts the Space the run
-    is about to deploy in the cards of its one commit; the card stage, after the space stage, renders the
-    same view from the deployed Space, so a normal run commits nothing more (and a failed deploy takes it
-    out again)."""
-    sub = re.sub(r"[^a-z0-9-]", "-", space_id.replace("/", "-").lower())
+    """The card's view of a Space: its page and the address to embed (hub_io.space_embed_url). hub_push puts
+    the Space the run is about to deploy in the cards of its one commit; the card stage, after the space stage,
+    renders the same view from the deployed Space, so a normal run commits nothing more (and a failed deploy
+    takes it out again)."""
     return {
         "space_id": space_id,
-        "url": f"{endpoint.rstrip('/')}/spaces/{space_id}",
-        "embed_url": f"https://{sub}.hf.space",
+        "url": repo_url(endpoint, space_id, "space"),
+        "embed_url": space_embed_url(space_id, endpoint),
     }
 
 
@@ -591,7 +589,7 @@ def card(
             adapter=adapter,
             eval_report=eval_report,
             extra_files=(pushed_repos.get(kind) or {}).get("extra_files"),
-            endpoint=(endpoint or "https://huggingface.co"),
+            endpoint=(endpoint or HUB_ENDPOINT),
             splits=splits if kind == "gguf" else None,
             template_contract=template_contract if kind == "gguf" else None,
             kind=kind,

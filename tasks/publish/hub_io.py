@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,29 @@ from tasks.core.hashing import iter_files, sha256_file
 from tasks.core.progress import Progress
 
 log = logging.getLogger("loraship.hub")
+
+#: The public Hub; a setting or HF_ENDPOINT names another (a local Hub-compatible server in tests).
+HUB_ENDPOINT = "https://huggingface.co"
+_PUBLIC_HUB = (HUB_ENDPOINT, "https://hf.co")
+
+
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """The endpoint the links name: the setting, else HF_ENDPOINT, else the public Hub; no trailing '/'."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
+
+
+def repo_url(endpoint: str | None, repo_id: str, repo_type: str = "model") -> str:
+    """A repo's page: `<endpoint>/<id>` for a model, `<endpoint>/spaces/<id>` for a Space."""
+    prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]
+    return f"{hub_endpoint(endpoint)}/{prefix}{repo_id}"
+
+
+def space_embed_url(space_id: str, endpoint: str | None) -> str:
+    """Where a Space's app itself is served, for an embed snippet: https://<owner>-<name>.hf.space on the
+    public Hub (lower case, '_' and '.' as '-'); on another endpoint (a local Hub) its Space page."""
+    if hub_endpoint(endpoint) in _PUBLIC_HUB:
+        return "https://" + re.sub(r"[._]", "-", space_id.replace("/", "-").lower()) + ".hf.space"
+    return repo_url(endpoint, space_id, "space")
 
 
 def hub_api(endpoint: str | None, token: str | None) -> Any:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from tasks.publish.allowlist import (
     repo_file_allowed,
 )
 from tasks.publish.card import DEFAULT_TEMPLATE, base_model_names, build_card, planned_space
-from tasks.publish.hub_io import hub_api, push_folder, whoami
+from tasks.publish.hub_io import hub_api, hub_endpoint, push_folder, repo_url, whoami
 from tasks.publish.repos import HUB_REPOS, RepoJob
 from tasks.publish.secret_scan import refuse_secrets
 
@@ -237,7 +236,7 @@ def hub_push_repos(
     will_push = bool(secret) and not dry_run
     user = whoami(hub_api(settings.endpoint, secret), secret).get("name") if will_push else None
     repo_ids = run_repo_ids(settings, model_name, user)
-    endpoint = (settings.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint(settings.endpoint)
     space = None
     if will_push and space_id is not None:  # the space stage's default id: <model repo owner>/<model>-demo
         owner = repo_ids[primary_kind(settings.repos)].split("/")[0]
@@ -273,7 +272,7 @@ def hub_push_repos(
         staged[kind] = {
             "repo_kind": kind,
             "repo_id": repo_id,
-            "url": f"{endpoint}/{repo_id}",
+            "url": repo_url(endpoint, repo_id),
             "staged": str(folder),
             "dry_run": not will_push,
             "card_sha256": hashlib.sha256(card_text.encode()).hexdigest(),

@@ -15,7 +15,8 @@ it against the allow-list of its kind (tasks/publish/allowlist.py) and the secre
 one commit.
 
 Adding a repo kind is a `HubRepo` subclass here (`name`, `suffix`, `title`, `description`,
-`unavailable(job)`, `publishable(job)`, `stage(job, folder)`, `notes(job)`), its entry in `HUB_REPOS`,
+`unavailable(job)`, `publishable(job)`, `stage(job, folder)`, `notes(job)`; or an `ArtifactRepo` for one
+artifact at the repo root: `artifact`, `allowed`, `absent`, `missing(art)`), its entry in `HUB_REPOS`,
 its layout in allowlist.repo_file_allowed and its card branch in card.py (+ templates/model_card.md.j2).
 """
 
@@ -189,61 +190,71 @@ class GgufRepo(HubRepo):
         return [*notes, LORASHIP_NOTE]
 
 
-class MergedRepo(HubRepo):
+class ArtifactRepo(HubRepo):
+    """A repo that holds one artifact of the run at its root (the merged model, the adapter), plus training/:
+    the kinds differ only in which artifact, its allow-list, and what makes it publishable."""
+
+    artifact: str  # the RepoJob field
+    allowed: Callable[[str], bool]  # the allow-list of the artifact's files (a staticmethod)
+    absent: str  # the reason when the run did not make the artifact
+    at_root: tuple[str, ...] = ()  # training files the artifact already holds at the root
+
+    def missing(self, art: Artifact) -> str | None:
+        """Why this artifact cannot make the repo (checked after it exists), or None."""
+        return None
+
+    def unavailable(self, job: RepoJob) -> str | None:
+        art = getattr(job, self.artifact)
+        return self.absent if art is None else self.missing(art)
+
+    def publishable(self, job: RepoJob) -> list[Artifact]:
+        art = getattr(job, self.artifact)
+        return [art] if art is not None else []
+
+    def stage(self, job: RepoJob, folder: Path) -> Staged:
+        staged = Staged()
+        art = getattr(job, self.artifact)
+        assert art is not None  # unavailable() said so
+        stage_artifact(staged, art, folder, "", self.allowed, job)
+        stage_training(staged, job, folder, skip=self.at_root)
+        return staged
+
+    def notes(self, job: RepoJob) -> list[dict[str, str]]:
+        return [*training_note(job, skip=self.at_root), LORASHIP_NOTE]
+
+
+class MergedRepo(ArtifactRepo):
     name = "merged"
     suffix = ""
     title = "transformers"
     description = "the merged model (safetensors, config, tokenizer/processor, generation config, chat template)"
+    artifact = "merged"
+    allowed = staticmethod(merged_file_allowed)
+    absent = "no merged model in this run (the merge stage did not run)"
 
-    def unavailable(self, job: RepoJob) -> str | None:
-        if job.merged is None:
-            return "no merged model in this run (the merge stage did not run)"
-        if not any(f.path.endswith(".safetensors") for f in job.merged.files):
+    def missing(self, art: Artifact) -> str | None:
+        if not any(f.path.endswith(".safetensors") for f in art.files):
             return "the merged model has no safetensors weights"
         return None
 
-    def publishable(self, job: RepoJob) -> list[Artifact]:
-        return [job.merged] if job.merged is not None else []
 
-    def stage(self, job: RepoJob, folder: Path) -> Staged:
-        staged = Staged()
-        assert job.merged is not None  # unavailable() said so
-        stage_artifact(staged, job.merged, folder, "", merged_file_allowed, job)
-        stage_training(staged, job, folder)
-        return staged
-
-    def notes(self, job: RepoJob) -> list[dict[str, str]]:
-        return [*training_note(job), LORASHIP_NOTE]
-
-
-class AdapterRepo(HubRepo):
+class AdapterRepo(ArtifactRepo):
     name = "adapter"
     suffix = "-LoRA"
     title = "LoRA adapter"
     description = "the LoRA adapter (adapter_config.json, safetensors weights, tokenizer) for peft"
+    artifact = "adapter"
+    allowed = staticmethod(adapter_file_allowed)
+    absent = "no adapter in this run (the download stage did not run)"
+    at_root = ("adapter_config.json",)
 
-    def unavailable(self, job: RepoJob) -> str | None:
-        if job.adapter is None:
-            return "no adapter in this run (the download stage did not run)"
-        names = {f.path for f in job.adapter.files}
+    def missing(self, art: Artifact) -> str | None:
+        names = {f.path for f in art.files}
         if "adapter_config.json" not in names:
             return "the adapter folder has no adapter_config.json"
         if not any(n.endswith(".safetensors") for n in names):
             return "the adapter has no safetensors weights (only a pickle, which is never published)"
         return None
-
-    def publishable(self, job: RepoJob) -> list[Artifact]:
-        return [job.adapter] if job.adapter is not None else []
-
-    def stage(self, job: RepoJob, folder: Path) -> Staged:
-        staged = Staged()
-        assert job.adapter is not None
-        stage_artifact(staged, job.adapter, folder, "", adapter_file_allowed, job)
-        stage_training(staged, job, folder, skip=("adapter_config.json",))  # it is at the root already
-        return staged
-
-    def notes(self, job: RepoJob) -> list[dict[str, str]]:
-        return [*training_note(job, skip=("adapter_config.json",)), LORASHIP_NOTE]
 
 
 HUB_REPOS: Registry[HubRepo] = Registry(

@@ -34,9 +34,18 @@ from tasks.core.settings import SecretRef, StrictModel, check_hub_id
 from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
-from tasks.publish.hub_io import hub_api, hub_caller, push_folder, whoami
+from tasks.publish.hub_io import (
+    HUB_ENDPOINT,
+    hub_api,
+    hub_caller,
+    hub_endpoint,
+    push_folder,
+    repo_url,
+    space_embed_url,
+    whoami,
+)
 from tasks.publish.secret_scan import refuse_secrets
-from tasks.publish.space_costs import duplicate_if_new, embed_url, ensure_storage, hf_home
+from tasks.publish.space_costs import duplicate_if_new, ensure_storage, hf_home
 from tasks.publish.space_smoke import SmokeFailed, example_input, smoke_line, smoke_test
 from tasks.publish.space_templates import (
     AUTO,
@@ -302,12 +311,12 @@ def space(
     (not `task`: RunContext.call takes the Prefect task under that name)."""
     template, source = _source(pushed, merged_repo, settings, model_task)
     model_repo = str(source.meta["repo_id"])
-    endpoint = str(source.meta.get("endpoint") or "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint(str(source.meta.get("endpoint") or HUB_ENDPOINT))
     model_file = _pick_file(source, ggufs, settings.quant) if template.manifest.runs_from == "gguf" else ""
     space_id = settings.space_id or f"{model_repo.split('/')[0]}/{model_name}-demo"
     title = settings.title or model_name
     folder = publish_dir / "space" / space_id.replace("/", "__")
-    inputs = space_inputs(settings, model_repo, model_file, title, f"{endpoint}/{model_repo}")
+    inputs = space_inputs(settings, model_repo, model_file, title, repo_url(endpoint, model_repo))
     template.render_to(folder, inputs, license)
     refuse_secrets(folder, f"to the Space {space_id}")  # before any upload, like the model repo
     variables = template.variables(inputs)
@@ -337,8 +346,8 @@ def space(
         "secrets": ["HF_TOKEN"] if read else [],
         "hardware": settings.hardware,
         "sleep_time": settings.sleep_time,
-        "url": f"{endpoint}/spaces/{space_id}",
-        "embed_url": embed_url(space_id, endpoint),
+        "url": repo_url(endpoint, space_id, "space"),
+        "embed_url": space_embed_url(space_id, endpoint),
         "duplicate_from": settings.duplicate_from or None,
         "storage": settings.storage,
         "staged": str(folder),

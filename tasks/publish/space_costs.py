@@ -106,14 +106,6 @@ def duplicate_if_new(
     return True
 
 
-def embed_url(space_id: str, endpoint: str) -> str:
-    """Where the app itself is served, for the card's embed snippet: https://<owner>-<name>.hf.space on the
-    Hub (lower case, '_' and '.' as '-'); on another endpoint (a local Hub) its Space page."""
-    if endpoint.rstrip("/") in ("https://huggingface.co", "https://hf.co"):
-        return "https://" + re.sub(r"[._]", "-", space_id.replace("/", "-").lower()) + ".hf.space"
-    return f"{endpoint.rstrip('/')}/spaces/{space_id}"
-
-
 # --- idle ---------------------------------------------------------------------------------------------
 
 

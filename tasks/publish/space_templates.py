@@ -26,6 +26,8 @@ from tasks.core.errors import PermanentError
 from tasks.core.registry import Contract, Registry
 
 SPACES_DIR = TEMPLATES_DIR / "spaces"
+# files every app shares (rate limit, activity line, error display), named by a manifest's `shared:` list
+SHARED_DIR = SPACES_DIR / "_shared"
 AUTO = "auto"
 RepoKind = Literal["gguf", "merged", "adapter"]
 
@@ -78,6 +80,9 @@ class Manifest(BaseModel):
     short_description: str = Field("Demo of {model_repo}", description="formatted with the SpaceInputs")
     copy_files: list[str] = Field(alias="copy", description="files or folders copied as they are")
     render: list[str] = Field(default_factory=list, description="jinja2 files, written without their .j2")
+    shared: list[str] = Field(
+        default_factory=list, description="files from templates/spaces/_shared/ copied beside the app as they are"
+    )
     variables: dict[str, str] = Field(description="Space variable -> the SpaceInputs field it is set from")
     optional_variables: list[str] = Field(
         default_factory=list, description="variables the app also reads when a user sets them on the Space by hand"
@@ -114,7 +119,7 @@ class SpaceTemplate:
         for rel in [*self.manifest.copy_files, *self.manifest.render]:
             p = self.folder / rel
             out += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        return out
+        return out + [SHARED_DIR / rel for rel in self.manifest.shared]
 
     def variables(self, inputs: SpaceInputs) -> dict[str, str]:
         """The Space variables the app reads, from the inputs; empty inputs are left out."""
@@ -151,6 +156,8 @@ class SpaceTemplate:
                     shutil.copytree(src, tmp / rel)
                 else:
                     shutil.copyfile(src, tmp / rel)
+            for rel in m.shared:
+                shutil.copyfile(SHARED_DIR / rel, tmp / rel)
             for rel in m.render:
                 text = env.from_string((self.folder / rel).read_text(encoding="utf-8")).render(**context)
                 (tmp / rel.removesuffix(".j2")).write_text(text, encoding="utf-8")
@@ -172,6 +179,7 @@ def load_template(folder: Path) -> SpaceTemplate:
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ValueError(f"Space template {folder.name}: {path}: {exc}") from exc
     missing = [rel for rel in [*manifest.copy_files, *manifest.render] if not (folder / rel).exists()]
+    missing += [f"_shared/{rel}" for rel in manifest.shared if not (SHARED_DIR / rel).is_file()]
     if missing:
         raise ValueError(f"Space template {folder.name}: {path}: files named in the manifest are missing: {missing}")
     return SpaceTemplate(name=folder.name, folder=folder, manifest=manifest)

@@ -20,26 +20,26 @@ import json
 import os
 import threading
 import time
-from collections import defaultdict, deque
 
 import gradio as gr
 import numpy as np
+from loraship_space import RateLimiter, activity, env_int, error_text
 
 MODEL_REPO = os.environ.get("MODEL_REPO", "")
 TITLE = os.environ.get("TITLE") or (MODEL_REPO.split("/")[-1] if MODEL_REPO else "Speech recognition")
 DESCRIPTION = os.environ.get("DESCRIPTION", "")
 LANGUAGE = os.environ.get("LANGUAGE") or "auto"
-MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "256"))
-RATE_LIMIT = int(os.environ.get("RATE_LIMIT_PER_MINUTE", "10"))
+MAX_TOKENS = env_int("MAX_TOKENS", 256)
+RATE_LIMIT = env_int("RATE_LIMIT_PER_MINUTE", 10)
 ZERO_GPU = os.environ.get("ZERO_GPU", "") == "1"
-GPU_DURATION = int(os.environ.get("GPU_DURATION", "60"))
+GPU_DURATION = env_int("GPU_DURATION", 60)
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
 # Voxtral's transcription languages (its model card); the processor does not list them
 VOXTRAL_LANGUAGES = ["en", "es", "fr", "pt", "hi", "de", "nl", "it"]
 
 _model = None
 _load_lock = threading.Lock()
-_sessions: dict[str, deque] = defaultdict(deque)
+_limiter = RateLimiter(RATE_LIMIT)
 
 
 def _token():
@@ -126,31 +126,14 @@ if ZERO_GPU:
     transcribe_samples = spaces.GPU(duration=GPU_DURATION)(transcribe_samples)
 
 
-def activity() -> None:
-    """One run-log line per request: loraship's idle schedule reads the last one (the Space is not woken)."""
-    print(f"loraship: activity {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", flush=True)
-
-
-def allowed(session: str) -> float:
-    """0 when this session may send a request now, else the seconds to wait."""
-    now = time.monotonic()
-    q = _sessions[session]
-    while q and now - q[0] > 60:
-        q.popleft()
-    if len(q) >= RATE_LIMIT:
-        return 60 - (now - q[0])
-    q.append(now)
-    return 0.0
-
-
 def transcribe(audio, language: str, request: gr.Request):
     """(transcription, timing) for the uploaded or recorded audio; problems are shown, not raised."""
     if audio is None:
         return "", "upload a file or record with the microphone first"
     activity()
-    wait = allowed(getattr(request, "session_hash", None) or "anonymous")
+    wait = _limiter.wait(request)
     if wait:
-        return "", f"⚠️ Rate limit: {RATE_LIMIT} requests per minute. Try again in {wait:.0f} s."
+        return "", _limiter.message(wait, "requests")
     try:
         kind, first, _ = load_model()
         rate = int(first.feature_extractor.sampling_rate)  # the pipeline's or the Voxtral processor's
@@ -162,7 +145,7 @@ def transcribe(audio, language: str, request: gr.Request):
         timing = f"{seconds:.1f} s of audio transcribed in {took:.2f} s ({seconds / max(took, 1e-6):.1f}x real time)"
         return text or "(no speech recognised)", timing
     except Exception as exc:  # show the problem, keep the app up
-        return f"⚠️ Error: {type(exc).__name__}: {exc}", "error"
+        return error_text(exc), "error"
 
 
 LANGUAGES = model_languages()
@@ -197,5 +180,5 @@ demo.queue(default_concurrency_limit=2)
 if __name__ == "__main__":
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        server_port=env_int("GRADIO_SERVER_PORT", 7860),
     )

@@ -9,31 +9,26 @@ instead of crashing the Space.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from collections import defaultdict, deque
 
 import gradio as gr
+from loraship_space import RateLimiter, activity, env_examples, env_int, error_text, message_text
 
 MODEL_REPO = os.environ.get("MODEL_REPO", "")
 MODEL_FILE = os.environ.get("MODEL_FILE", "")
 TITLE = os.environ.get("TITLE") or (MODEL_REPO.split("/")[-1] if MODEL_REPO else "GGUF chat")
 DESCRIPTION = os.environ.get("DESCRIPTION", "")
-MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "256"))
-N_CTX = int(os.environ.get("N_CTX", "2048"))
-RATE_LIMIT = int(os.environ.get("RATE_LIMIT_PER_MINUTE", "10"))
-try:
-    EXAMPLES = [str(e) for e in json.loads(os.environ.get("EXAMPLES") or "[]")]
-except ValueError:
-    EXAMPLES = []
-EXAMPLES = EXAMPLES or ["Hello! Who are you?", "Write a haiku about the sea.", "Explain LoRA in one sentence."]
+MAX_TOKENS = env_int("MAX_TOKENS", 256)
+N_CTX = env_int("N_CTX", 2048)
+RATE_LIMIT = env_int("RATE_LIMIT_PER_MINUTE", 10)
+EXAMPLES = env_examples(["Hello! Who are you?", "Write a haiku about the sea.", "Explain LoRA in one sentence."])
 
 _llm = None
 _llm_lock = threading.Lock()
 _gen_lock = threading.Lock()  # one generation at a time: llama.cpp contexts are not thread-safe
-_sessions: dict[str, deque] = defaultdict(deque)
+_limiter = RateLimiter(RATE_LIMIT)
 
 
 def load_model():
@@ -51,23 +46,6 @@ def load_model():
         return _llm
 
 
-def activity() -> None:
-    """One run-log line per request: loraship's idle schedule reads the last one (the Space is not woken)."""
-    print(f"loraship: activity {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", flush=True)
-
-
-def allowed(session: str) -> float:
-    """0 when this session may send a message now, else the seconds to wait."""
-    now = time.monotonic()
-    q = _sessions[session]
-    while q and now - q[0] > 60:
-        q.popleft()
-    if len(q) >= RATE_LIMIT:
-        return 60 - (now - q[0])
-    q.append(now)
-    return 0.0
-
-
 def respond(message: str, history: list, request: gr.Request):
     history = list(history or [])
     message = (message or "").strip()
@@ -76,12 +54,12 @@ def respond(message: str, history: list, request: gr.Request):
         return
     history.append({"role": "user", "content": message})
     activity()
-    wait = allowed(getattr(request, "session_hash", None) or "anonymous")
+    wait = _limiter.wait(request)
     if wait:
         history.append(
             {
                 "role": "assistant",
-                "content": f"⚠️ Rate limit: {RATE_LIMIT} messages per minute. Try again in {wait:.0f} s.",
+                "content": _limiter.message(wait, "messages"),
             }
         )
         yield history, "", "rate limited"
@@ -91,7 +69,7 @@ def respond(message: str, history: list, request: gr.Request):
     try:
         llm = load_model()
         messages = [
-            {"role": m["role"], "content": _text(m["content"])}
+            {"role": m["role"], "content": message_text(m["content"])}
             for m in history[:-1]
             if m.get("role") in ("user", "assistant")
         ]
@@ -117,16 +95,8 @@ def respond(message: str, history: list, request: gr.Request):
             stats += f" · first token after {first - started:.2f} s"
         yield history, "", stats
     except Exception as exc:  # show the problem, keep the app up
-        history[-1]["content"] = f"⚠️ Error: {type(exc).__name__}: {exc}"
+        history[-1]["content"] = error_text(exc)
         yield history, "", "error"
-
-
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(c.get("text", "") if isinstance(c, dict) else str(c) for c in content)
-    return str(content)
 
 
 with gr.Blocks(title=TITLE) as demo:
@@ -148,5 +118,5 @@ demo.queue(default_concurrency_limit=2)
 if __name__ == "__main__":
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        server_port=env_int("GRADIO_SERVER_PORT", 7860),
     )
