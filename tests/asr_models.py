@@ -138,3 +138,24 @@ def espeak_wav(text: str, path: Path, voice: str = "en") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([espeak, "-v", voice, "-w", str(path), text], check=True, capture_output=True)
     return path
+
+
+def _build_whisper_lora(out: Path, version: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper())
+    # encoder and decoder attention alike, as a Whisper fine-tune targets them
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)  # a LoRA that changes the model, as a trained one would
+    peft_model.save_pretrained(out)
+
+
+def tiny_whisper_lora() -> Path:
+    """A LoRA adapter (q_proj, v_proj of encoder and decoder, non-zero B) on tiny_whisper()."""
+    return _cached("whisper-tiny-random-lora", _build_whisper_lora, version=1)

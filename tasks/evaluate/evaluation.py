@@ -82,7 +82,9 @@ class EvalSettings(StrictModel):
             "disk takes about n_tokens/2 x n_vocab x 2 bytes"
         ),
     )
-    threads: int | None = Field(None, ge=1, description="inference threads (None: llama.cpp's default)")
+    threads: int | None = Field(
+        None, ge=1, description="inference threads (None: llama.cpp's default; torch's for a speech model)"
+    )
     worker_timeout_s: float = Field(1800.0, gt=0, description="per-quant time limit")
 
     @field_validator("quants")

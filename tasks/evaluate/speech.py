@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import gc
 import hashlib
@@ -31,6 +32,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +161,29 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def transcribe(model_dir: Path, samples: list[AudioSample]) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (None: left alone) for the block, then restored: on a machine
+    whose cores are busy with other work, every small op of a tiny model waits for its thread pool (a
+    random Whisper's transcript took 9 s with 2 threads under load, 0.2 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def transcribe(model_dir: Path, samples: list[AudioSample], threads: int | None = None) -> list[dict[str, Any]]:
     """Each sample's transcript, its latency and audio length, from the model loaded as the model API does."""
+    with _torch_threads(threads):
+        return _transcribe(model_dir, samples)
+
+
+def _transcribe(model_dir: Path, samples: list[AudioSample]) -> list[dict[str, Any]]:
     from tasks.model_api.inputs import InputError, decode_audio
     from tasks.model_api.loading import load
     from tasks.model_api.settings import Device, DType
@@ -213,7 +236,7 @@ def evaluate_speech(merged: Artifact, settings: EvalSettings, out_dir: Path, mod
     if not merged.local_path.is_dir():
         raise PermanentError(f"the merged model {merged.local_path} is missing", hint="run the merge stage")
     samples = load_audio_samples(settings)
-    heard = transcribe(merged.local_path, samples)
+    heard = transcribe(merged.local_path, samples, settings.threads)
     refs, hyps = [s.reference for s in samples], [h["text"] for h in heard]
     scores = word_error_rate(refs, hyps)
     per_sample = [
