@@ -9,10 +9,16 @@ while a batch runs, so batches grow by themselves; a lone request waits at most 
 
 A batch that raises is retried one request at a time, so one bad input fails only its own request
 (a 500 with the message) and the server stays up.
+
+Results go back to the event loop in one hop per batch (`submit_async`): one `call_soon_threadsafe`
+sets every waiting request's asyncio future, where a concurrent future per request would wake the loop
+once per request (32 self-pipe writes and callbacks for a 32-input batch, on the loop that also parses
+the next requests and answers /health).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -35,7 +41,9 @@ class _Job:
     items: list[Any]
     params: dict[str, Any]
     key: str
-    future: Future = field(default_factory=Future)
+    #: a concurrent future (`submit`), or an asyncio future on `loop` (`submit_async`)
+    future: Future | asyncio.Future = field(default_factory=Future)
+    loop: asyncio.AbstractEventLoop | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -61,11 +69,20 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="model-api-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, items: list[Any], params: dict[str, Any]) -> Future:
-        """Queue one request; the future gets its `Outcome` (or the pipeline's exception)."""
-        job = _Job(items, params, json.dumps(params, sort_keys=True, default=str))
+    def submit(self, items: list[Any], params: dict[str, Any], key: str | None = None) -> Future:
+        """Queue one request; the future gets its `Outcome` (or the pipeline's exception).
+
+        `key` groups requests that may share a pipeline call (default: the parameters as sorted JSON)."""
+        job = _Job(items, params, key if key is not None else params_key(params))
         self._queue.put(job)
-        return job.future
+        return job.future  # type: ignore[return-value]
+
+    def submit_async(self, items: list[Any], params: dict[str, Any], key: str | None = None) -> asyncio.Future:
+        """`submit` from a coroutine: an asyncio future of the running loop, set in one hop per batch."""
+        loop = asyncio.get_running_loop()
+        job = _Job(items, params, key if key is not None else params_key(params), loop.create_future(), loop)
+        self._queue.put(job)
+        return job.future  # type: ignore[return-value]
 
     @property
     def pending(self) -> int:
@@ -125,12 +142,44 @@ class Batcher:
                     self._execute([job])
                 return
             log.warning("pipeline call failed: %s", exc)
-            batch[0].future.set_exception(exc)
+            _settle([(batch[0], exc)])
             return
         ms = (time.perf_counter() - t0) * 1000.0
         self.batches += 1
         self.inputs += len(items)
+        done: list[tuple[_Job, Outcome | BaseException]] = []
         i = 0
         for job in batch:
-            job.future.set_result(Outcome(results[i : i + len(job.items)], ms, len(items)))
+            done.append((job, Outcome(results[i : i + len(job.items)], ms, len(items))))
             i += len(job.items)
+        _settle(done)
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """Requests with equal keys may share a pipeline call: the parameters as canonical JSON."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _settle(done: list[tuple[_Job, Outcome | BaseException]]) -> None:
+    """Hand each job its outcome: concurrent futures directly, asyncio futures in one callback per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Outcome | BaseException]]] = {}
+    for job, value in done:
+        if job.loop is None:
+            fut: Any = job.future
+            fut.set_exception(value) if isinstance(value, BaseException) else fut.set_result(value)
+        else:
+            by_loop.setdefault(job.loop, []).append((job, value))
+    for loop, jobs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, jobs)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is waiting any more
+            pass
+
+
+def _set_all(jobs: list[tuple[_Job, Outcome | BaseException]]) -> None:
+    """On the event loop: set the asyncio futures (a request whose client went away is cancelled: skip it)."""
+    for job, value in jobs:
+        fut: Any = job.future
+        if fut.done():
+            continue
+        fut.set_exception(value) if isinstance(value, BaseException) else fut.set_result(value)
