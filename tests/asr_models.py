@@ -19,13 +19,11 @@ def tiny_wav2vec2() -> Path:
     return task_models.tiny_wav2vec2(frontend="base", attention_mask=False, blank_bias=-10.0)
 
 
-def _build_wav2vec2_lora(out: Path, version: int) -> None:
+def _save_lora(model, out: Path) -> None:
+    """A LoRA (r 4, q_proj and v_proj, non-zero B) on `model`, saved as a training run leaves it."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Wav2Vec2ForCTC
 
-    base = tiny_wav2vec2()
-    model = Wav2Vec2ForCTC.from_pretrained(base)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -33,6 +31,14 @@ def _build_wav2vec2_lora(out: Path, version: int) -> None:
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)  # a LoRA that changes the model, as a trained one would
     peft_model.save_pretrained(out)
+
+
+def _build_wav2vec2_lora(out: Path, version: int) -> None:
+    from transformers import Wav2Vec2ForCTC
+
+    base = tiny_wav2vec2()
+    model = Wav2Vec2ForCTC.from_pretrained(base)
+    _save_lora(model, out)
 
 
 def tiny_wav2vec2_lora() -> Path:
@@ -141,19 +147,11 @@ def espeak_wav(text: str, path: Path, voice: str = "en") -> Path:
 
 
 def _build_whisper_lora(out: Path, version: int) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper())
     # encoder and decoder attention alike, as a Whisper fine-tune targets them
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)  # a LoRA that changes the model, as a trained one would
-    peft_model.save_pretrained(out)
+    _save_lora(model, out)
 
 
 def tiny_whisper_lora() -> Path:
