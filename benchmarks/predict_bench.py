@@ -1,6 +1,6 @@
 """The model API against the server a user writes by hand: text-classification on CPU, 1/8/32 clients.
 
-    flock /work/bench.lock python -m benchmarks.predict_bench [--seconds 8] [--hidden 256 --layers 4]
+    flock /work/bench.lock python -m benchmarks.predict_bench [--shape distilbert|tiny] [--seconds 8]
 
 Contenders, both real HTTP servers on loopback, same model, same machine:
 - ours: `tasks/model_api` through `deploy()` (a server subprocess with dynamic batching),
@@ -11,7 +11,9 @@ Measured per concurrency: requests/s, latency p50/p95 (client side), and, while 
 the p99 of `GET /health` polled every 20 ms. Goals (issue 17): >= 3x the hand-written throughput at 32
 clients, /health p99 <= 50 ms. The model is a BERT-style classifier built here with random weights
 (tasks/support/tiny_task_models.py; no downloads), the texts are sentences of 8-40 words.
-Results: benchmarks/results/predict_bench-threads<N|default>.json.
+After the servers stop, the pipeline alone is timed in this process (one text per call and
+max_batch_size per call, no HTTP): the ceiling any server has on this machine (`--no-ceiling` skips it).
+Results: benchmarks/results/predict_bench-<shape>.json.
 """
 
 from __future__ import annotations
@@ -45,6 +47,32 @@ WORDS = (
 def texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choices(WORDS, k=rng.randint(8, 40))) for _ in range(n)]
+
+
+def ceiling(model: Path, threads: int, batch: int, seconds: float) -> list[dict[str, Any]]:
+    """What the model itself can do on this machine, with no HTTP: the pipeline called in this process on the
+    benchmark's texts, one per call and `batch` per call. Where the one-per-call and batched rows differ little,
+    the model, not the server, is the cost, and no server can be 3x faster than the hand-written one."""
+    import torch
+    from transformers import pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = pipeline("text-classification", model=str(model), device="cpu")
+    items = texts(512)
+    out = []
+    for per_call in (1, batch):
+        pipe(items[:per_call], batch_size=per_call)  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            chunk = [items[(done + i) % len(items)] for i in range(per_call)]
+            pipe(chunk, batch_size=per_call)
+            done += per_call
+        rps = done / (time.perf_counter() - t0)
+        out.append(
+            {"contender": f"pipeline in-process, {per_call} per call (no HTTP)", "throughput_rps": round(rps, 1)}
+        )
+    return out
 
 
 class Req(BaseModel):
@@ -254,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads, the same for both servers (0: torch's default)"
     )
     p.add_argument("--only", choices=("ours", "hand"), help="run one contender (profiling, tuning)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the in-process pipeline rows (no HTTP)")
     p.add_argument("--serve-naive", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -320,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             info = requests.get(f"{urls[OURS]}/info", timeout=10).json()
     cols = ["contender", "clients", "throughput_rps", "p50_ms", "p95_ms", "health_p99_ms", "errors"]
     print(table(rows, cols))
+    # after both servers have stopped, so the machine is the pipeline's alone
+    limits = [] if args.no_ceiling else ceiling(model, args.threads, args.max_batch_size, args.seconds)
+    if limits:
+        print(table(limits, ["contender", "throughput_rps"]))
     if args.only:
         print(info.get("batching", ""))
         return 0
@@ -344,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         "client": "one asyncio process, raw HTTP/1.1 keep-alive; /health polled every 20 ms from another process",
         "batching": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, **info["batching"]},
         "rows": rows,
+        "ceiling": limits,
         f"speedup_at_{top}_clients": speedup,
+        "ours_share_of_batched_ceiling": round(ours["throughput_rps"] / limits[-1]["throughput_rps"], 2)
+        if limits
+        else None,
         "goals": {
             "speedup_3x": speedup >= 3.0,
             "health_p99_50ms": (ours.get("health_p99_ms") or 1e9) <= 50.0,

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError, create_model
 
 from tasks.model_api.batching import Batcher, params_key
+from tasks.model_api.chunking import forward_inputs, run_by_length
 from tasks.model_api.inputs import FIELDS, Batch, InputError, InputKind, decode_audio, decode_image, raw_inputs
 from tasks.model_api.inputs import request_model as build_request_model
 from tasks.model_api.registry import DeploymentRegistry
@@ -171,8 +172,9 @@ class State:
             )
             self.report(75.0, "server")
             spec = self.task
+            per_pass = forward_inputs(loaded.device, self.spec.max_batch_size)
             self.batcher = Batcher(
-                lambda items, params: spec.run(loaded.pipe, items, params),
+                lambda items, params: run_by_length(lambda xs: spec.run(loaded.pipe, xs, params), items, per_pass),
                 self.spec.max_batch_size,
                 self.spec.max_wait_ms,
             )
