@@ -1,17 +1,20 @@
-"""Issue 21: merge + convert three ways, side by side, on the >=0.8 GB benchmark model and one twice its size.
+"""Issue 21: merge + convert four ways, side by side, on the >=0.8 GB benchmark model and one twice its size.
 
     python -m benchmarks.fused_bench              # 0.83 GB model, then the doubled 1.66 GB one
     python -m benchmarks.fused_bench --no-double  # the 0.83 GB model only
+    python -m benchmarks.fused_bench --no-double --only fused shared   # some contenders only
 
 Contenders (each in its own child process: wall time, peak RSS and peak anonymous memory of the process
 tree, from benchmarks/harness.measure), all writing an F16 GGUF from the same bf16 base + r=16 adapter:
 - `streaming + convert`: the streaming merge writes merged/, llama.cpp's converter reads it back;
 - `fused`: merge.fused_convert, the converter reads the base through the fused tensor source (no merged/);
+- `fused + merged/`: merge.fused_convert when a later stage needs merged/ (the shared read): one converter run
+  writes the GGUF and merged/'s shards from one read of the base;
 - `peft + upstream`: peft `merge_and_unload` + `save_pretrained`, then llama.cpp's `convert_hf_to_gguf.py`.
-The converter is the same (the runtime's llama.cpp commit) in all three and runs as the convert stage runs
+The converter is the same (the runtime's llama.cpp commit) in all of them and runs as the convert stage runs
 it; what the convert stage does after converting (validation, tokenizer check, generation, sha256) is left
-out of all three, and the merge's verification is off, so the numbers are the merge and the conversion.
-Results: a table on stdout and benchmarks/results/fused.json.
+out of all, and the merge's verification is off, so the numbers are the merge and the conversion.
+Results: a table on stdout and benchmarks/results/fused.json (`--out NAME`: benchmarks/results/NAME.json).
 """
 
 from __future__ import annotations
@@ -26,21 +29,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import machine, measure, python, save, table
+from benchmarks.harness import LORA_TARGETS, bench_model, machine, measured_row, python, report, weights_size
 
 MODEL = dict(
     arch="llama", hidden=1280, layers=24, heads=10, kv_heads=2, intermediate=3456, dtype="bfloat16", shard_size="400MB"
 )
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("streaming", "fused", "peft")
-LABELS = {"streaming": "streaming merge + convert", "fused": "fused (merge.fused_convert)", "peft": "peft + upstream"}
+TARGETS = LORA_TARGETS
+CONTENDERS = ("streaming", "fused", "shared", "peft")
+LABELS = {
+    "streaming": "streaming merge + convert",
+    "fused": "fused (merge.fused_convert)",
+    "shared": "fused + merged/ (shared read)",
+    "peft": "peft + upstream",
+}
 
 
 def bench_inputs(layers: int) -> tuple[Path, Path]:
-    from tasks.support.tiny_models import tiny_adapter, tiny_model
-
-    base = tiny_model(**{**MODEL, "layers": layers})
-    return base, tiny_adapter(base, r=16, alpha=32, targets=TARGETS)
+    return bench_model(MODEL, layers)
 
 
 def _convert(folder: Path, out: Path, fused: Path | None = None) -> None:
@@ -86,6 +91,15 @@ def child(kind: str, base: Path, adapter: Path, work: Path) -> None:
         del model
         merged_s = time.monotonic() - started
         _upstream(work / "merged", gguf)
+    elif kind == "shared":  # the merge stage's one converter run writes merged/ and the GGUF
+        from tasks.gguf.convert import ConvertSettings
+        from tasks.merge.fused import SharedRead
+
+        art = Artifact.from_path(adapter, name="adapter", kind="adapter", stage="download")
+        settings = MergeSettings(base_model=str(base), verify="never", fused_convert=True)
+        shared = SharedRead.of(ConvertSettings(outtype="f16"), "model", work)
+        merge(art, settings, work / "merged", shared=shared)
+        merged_s = time.monotonic() - started
     else:
         art = Artifact.from_path(adapter, name="adapter", kind="adapter", stage="download")
         settings = MergeSettings(base_model=str(base), verify="never", fused_convert=kind == "fused")
@@ -101,36 +115,43 @@ def child(kind: str, base: Path, adapter: Path, work: Path) -> None:
     print(json.dumps({"merge_s": round(merged_s, 2), "total_s": round(time.monotonic() - started, 2)}))
 
 
-def run_model(label: str, layers: int, work: Path) -> list[dict[str, Any]]:
+def run_model(label: str, layers: int, work: Path, kinds: tuple[str, ...] = CONTENDERS) -> list[dict[str, Any]]:
     base, adapter = bench_inputs(layers)
-    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    size, _ = weights_size(base)
     rows = []
-    for kind in CONTENDERS:
+    for kind in kinds:
         folder = work / kind
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            python(),
-            "-m",
-            "benchmarks.fused_bench",
-            "--child",
-            kind,
-            "--base",
-            str(base),
-            "--adapter",
-            str(adapter),
-        ]
-        r = measure(cmd + ["--work", str(folder)], env={"TOKENIZERS_PARALLELISM": "false"})
-        if r["returncode"]:
-            print(f"!! {kind} failed:\n{r['tail']}", file=sys.stderr)
-        rows.append(
-            {
-                "model": f"{label} ({size / 1e9:.2f} GB)",
-                "contender": LABELS[kind],
-                **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")},
-            }
-        )
+        cmd = [python(), "-m", "benchmarks.fused_bench", "--child", kind, "--base", str(base)]
+        cmd += ["--adapter", str(adapter)]
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        model = f"{label} ({size / 1e9:.2f} GB)"
+        rows.append(measured_row(kind, cmd + ["--work", str(folder)], env, model=model, contender=LABELS[kind]))
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def ratios_of(rows: list[dict[str, Any]]) -> dict[str, float]:
+    by = {(r["model"].split(" (")[0], r["contender"]): r for r in rows}
+    ratios: dict[str, float] = {}
+    for label in ("0.48B bf16", "0.9B bf16 doubled"):
+        if (label, LABELS["peft"]) not in by:
+            continue
+        ref = by[(label, LABELS["peft"])]
+        suffix = "" if label == "0.48B bf16" else "_doubled"
+        for kind in ("streaming", "fused", "shared"):
+            r = by.get((label, LABELS[kind]))
+            if r is None:
+                continue
+            ratios[f"wall_{kind}_over_peft_upstream{suffix}"] = round(r["wall_s"] / ref["wall_s"], 3)
+            ratios[f"cpu_{kind}_over_peft_upstream{suffix}"] = round(r["cpu_s"] / ref["cpu_s"], 3)
+            ratios[f"peak_rss_{kind}_over_peft_upstream{suffix}"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)
+    for kind in ("fused", "shared"):
+        if ("0.9B bf16 doubled", LABELS[kind]) in by and ("0.48B bf16", LABELS[kind]) in by:
+            one, two = by[("0.48B bf16", LABELS[kind])], by[("0.9B bf16 doubled", LABELS[kind])]
+            ratios[f"{kind}_peak_rss_growth_when_doubled"] = round(two["peak_rss_mb"] / one["peak_rss_mb"] - 1, 3)
+            ratios[f"{kind}_peak_anon_growth_when_doubled"] = round(two["peak_anon_mb"] / one["peak_anon_mb"] - 1, 3)
+    return ratios
 
 
 def main() -> None:
@@ -140,38 +161,23 @@ def main() -> None:
     ap.add_argument("--adapter")
     ap.add_argument("--work")
     ap.add_argument("--no-double", action="store_true", help="skip the doubled model (memory growth check)")
+    ap.add_argument("--only", nargs="+", choices=CONTENDERS, help="run only these contenders")
+    ap.add_argument("--out", default="fused", help="results file name under benchmarks/results/ (no .json)")
     args = ap.parse_args()
     if args.child:
         child(args.child, Path(args.base), Path(args.adapter), Path(args.work))
         return
+    kinds = tuple(k for k in CONTENDERS if not args.only or k in args.only)
     work = Path(tempfile.mkdtemp(prefix="loraship-fused-bench-"))
     result: dict[str, Any] = {"machine": machine(), "note": "2 CPU cores shared with other engineers' work"}
     try:
-        rows = run_model("0.48B bf16", MODEL["layers"], work)
+        rows = run_model("0.48B bf16", MODEL["layers"], work, kinds)
         if not args.no_double:
-            rows += run_model("0.9B bf16 doubled", 2 * MODEL["layers"], work)
+            rows += run_model("0.9B bf16 doubled", 2 * MODEL["layers"], work, kinds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    by = {(r["model"].split(" (")[0], r["contender"]): r for r in rows}
-    ratios: dict[str, float] = {}
-    for label in ("0.48B bf16", "0.9B bf16 doubled"):
-        if (label, LABELS["peft"]) not in by:
-            continue
-        ref = by[(label, LABELS["peft"])]
-        suffix = "" if label == "0.48B bf16" else "_doubled"
-        for kind in ("streaming", "fused"):
-            r = by[(label, LABELS[kind])]
-            ratios[f"wall_{kind}_over_peft_upstream{suffix}"] = round(r["wall_s"] / ref["wall_s"], 3)
-            ratios[f"peak_rss_{kind}_over_peft_upstream{suffix}"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)
-    if ("0.9B bf16 doubled", LABELS["fused"]) in by:
-        one, two = by[("0.48B bf16", LABELS["fused"])], by[("0.9B bf16 doubled", LABELS["fused"])]
-        ratios["fused_peak_rss_growth_when_doubled"] = round(two["peak_rss_mb"] / one["peak_rss_mb"] - 1, 3)
-        ratios["fused_peak_anon_growth_when_doubled"] = round(two["peak_anon_mb"] / one["peak_anon_mb"] - 1, 3)
-    result["rows"], result["ratios"] = rows, ratios
-    out = save("fused", result)
-    print(table(rows, ["model", "contender", "wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode"]))
-    print(json.dumps(ratios, indent=2))
-    print(f"written: {out}")
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    report(args.out, result, rows, ratios_of(rows))
 
 
 if __name__ == "__main__":

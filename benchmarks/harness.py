@@ -127,3 +127,43 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+# --- helpers of the side-by-side merge benchmarks (merge_bench, fused_bench) ---------------------------------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MEASURED = ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")
+
+
+def bench_model(model: dict[str, Any], layers: int, r: int = 16, alpha: int = 32) -> tuple[Path, Path]:
+    """(base, adapter): a random model built from `model`'s config with `layers` layers (cached under
+    ~/.cache/loraship) and an r=16 LoRA on all its linear layers."""
+    from tasks.support.tiny_models import tiny_adapter, tiny_model
+
+    base = tiny_model(**{**model, "layers": layers})
+    return base, tiny_adapter(base, r=r, alpha=alpha, targets=LORA_TARGETS)
+
+
+def weights_size(base: Path) -> tuple[int, int]:
+    """(bytes, shards) of a model folder's safetensors."""
+    files = list(base.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def measured_row(name: str, cmd: list[str], env: dict[str, str] | None = None, **labels: Any) -> dict[str, Any]:
+    """`labels` + what `measure` says of `cmd` (the columns every side-by-side table shows); a failed command's
+    last lines go to stderr."""
+    r = measure(cmd, env=env)
+    if r["returncode"]:
+        print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
+    return {**labels, **{k: r[k] for k in MEASURED}}
+
+
+def report(name: str, result: dict[str, Any], rows: list[dict[str, Any]], ratios: dict[str, float]) -> Path:
+    """Save `result` with its rows and ratios as benchmarks/results/<name>.json and print the table."""
+    result["rows"], result["ratios"] = rows, ratios
+    out = save(name, result)
+    print(table(rows, ["model", "contender", *MEASURED]))
+    print(json.dumps(ratios, indent=2))
+    print(f"written: {out}")
+    return out

@@ -17,24 +17,20 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import machine, measure, python, save, table
+from benchmarks.harness import LORA_TARGETS, bench_model, machine, measured_row, python, report, weights_size
 
 MODEL = dict(
     arch="llama", hidden=2048, layers=17, heads=16, kv_heads=4, intermediate=5632, dtype="bfloat16", shard_size="400MB"
 )
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 
 
 def bench_inputs(layers: int = 17) -> tuple[Path, Path]:
-    from tasks.support.tiny_models import tiny_adapter, tiny_model
-
-    base = tiny_model(**{**MODEL, "layers": layers})
-    return base, tiny_adapter(base, r=16, alpha=32, targets=TARGETS)
+    return bench_model(MODEL, layers)
 
 
 def contenders(base: Path, adapter: Path, work: Path) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -70,20 +66,11 @@ def child(backend: str, base: Path, adapter: Path, out: Path) -> None:
 
 def run_model(label: str, layers: int, work: Path) -> list[dict[str, Any]]:
     base, adapter = bench_inputs(layers)
-    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    shards = len(list(base.glob("*.safetensors")))
+    size, shards = weights_size(base)
     rows = []
     for name, cmd, env in contenders(base, adapter, work):
-        r = measure(cmd, env=env)
-        if r["returncode"]:
-            print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
-        rows.append(
-            {
-                "model": f"{label} ({size / 1e9:.2f} GB, {shards} shards)",
-                "contender": name,
-                **{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode")},
-            }
-        )
+        model = f"{label} ({size / 1e9:.2f} GB, {shards} shards)"
+        rows.append(measured_row(name, cmd, env, model=model, contender=name))
         shutil.rmtree(work / f"merged-{name.split(': ')[1]}", ignore_errors=True)
     return rows
 
@@ -123,12 +110,7 @@ def main() -> None:
         ratios["streaming_peak_anon_growth_when_doubled"] = round(d["peak_anon_mb"] / s["peak_anon_mb"] - 1, 3)
         dp = by[("1.5B bf16 doubled", "merge: peft")]
         ratios["wall_streaming_over_peft_doubled"] = round(d["wall_s"] / dp["wall_s"], 3)
-    result["rows"] = rows
-    result["ratios"] = ratios
-    out = save("merge", result)
-    print(table(rows, ["model", "contender", "wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb", "returncode"]))
-    print(json.dumps(ratios, indent=2))
-    print(f"written: {out}")
+    report("merge", result, rows, ratios)
 
 
 if __name__ == "__main__":

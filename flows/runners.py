@@ -61,9 +61,16 @@ def run_merge(ctx: RunContext) -> list[Artifact]:
     base_key = base_fingerprint(settings, default_base, adapter)
     needs = merged_weights_needed(ctx.config)
     fused = settings.fused_convert and not needs
+    shared = None
     if settings.fused_convert and needs:
-        log.info("merge.fused_convert: merged/ is written in full, %s needs it", needs)
-    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key, fused)
+        if Stage.CONVERT in ctx.selected:  # the shared read: one converter run writes merged/ and the GGUF
+            from tasks.merge.fused import SharedRead
+
+            shared = SharedRead.of(ctx.config.convert, ctx.config.model.name, ctx.run.gguf_dir)
+            log.info("merge.fused_convert: %s needs merged/: it and the GGUF are written from one read", needs)
+        else:
+            log.info("merge.fused_convert: merged/ is written in full, %s needs it", needs)
+    merged = ctx.call("merge", merge_task, adapter, settings, ctx.run.merged_dir, default_base, base_key, fused, shared)
     diff, tensors = merged.meta.get("max_abs_logit_diff"), merged.meta.get("tensor_check") or {}
     check = f"{tensors['tensors_checked']} tensors checked (worst {tensors['max_err_ulps']} ulps); " if tensors else ""
     check += (

@@ -129,7 +129,7 @@ TABLE: tuple[StageSpec, ...] = (
         ConvertSettings,
         runners.run_convert,
         "merged/ to <model>-F16.gguf with llama.cpp's converter (merge.fused_convert: from the base + "
-        "adapter in one pass); the adapter as a GGUF LoRA",
+        "adapter in one pass, or the GGUF the merge stage wrote beside merged/ reused); the adapter as a GGUF LoRA",
         takes=(K.MERGED, K.ADAPTER),
         makes=(K.GGUF, K.GGUF_LORA),
         needs=(Stage.MERGE,),

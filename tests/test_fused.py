@@ -4,6 +4,9 @@ The claim under test: the fused GGUF's tensors (names, order, types, shapes, byt
 converting the streaming-merged folder, on the Llama and Qwen2 fixtures, with tied embeddings, modules_to_save,
 DoRA and rsLoRA; merged/ then holds no weights; the merge verification still runs (the logit check in the merge
 stage, the per-tensor check in the converter's process, which fails the stage on a wrong tensor).
+The shared read (a later stage needs merged/'s weights): one converter run writes merged/ byte-identical to the
+streaming merge's (every file, headers and index included) and the GGUF byte-identical to converting it; the
+convert stage reuses that GGUF instead of converting again.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pytest
 
 from tasks.core.errors import PermanentError
 from tasks.gguf.convert import ConvertSettings, convert
-from tasks.merge.fused import RECIPE_FILE, FusedRecipe, FusedSource, is_fused
+from tasks.merge.fused import RECIPE_FILE, FusedRecipe, FusedSource, SharedRead, is_fused
 from tasks.merge.stage import MergeSettings, merge
 from tests.merge_helpers import as_artifact, peft_adapter
 
@@ -230,3 +233,162 @@ def test_in_the_flow_fused_records_rerun_cached_and_switching_off_recomputes(
     arts = json.loads(Path(third.manifest).read_text())["artifacts"]
     assert any(f["path"].endswith(".safetensors") for f in arts["merged"]["files"])
     assert "fused" not in arts["gguf:F16"]["meta"] and _tensors(Path(arts["gguf:F16"]["path"])) == fused_tensors
+
+
+# --- the shared read: merged/ and the GGUF from one converter run ------------------------------------------
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _shared(base: Path, adapter: Path, tmp: Path, vocab_pre: str | None = None, **merge_kw):
+    """(streaming merged/, its GGUF, shared-read merged/, the convert stage's record of the GGUF it reused)."""
+    settings = MergeSettings(base_model=str(base), **merge_kw)
+    conv = ConvertSettings(vocab_pre=vocab_pre, check_tokenizer=False)
+    a = as_artifact(adapter)
+    merged = merge(a, settings, tmp / "s" / "merged", base_key="k")
+    gguf = convert(merged, conv, tmp / "s" / "gguf", "m")
+    shared = SharedRead.of(conv, "m", tmp / "sh" / "gguf")
+    both = merge(
+        a, settings.model_copy(update={"fused_convert": True}), tmp / "sh" / "merged", base_key="k", shared=shared
+    )
+    reused = convert(both, conv, tmp / "sh" / "gguf", "m")
+    return merged, gguf, both, reused
+
+
+def _assert_shared(merged, gguf, both, reused) -> None:
+    # merged/: every file byte for byte (shards with their headers, the index, config, tokenizer): the same digest
+    assert _digests(Path(both.path)) == _digests(Path(merged.path))
+    assert both.sha256 == merged.sha256 and RECIPE_FILE not in {f.path for f in both.files}
+    for k in ("tensors_merged", "tensors_copied", "tensors_converted", "tensors_qlora_roundtrip", "weights_bytes"):
+        assert both.meta[k] == merged.meta[k], k
+    assert both.meta["shared_read"] and both.meta["verify_passed"]  # the merge stage's checks ran on merged/
+    assert both.meta["tensor_check"]["tensors_checked"] == merged.meta["tensor_check"]["tensors_checked"] > 0
+    # the GGUF: not converted again, byte-identical to converting the streaming-merged folder
+    assert reused.meta["reused_from_merge"] and reused.inputs == {"merged": both.sha256}
+    assert reused.sha256 == both.meta["premade_gguf"]["sha256"]
+    _assert_identical(gguf, reused)
+    assert Path(reused.path).read_bytes() == Path(gguf.path).read_bytes()
+    made = reused.meta["fused"]
+    assert made["tensors_merged"] == merged.meta["tensors_merged"] and not made["changed_not_read"]
+
+
+def test_shared_read_llama_with_dora(llama_base, tmp_path):
+    adapter = peft_adapter(
+        llama_base, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True
+    )
+    merged, gguf, both, reused = _shared(llama_base, adapter, tmp_path)
+    _assert_shared(merged, gguf, both, reused)
+    assert both.meta["use_dora"] and both.meta["tensors_copied"] > 0
+
+
+def test_shared_read_qwen2_with_rslora_and_modules_to_save(qwen2_base, tmp_path):
+    from tasks.support.tiny_models import tiny_adapter
+
+    adapter = tiny_adapter(qwen2_base, r=4, alpha=16, use_rslora=True, modules_to_save=["lm_head"])
+    merged, gguf, both, reused = _shared(qwen2_base, adapter, tmp_path, vocab_pre="qwen2")
+    _assert_shared(merged, gguf, both, reused)
+    assert both.meta["use_rslora"] and both.meta["tensors_copied"] > 0
+
+
+def test_shared_read_tied_head_bf16(tmp_path):
+    """A bf16 base with a tied head the adapter unties: lm_head is added (the embedding's bytes + its update),
+    and the tensors the merge does not change are copied from the base into merged/ and counted."""
+    from tasks.support.tiny_models import tiny_model
+
+    base = tiny_model("llama", hidden=256, tie=True, dtype="bfloat16")
+    adapter = peft_adapter(base, tmp_path / "head", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    merged, gguf, both, reused = _shared(base, adapter, tmp_path)
+    _assert_shared(merged, gguf, both, reused)
+    assert both.meta["untied_head"] and both.meta["tensors_copied"] > 0
+    assert both.meta["tensors_converted"] == 0  # bf16 in, bf16 out: nothing cast
+
+
+def test_shared_read_gguf_not_reused_with_other_settings(llama_base, llama_adapter, tmp_path):
+    """A premade GGUF made with another outtype, or changed on disk, is not taken: merged/ is converted."""
+    a = as_artifact(llama_adapter)
+    conv = ConvertSettings(check_tokenizer=False)
+    both = merge(
+        a,
+        MergeSettings(base_model=str(llama_base), fused_convert=True, verify="never"),
+        tmp_path / "merged",
+        shared=SharedRead.of(conv, "m", tmp_path / "gguf"),
+    )
+    premade = Path(both.meta["premade_gguf"]["path"])
+    assert premade == (tmp_path / "gguf" / "m-F16.gguf").resolve() and premade.is_file()
+    other = convert(both, conv.model_copy(update={"outtype": "bf16"}), tmp_path / "gguf", "m")
+    assert "reused_from_merge" not in other.meta and Path(other.path).name == "m-BF16.gguf"
+    with open(premade, "r+b") as fh:  # same size, other bytes: the digest decides
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    again = convert(both, conv, tmp_path / "gguf", "m")
+    assert "reused_from_merge" not in again.meta and again.sha256 == both.meta["premade_gguf"]["sha256"]
+
+
+@pytest.mark.prefect
+def test_in_the_flow_the_shared_read_converts_once_and_follows_a_changed_adapter(prefect_api, llama_base, tmp_path):
+    """merge.fused_convert + a setting that needs merged/ (hub.include_merged): the merge stage writes merged/ and
+    the GGUF, the convert stage reuses the GGUF (no second converter run); a re-run is cached; a changed adapter
+    makes a new merged/ and a new GGUF, again reused, whose record follows the new merged/."""
+    import shutil
+
+    from flows.full import full
+    from tasks.gguf import convert as convert_mod
+
+    src = tmp_path / "adapter"
+    shutil.copytree(peft_adapter(llama_base, tmp_path / "a1", r=4, lora_alpha=8, target_modules=["q_proj"]), src)
+    cfg = {
+        "model": {"name": "sharedtest", "version": "v1", "base_model": str(llama_base)},
+        "source": {"kind": "local", "path": str(src)},
+        "merge": {"base_model": str(llama_base), "fused_convert": True},
+        "convert": {"check_tokenizer": False},
+        "hub": {"include_merged": True},
+        "pipeline": {"runs_dir": str(tmp_path / "runs")},
+    }
+    stages = ["download", "merge", "convert"]
+    runs: list[list[str]] = []
+    real = convert_mod._run_converter
+
+    def counting(cmd, env, timeout_s):
+        runs.append(cmd)
+        return real(cmd, env, timeout_s)
+
+    convert_mod._run_converter = counting
+    try:
+        first = full(config=cfg, only=stages)
+        assert {s.stage: s.status for s in first.stages if s.stage in stages} == dict.fromkeys(stages, "done")
+        assert len(runs) == 1 and "--write-merged" in runs[0]  # one converter run, in the merge stage
+        arts = json.loads(Path(first.manifest).read_text())["artifacts"]
+        merged, f16 = arts["merged"], arts["gguf:F16"]
+        assert any(f["path"].endswith(".safetensors") for f in merged["files"]) and merged["meta"]["shared_read"]
+        assert f16["meta"]["reused_from_merge"] and f16["inputs"] == {"merged": merged["sha256"]}
+        assert f16["sha256"] == merged["meta"]["premade_gguf"]["sha256"]
+        first_tensors = _tensors(Path(f16["path"]))
+
+        second = full(config=cfg, only=stages)
+        assert {s.stage: s.status for s in second.stages if s.stage in ("merge", "convert")} == {
+            "merge": "cached",
+            "convert": "cached",
+        }
+        assert len(runs) == 1
+
+        shutil.rmtree(src)  # a changed adapter: new merged/, new GGUF, reused again, in the new lineage
+        shutil.copytree(
+            peft_adapter(llama_base, tmp_path / "a2", seed=7, r=4, lora_alpha=8, target_modules=["q_proj"]), src
+        )
+        third = full(config=cfg, only=stages)
+        assert {s.stage: s.status for s in third.stages if s.stage in stages} == dict.fromkeys(stages, "done")
+        assert len(runs) == 2
+        arts3 = json.loads(Path(third.manifest).read_text())["artifacts"]
+        assert arts3["merged"]["sha256"] != merged["sha256"]
+        assert arts3["gguf:F16"]["meta"]["reused_from_merge"]
+        assert arts3["gguf:F16"]["inputs"] == {"merged": arts3["merged"]["sha256"]}
+        assert arts3["gguf:F16"]["sha256"] == arts3["merged"]["meta"]["premade_gguf"]["sha256"] != f16["sha256"]
+        assert _tensors(Path(arts3["gguf:F16"]["path"])) != first_tensors
+    finally:
+        convert_mod._run_converter = real

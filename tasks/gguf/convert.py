@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
 from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
-from tasks.core.hashing import AppendHasher
+from tasks.core.hashing import AppendHasher, sha256_file, stat_key
 from tasks.core.progress import Progress
 from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.core.stage import stage_task
@@ -202,24 +202,23 @@ def convert(merged: Artifact, settings: ConvertSettings, out_dir: Path, model_na
 
     A merged/ that holds a fused.json recipe instead of weights (merge.fused_convert) is converted from the
     base and the adapter in one pass: the converter reads a folder of links to the base's shards and the
-    recipe's side files, through the fused tensor source (tasks/merge/fused.py).
+    recipe's side files, through the fused tensor source (tasks/merge/fused.py). A merged/ whose record names a
+    GGUF the merge stage already wrote with these settings (the shared read, `premade_gguf`) reuses that file,
+    checked by its digest, and runs only the checks after converting.
     """
     from tasks.merge.fused import converter_folder, is_fused
 
     src = Path(merged.path)
+    premade = reusable_premade(merged, settings, out_dir, model_name)
+    if premade is not None:
+        return _reuse(merged, src, settings, model_name, *premade)
     if not is_fused(src):
         return _convert(merged, src, settings, out_dir, model_name)
     with converter_folder(src) as view:
         return _convert(merged, view, settings, out_dir, model_name, fused=src)
 
 
-def _convert(
-    merged: Artifact, src: Path, settings: ConvertSettings, out_dir: Path, model_name: str, fused: Path | None = None
-) -> Artifact:
-    """`convert` on the folder `src` the converter reads (merged/, or the fused path's view of the base)."""
-    from tasks.gguf.toolchain import resolve_converter
-    from tasks.gguf.validate import runtime_check, validate_gguf
-
+def _check_source(src: Path) -> None:
     if not (src / "config.json").is_file():
         raise PermanentError(
             f"{src} has no config.json: it is not a Hugging Face model folder",
@@ -227,43 +226,172 @@ def _convert(
         )
     if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
         raise PermanentError(f"{src} has no *.safetensors weights", hint="re-run the merge stage")
-    quant = settings.outtype.upper()
-    final = Path(out_dir) / gguf_name(model_name, quant)
-    expected = estimate_gguf_bytes(src, settings.outtype)
-    disk_preflight(Path(out_dir), expected, final.name)
+
+
+def _hf_ids(src: Path, settings: ConvertSettings) -> concurrent.futures.Future | None:
+    """The HF side of the tokenizer check needs transformers (~5 s to import and load): done on a thread, while
+    the converter subprocess runs, on the core it leaves idle."""
+    if not settings.check_tokenizer:
+        return None
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokenize")
+    fut = pool.submit(hf_tokenize, src, TOKENIZER_TEXT)
+    pool.shutdown(wait=False)
+    return fut
+
+
+def _run_conversion(
+    src: Path,
+    settings: ConvertSettings,
+    out_file: Path,
+    model_name: str,
+    expected: int,
+    fused: Path | None = None,
+    write_merged: Path | None = None,
+) -> tuple[str | None, dict | None, Any]:
+    """Run the converter on `src` into `out_file` (a temporary name the caller renames), hashing as it writes.
+
+    Returns (the sha256, or None when the file must be hashed again; the fused source's report; the converter)."""
+    from tasks.gguf.toolchain import resolve_converter
+
     conv = resolve_converter(settings.llama_cpp_dir)
     log.info("converting %s with %s", src, conv.describe())
-    # The HF side of the tokenizer check needs transformers (~5 s to import and load): do it while the
-    # converter subprocess runs, on the core it leaves idle.
-    hf_ids = (
-        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokenize").submit(
-            hf_tokenize, src, TOKENIZER_TEXT
-        )
-        if settings.check_tokenizer
-        else None
-    )
+    cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
+    if settings.vocab_pre:
+        cmd += ["--vocab-pre", settings.vocab_pre]
+    report_file = out_file.with_name(out_file.name + ".fused.json")
+    if fused is not None:
+        cmd += ["--fused", str(fused), "--fused-report", str(report_file)]
+        if write_merged is not None:
+            cmd += ["--write-merged", str(write_merged)]
+    # GGUFWriter only appends: the output is hashed as it is written, on the core the converter leaves idle
+    hasher = AppendHasher(out_file).start()
+    try:
+        with converter_view(src) as view, file_progress(out_file, expected, f"convert {out_file.name}"):
+            cmd += ["--", str(view), "--outfile", str(out_file), "--outtype", settings.outtype]
+            cmd += ["--model-name", model_name]
+            rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
+        fused_meta = _fused_report(report_file, rc, tail) if fused is not None else None
+        if rc != 0:
+            raise _converter_error(rc, tail, unknown_bpe, src, settings)
+        return hasher.finish(), fused_meta, conv
+    finally:
+        hasher.close()
+
+
+def _convert(
+    merged: Artifact, src: Path, settings: ConvertSettings, out_dir: Path, model_name: str, fused: Path | None = None
+) -> Artifact:
+    """`convert` on the folder `src` the converter reads (merged/, or the fused path's view of the base)."""
+    _check_source(src)
+    final = Path(out_dir) / gguf_name(model_name, settings.outtype.upper())
+    expected = estimate_gguf_bytes(src, settings.outtype)
+    disk_preflight(Path(out_dir), expected, final.name)
+    hf_ids = _hf_ids(src, settings)
     started = time.monotonic()
     with atomic_path(final) as tmp:
-        cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
-        if settings.vocab_pre:
-            cmd += ["--vocab-pre", settings.vocab_pre]
-        report_file = tmp.with_name(tmp.name + ".fused.json")
-        if fused is not None:
-            cmd += ["--fused", str(fused), "--fused-report", str(report_file)]
-        # GGUFWriter only appends: the output is hashed as it is written, on the core the converter leaves idle
-        hasher = AppendHasher(tmp).start()
-        try:
-            with converter_view(src) as view, file_progress(tmp, expected, f"convert {final.name}"):
-                cmd += ["--", str(view), "--outfile", str(tmp), "--outtype", settings.outtype]
-                cmd += ["--model-name", model_name]
-                rc, tail, unknown_bpe = _run_converter(cmd, conv.env(), settings.timeout_s)
-            fused_meta = _fused_report(report_file, rc, tail) if fused is not None else None
-            if rc != 0:
-                raise _converter_error(rc, tail, unknown_bpe, src, settings)
-            digest = hasher.finish()
-        finally:
-            hasher.close()
+        digest, fused_meta, conv = _run_conversion(src, settings, tmp, model_name, expected, fused)
     seconds = time.monotonic() - started
+    extra = {"fused": fused_meta} if fused_meta is not None else {}
+    return _checked(merged, final, digest, settings, conv, seconds, hf_ids, extra)
+
+
+def convert_with_merged(
+    recipe_dir: Path,
+    merged_dir: Path,
+    settings: ConvertSettings,
+    out_file: Path,
+    model_name: str,
+    view_name: str | None = None,
+) -> dict[str, Any]:
+    """The shared read (merge.fused_convert when a later stage needs merged/'s weights; called by the merge
+    stage): one converter run writes `out_file` (the GGUF, under a name the caller renames) and merged/'s shards
+    and index into `merged_dir`, each merged tensor made once for both. Returns the record of the GGUF the
+    convert stage then reuses (`reusable_premade`), without `path`, `size` and `mtime_ns` (the caller's, once
+    the file has its final name)."""
+    from tasks.merge.fused import converter_folder
+
+    started = time.monotonic()
+    with converter_folder(recipe_dir, name=view_name) as view:  # named as merged/ is: what the converter sees
+        _check_source(view)
+        expected = estimate_gguf_bytes(view, settings.outtype)
+        disk_preflight(out_file.parent, expected, out_file.name)
+        digest, fused_meta, conv = _run_conversion(
+            view, settings, out_file, model_name, expected, fused=recipe_dir, write_merged=merged_dir
+        )
+    return {
+        "file": gguf_name(model_name, settings.outtype.upper()),
+        "sha256": digest or sha256_file(out_file),
+        "outtype": settings.outtype,
+        "vocab_pre": settings.vocab_pre,
+        "llama_cpp_dir": settings.llama_cpp_dir,
+        "llama_cpp_commit": conv.commit,
+        "model_name": model_name,
+        "seconds": round(time.monotonic() - started, 2),
+        "fused": fused_meta,
+    }
+
+
+def reusable_premade(
+    merged: Artifact, settings: ConvertSettings, out_dir: Path, model_name: str
+) -> tuple[Path, dict[str, Any], Any] | None:
+    """(the GGUF, its record, the converter) when the merge stage wrote this GGUF in its converter run (the
+    shared read) with the settings asked for now and the file still holds the bytes recorded (size and mtime
+    unchanged, else its sha256 again); else None, and the convert stage converts merged/ as usual."""
+    from tasks.gguf.toolchain import resolve_converter
+
+    rec = merged.meta.get("premade_gguf")
+    if not rec:
+        return None
+    final = Path(out_dir) / gguf_name(model_name, settings.outtype.upper())
+    why = None
+    if (rec.get("outtype"), rec.get("vocab_pre"), rec.get("llama_cpp_dir"), rec.get("model_name")) != (
+        settings.outtype,
+        settings.vocab_pre,
+        settings.llama_cpp_dir,
+        model_name,
+    ):
+        why = "it was made with other convert settings"
+    elif str(final.resolve()) != rec.get("path"):
+        why = f"it is {rec.get('path')}, not {final}"
+    elif not final.is_file():
+        why = f"{final} is gone"
+    else:
+        size, mtime = stat_key(final)
+        if size != rec.get("size") or (mtime != rec.get("mtime_ns") and sha256_file(final) != rec.get("sha256")):
+            why = f"{final.name} changed since the merge stage wrote it"
+    conv = None
+    if why is None:
+        conv = resolve_converter(settings.llama_cpp_dir)
+        if conv.commit != rec.get("llama_cpp_commit"):
+            why = f"the converter is llama.cpp {conv.commit}, the file was made by {rec.get('llama_cpp_commit')}"
+    if why is not None:
+        log.info("the GGUF the merge stage wrote is not reused (%s): converting merged/", why)
+        return None
+    return final, rec, conv
+
+
+def _reuse(merged: Artifact, src: Path, settings: ConvertSettings, model_name: str, final: Path, rec: dict, conv: Any):
+    """The convert stage on the GGUF the merge stage wrote (the shared read): the checks after converting only."""
+    log.info("reusing %s, written by the merge stage's converter run (sha256 %s)", final.name, rec["sha256"][:12])
+    hf_ids = _hf_ids(src, settings)
+    extra = {"reused_from_merge": True, "fused": rec.get("fused")}
+    return _checked(merged, final, rec["sha256"], settings, conv, float(rec.get("seconds") or 0), hf_ids, extra)
+
+
+def _checked(
+    merged: Artifact,
+    final: Path,
+    digest: str | None,
+    settings: ConvertSettings,
+    conv: Any,
+    seconds: float,
+    hf_ids: concurrent.futures.Future | None,
+    extra: dict[str, Any],
+) -> Artifact:
+    """Validate the converted file (header, runtime tokenization, a few generated tokens) and make its record."""
+    from tasks.gguf.validate import runtime_check, validate_gguf
+
+    quant = settings.outtype.upper()
     # The runtime checks (one llama.cpp load: tokenization and a few generated tokens) run beside the header
     # validation; the pool's exit waits for them whatever happens.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-check") as pool:
@@ -299,10 +427,10 @@ def _convert(
         "vocab_pre_used": bool(settings.vocab_pre) and info["tokenizer_pre"] == settings.vocab_pre,
         "seconds": round(seconds, 2),
         "notes": list(conv.notes),
+        **{k: v for k, v in extra.items() if v is not None},
     }
-    if fused_meta is not None:
-        meta["fused"] = fused_meta
     if settings.check_tokenizer:
+        assert hf_ids is not None
         ours, theirs = checked["tokens"], hf_ids.result()
         meta["tokenizer_check"] = {"text": TOKENIZER_TEXT, "matches": ours == theirs}
         if ours != theirs:

@@ -14,7 +14,9 @@ then runs the unmodified converter script in this process. A known hash keeps up
 With `--fused RECIPE_DIR --fused-report FILE` (merge.fused_convert) it also makes the converter read the base
 through tasks/merge/fused.py's tensor source, which applies the adapter tensor by tensor as the converter reads
 (this imports the project's own modules), and writes what that source did and checked to FILE as JSON, also
-when the converter fails.
+when the converter fails. `--write-merged DIR` (a later stage needs merged/'s weights) makes the same source
+also write merged/'s safetensors shards and index into DIR, as the streaming merge would: each merged tensor is
+made once for both files, and the base is read once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 UNKNOWN_MARK = "LORASHIP_UNKNOWN_BPE_PRE"
 
@@ -58,7 +61,7 @@ def _install_vocab_pre(name: str | None) -> None:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 
 
-def _install_fused(recipe_dir: Path) -> object:
+def _install_fused(recipe_dir: Path, write_merged: Path | None = None) -> object:
     """Route the converter's safetensors reading through the fused merge (tasks/merge/fused.py)."""
     repo = str(Path(__file__).resolve().parents[2])
     if repo not in sys.path:
@@ -70,7 +73,7 @@ def _install_fused(recipe_dir: Path) -> object:
     from tasks.merge.fused import FusedRecipe, FusedSource, install
 
     torch.set_num_threads(merge_threads())  # this process is the converter's: its pool leaves a core to it
-    source = FusedSource(FusedRecipe.read(recipe_dir))
+    source = FusedSource(FusedRecipe.read(recipe_dir), write_merged=write_merged)
     install(source, gguf.utility)
     return source
 
@@ -93,20 +96,37 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--fused", type=Path, default=None, help="merged/ folder holding a fused.json recipe")
     p.add_argument("--fused-report", type=Path, default=None, help="where to write the fused source's report")
+    p.add_argument(
+        "--write-merged",
+        type=Path,
+        default=None,
+        help="with --fused: also write merged/'s safetensors shards and index into this folder (the shared read)",
+    )
     args = p.parse_args(ours)
     root = args.llama_cpp.resolve()
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
     _install_vocab_pre(args.vocab_pre)
-    source = _install_fused(args.fused) if args.fused else None
+    source: Any = _install_fused(args.fused, args.write_merged) if args.fused else None
     script = root / args.script
     sys.argv = [str(script), *theirs]
+    converted = False
     try:
         runpy.run_path(str(script), run_name="__main__")
+        converted = True
     finally:
-        if source is not None and args.fused_report:
-            args.fused_report.write_text(json.dumps(source.report(), indent=2))  # type: ignore[attr-defined]
-            source.close()  # type: ignore[attr-defined]
+        if source is not None:
+            merged = None
+            try:
+                if converted:  # merged/'s tensors the converter did not read, its shards closed, its index
+                    merged = source.finish_merged()
+            finally:
+                report = source.report()
+                if merged is not None:
+                    report["merged_weights"] = merged
+                if args.fused_report:
+                    args.fused_report.write_text(json.dumps(report, indent=2))
+                source.close()
 
 
 if __name__ == "__main__":

@@ -25,16 +25,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.errors import PermanentError
+from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.merge.plan import WEIGHTS_INDEX, MergePlan, build_plan, load_adapter, out_dtype_of, read_json
 from tasks.merge.qlora import QLoraFormat
 from tasks.merge.safetensors_io import TensorInfo
@@ -79,6 +81,43 @@ class FusedRecipe(BaseModel):
             ) from None
 
 
+class SharedRead(StrictModel):
+    """The shared read (merge.fused_convert while a later stage needs merged/'s weights): what the merge stage needs
+    to write the GGUF in the converter run that also writes merged/, the GGUF the convert stage then reuses.
+    Only what decides the GGUF's bytes (and where it goes): the convert stage's other settings do not re-run the
+    merge."""
+
+    outtype: str
+    vocab_pre: str | None = None
+    llama_cpp_dir: Annotated[str | None, GIT_CHECKOUT] = None
+    timeout_s: int = 7200
+    model_name: str
+    gguf_dir: str
+
+    @classmethod
+    def of(cls, convert: Any, model_name: str, gguf_dir: Path) -> SharedRead:
+        """From the convert stage's settings (tasks/gguf/convert.py: ConvertSettings)."""
+        return cls(
+            outtype=convert.outtype,
+            vocab_pre=convert.vocab_pre,
+            llama_cpp_dir=convert.llama_cpp_dir,
+            timeout_s=convert.timeout_s,
+            model_name=model_name,
+            gguf_dir=str(gguf_dir),
+        )
+
+    def convert_settings(self) -> Any:
+        from tasks.gguf.convert import ConvertSettings
+
+        return ConvertSettings(
+            outtype=self.outtype,  # type: ignore[arg-type]
+            vocab_pre=self.vocab_pre,
+            llama_cpp_dir=self.llama_cpp_dir,
+            timeout_s=self.timeout_s,
+            check_tokenizer=False,  # the convert stage's checks run when it takes the file
+        )
+
+
 def is_fused(folder: Path) -> bool:
     """merged/ holds a recipe instead of weights (merge.fused_convert)."""
     return (folder / RECIPE_FILE).is_file() and not any(folder.glob("*.safetensors"))
@@ -98,14 +137,14 @@ def plan_of(recipe: FusedRecipe) -> MergePlan:
 
 
 @contextlib.contextmanager
-def converter_folder(recipe_dir: Path, plan: MergePlan | None = None) -> Iterator[Path]:
-    """A temporary folder the converter reads as the merged model: links to the recipe folder's files (config,
-    tokenizer, chat template) and to the base's safetensors shards, and the index merged/ would have (with an
-    untied lm_head in it)."""
+def converter_folder(recipe_dir: Path, plan: MergePlan | None = None, name: str | None = None) -> Iterator[Path]:
+    """A temporary folder (named `name`, else like the recipe folder) the converter reads as the merged model:
+    links to the recipe folder's files (config, tokenizer, chat template) and to the base's safetensors shards,
+    and the index merged/ would have (with an untied lm_head in it)."""
     recipe = FusedRecipe.read(recipe_dir)
     plan = plan or plan_of(recipe)
     with tempfile.TemporaryDirectory(prefix="loraship-fused-") as tmpd:
-        view = Path(tmpd) / recipe_dir.name
+        view = Path(tmpd) / (name or recipe_dir.name)
         view.mkdir()
         for p in recipe_dir.iterdir():
             if p.is_file() and p.name != RECIPE_FILE:
@@ -124,7 +163,7 @@ class FusedSource:
 
     PREFETCH = 2  # tensors made ahead of the converter's requests
 
-    def __init__(self, recipe: FusedRecipe, plan: MergePlan | None = None) -> None:
+    def __init__(self, recipe: FusedRecipe, plan: MergePlan | None = None, write_merged: Path | None = None) -> None:
         from tasks.merge.backends.streaming import Buffers, needs_work
         from tasks.merge.safetensors_io import OutEntry
         from tasks.merge.tensor_check import TensorVerifier
@@ -132,6 +171,8 @@ class FusedSource:
         self.recipe = recipe
         self.plan = plan or plan_of(recipe)
         self.verifier = TensorVerifier(self.plan, recipe.qlora, recipe.verify_rows) if recipe.check else None
+        # the shared read: each merged tensor also goes into merged/'s shards, untouched ones are copied there
+        self.out = MergedFolderWriter(self, write_merged) if write_merged is not None else None
         self.counts = {"merged": 0, "converted": 0, "checked": 0, "untouched": 0, "made_ahead": 0, "made_on_request": 0}
         self.results: list[Any] = []
         self.made: set[str] = set()
@@ -184,8 +225,11 @@ class FusedSource:
         else:  # a float tensor is copied into the work buffer, so its read buffer can be reused
             into = self._bufs.next("read", info.nbytes) if info.dtype in FLOAT_DTYPES else None
             src = read_tensor(info, self._fh(info.file), into)
-        out = merge_tensor(self.plan, info, self.work[name], src, self.recipe.qlora, None, self._bufs.work(info.numel))
+        kinds = {"merged": 0, "converted": 0, "rounded": 0}
+        out = merge_tensor(self.plan, info, self.work[name], src, self.recipe.qlora, kinds, self._bufs.work(info.numel))
         self.counts["merged" if name in self.plan.ops or name in self.plan.bias_adds else "converted"] += 1
+        if self.out is not None:
+            self.out.write(name, out, kinds)
         if self.verifier is not None:
             result = self.verifier.check_tensor(name, out)
             self.results.append(result)
@@ -194,6 +238,21 @@ class FusedSource:
                 raise RuntimeError(f"{CHECK_FAILED}: {name}: {result.detail}")
         self.seconds += time.monotonic() - started
         return out
+
+    def finish_merged(self) -> dict[str, Any] | None:
+        """After the converter is done: the tensors of merged/ it did not read (made or copied now), the shards
+        closed and the index written; returns the counts the streaming merge reports (None: no merged/)."""
+        if self.out is None:
+            return None
+        for fut in list(self._ahead.values()):  # made ahead, never asked for: written by the worker already
+            fut.result()
+        self._ahead.clear()
+        for name in self.out.missing():
+            if name in self.work:
+                self._make(name)
+            else:
+                self.out.copy(name)
+        return self.out.close()
 
     def report(self) -> dict[str, Any]:
         """What the fused convert did and what its check found (the convert stage reads it; goes into meta)."""
@@ -222,11 +281,107 @@ class FusedSource:
             fut.cancel()
         self._pool.shutdown(wait=True)
         self._ahead.clear()
+        if self.out is not None:
+            self.out.abort()
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
         if self.verifier is not None:
             self.verifier.close()
+
+
+class MergedFolderWriter:
+    """merged/'s weights written from inside the converter's process (the shared read): the shards, tensor order,
+    headers and index the streaming merge writes (tasks/merge/backends/streaming.py: shard_layout, write_index),
+    each tensor placed at its offset as it comes (safetensors_io.PlacedWriter), since the converter reads by
+    name, not in file order. A merged tensor is written by the source's worker as it is made; an untouched one
+    is copied by the kernel (copy_file_range) from the base's file when the converter asks for it, so its pages
+    are read from the disk once for both. `close` writes what the converter never read."""
+
+    def __init__(self, source: FusedSource, out_dir: Path) -> None:
+        from tasks.merge.backends.streaming import shard_layout
+        from tasks.merge.safetensors_io import PlacedWriter
+
+        self.source, self.out_dir = source, out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.files: list[PlacedWriter] = []
+        self.writer_of: dict[str, PlacedWriter] = {}
+        self.shard_of: dict[str, str] = {}
+        self.infos = source.plan.output_tensors()
+        try:
+            for shard, _infos, entries in shard_layout(source.plan, source.recipe.target_st):
+                w = PlacedWriter(out_dir / shard.name, entries)
+                self.files.append(w)
+                for e in entries:
+                    self.writer_of[e.name], self.shard_of[e.name] = w, shard.name
+        except BaseException:
+            self.abort()
+            raise
+        self.kinds: dict[str, dict[str, int]] = {}  # tensor -> how it was made (streaming merge's counts)
+        self.copies: dict[str, Future] = {}
+        self._fds: dict[Path, int] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fused-copy")
+        self._closed = False
+
+    def write(self, name: str, tensor: Any, kinds: dict[str, int]) -> None:
+        self.writer_of[name].write(name, tensor)
+        self.kinds[name] = kinds
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def copy(self, name: str) -> None:
+        info = self.infos[name]
+        self.writer_of[name].copy_raw(name, info, self._fd(info.file))
+        self.kinds[name] = {"copied": 1}
+
+    def copy_soon(self, name: str) -> None:
+        if name not in self.copies:
+            self.copies[name] = self._pool.submit(self.copy, name)
+
+    def missing(self) -> list[str]:
+        for fut in self.copies.values():
+            fut.result()
+        return [n for w in self.files for n in w.missing()]
+
+    def close(self) -> dict[str, Any]:
+        from tasks.merge.backends.streaming import write_index
+
+        self.missing()  # the copies under way are done
+        for w in self.files:
+            w.close()
+        self._closed = True
+        self._release()
+        write_index(self.source.plan, self.out_dir, self.shard_of, sum(w.total_size for w in self.files))
+        total = {k: sum(c.get(k, 0) for c in self.kinds.values()) for k in ("merged", "copied", "converted", "rounded")}
+        return {
+            "tensors_merged": total["merged"],
+            "tensors_copied": total["copied"],
+            "tensors_converted": total["converted"],
+            "tensors_qlora_roundtrip": total["rounded"],
+            "shards": len(self.files),
+            "weights_bytes": sum(w.total_size for w in self.files),
+            "copied_as_read": len(self.copies),  # untouched tensors copied when the converter read them
+        }
+
+    def _release(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def abort(self) -> None:
+        """Close what is open after a failure (the merge stage discards the folder)."""
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self, "_pool"):
+            self._release()
+        for w in self.files:
+            with contextlib.suppress(OSError):
+                w.abort()
 
 
 def install(source: FusedSource, utility: Any) -> None:
@@ -244,6 +399,20 @@ def install(source: FusedSource, utility: Any) -> None:
 
             out = source.produce(self.merged_name)
             return out.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    class CopiedTensor(local_tensor):  # type: ignore[misc, valid-type]
+        def mmap_bytes(self) -> Any:
+            assert source.out is not None
+            source.out.copy_soon(self.merged_name)  # the kernel copies the pages the converter reads
+            return super().mmap_bytes()
+
+    def untouched(info: TensorInfo) -> Any:
+        rng = tensor_range(info.file, info.start, info.nbytes)
+        if source.out is None:
+            return local_tensor(dtype=info.dtype, shape=info.shape, data_range=rng)
+        t = CopiedTensor(dtype=info.dtype, shape=info.shape, data_range=rng)
+        t.merged_name = info.name
+        return t
 
     def merged(info: TensorInfo) -> Any:
         t = MergedTensor(
@@ -264,9 +433,8 @@ def install(source: FusedSource, utility: Any) -> None:
                     tensors[info.name] = merged(info)
                     continue
                 source.counts["untouched"] += 1
-                if info.name not in tensors:  # added, unchanged: an untied lm_head is the embedding's bytes
-                    rng = tensor_range(info.file, info.start, info.nbytes)
-                    tensors[info.name] = local_tensor(dtype=info.dtype, shape=info.shape, data_range=rng)
+                if info.name not in tensors or source.out is not None:
+                    tensors[info.name] = untouched(info)  # added, unchanged: an untied head is the embedding's bytes
             self.tensors = dict(sorted(tensors.items(), key=lambda t: t[0]))
 
     utility.SafetensorsLocal = MergedSafetensors

@@ -172,6 +172,22 @@ class OutEntry:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
+def file_layout(entries: list[OutEntry], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int], int]:
+    """(the file's first bytes: length + JSON header, each tensor's absolute offset, the data's size) of a
+    safetensors file holding `entries` in this order: the one layout both writers below produce."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    rel: dict[str, int] = {}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        rel[e.name] = offset
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, like the library's own files
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {n: start + o for n, o in rel.items()}, offset
+
+
 class StreamingWriter:
     """Write one safetensors file tensor by tensor, in the order the entries were given.
 
@@ -182,17 +198,9 @@ class StreamingWriter:
     def __init__(self, path: Path | str, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.entries = list(entries)
-        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        for e in self.entries:
-            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-            offset += e.nbytes
-        self.data_size = offset
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, like the library's own files
+        head, _, self.data_size = file_layout(self.entries, metadata)
         self._fh = open(self.path, "wb")
-        self._fh.write(struct.pack("<Q", len(raw)))
-        self._fh.write(raw)
+        self._fh.write(head)
         self._next = 0
 
     @property
@@ -250,3 +258,94 @@ class StreamingWriter:
 
     def abort(self) -> None:
         self._fh.close()
+
+
+class PlacedWriter:
+    """Write one safetensors file whose tensors arrive in any order: the header is written first (the same bytes
+    `StreamingWriter` writes for these entries), then each tensor at its precomputed offset (`pwrite`, or the
+    kernel's `copy_file_range` for bytes taken unchanged from another file); thread-safe, since each call
+    writes its own range. `close` checks every tensor was written once.
+
+    Why: the fused merge writes merged/ from inside llama.cpp's converter (tasks/merge/fused.py), which reads
+    the tensors in its own order (by name), not the file's.
+    """
+
+    def __init__(self, path: Path | str, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None):
+        import threading
+
+        self.path = Path(path)
+        self.entries = {e.name: e for e in entries}
+        head, self.offsets, self.data_size = file_layout(list(self.entries.values()), metadata)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, head)
+        os.ftruncate(self._fd, len(head) + self.data_size)
+        self.written: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def total_size(self) -> int:
+        return self.data_size
+
+    def _claim(self, name: str, nbytes: int) -> OutEntry:
+        e = self.entries.get(name)
+        if e is None:
+            raise RuntimeError(f"{self.path.name}: no tensor {name!r} in its header")
+        if nbytes != e.nbytes:
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {nbytes} bytes, header says {e.nbytes}")
+        return e
+
+    def _done(self, name: str) -> None:
+        with self._lock:
+            self.written.add(name)
+
+    def write(self, name: str, tensor: Any) -> None:
+        e = self.entries.get(name)
+        if e is not None and (
+            tuple(tensor.shape) != e.shape
+            or TORCH_TO_ST.get(str(tensor.dtype).removeprefix("torch."), None) not in (e.dtype, None)
+        ):
+            raise RuntimeError(
+                f"{self.path.name}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, header says "
+                f"{e.shape} {e.dtype}"
+            )
+        data = tensor_bytes(tensor) if tensor.numel() else memoryview(b"")
+        self.write_bytes(name, data)
+
+    def write_bytes(self, name: str, data: Any) -> None:
+        data = memoryview(data).cast("B")
+        self._claim(name, data.nbytes)
+        at, done = self.offsets[name], 0
+        while done < data.nbytes:
+            done += os.pwrite(self._fd, data[done:], at + done)
+        self._done(name)
+
+    def copy_raw(self, name: str, src: TensorInfo, src_fd: int) -> None:
+        """A tensor's bytes from another safetensors file, unchanged (in the kernel where it can)."""
+        self._claim(name, src.nbytes)
+        at, done = self.offsets[name], 0
+        while done < src.nbytes:
+            left = src.nbytes - done
+            try:
+                n = os.copy_file_range(src_fd, self._fd, left, src.start + done, at + done)
+            except OSError:  # another filesystem or an old kernel: through user space
+                n = os.pwrite(self._fd, os.pread(src_fd, min(COPY_CHUNK, left), src.start + done), at + done)
+            if n == 0:
+                raise PermanentError(
+                    f"{src.file}: tensor {name!r} is cut short", hint="the file is damaged: copy it again"
+                )
+            done += n
+        self._done(name)
+
+    def missing(self) -> list[str]:
+        return [n for n in self.entries if n not in self.written]
+
+    def close(self) -> None:
+        missing = self.missing()
+        if missing:
+            os.close(self._fd)
+            raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) were never written: {missing[:3]}")
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+    def abort(self) -> None:
+        os.close(self._fd)

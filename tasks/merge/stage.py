@@ -34,6 +34,7 @@ from tasks.core.stage import stage_task
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.merge import qlora as q4
 from tasks.merge.backends import DEFAULT_BACKEND, MERGE_BACKENDS, MergeBackend, MergeJob
+from tasks.merge.fused import SharedRead
 from tasks.merge.plan import (
     MergePlan,
     base_is_quantized,
@@ -142,8 +143,10 @@ class MergeSettings(StrictModel):
         description=(
             "merge while converting: llama.cpp's converter reads the base through a source that applies the adapter "
             "tensor by tensor (the streaming merge's math and checks), so the F16/BF16 GGUF is written in one pass and "
-            "merged/ holds no weights; merged/ is still written in full when a later stage needs it "
-            "(hub.include_merged). Needs the streaming backend and a safetensors base"
+            "merged/ holds no weights; when a later stage needs merged/'s weights (hub.include_merged, a merged repo, "
+            "the transformers engine or Space) the merge stage's one converter run writes both merged/ and the GGUF "
+            "from a single read of the base, and the convert stage reuses that GGUF. Needs the streaming backend and "
+            "a safetensors base"
         ),
     )
 
@@ -468,6 +471,70 @@ def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, bas
     return meta
 
 
+def _shared_read(
+    settings: MergeSettings,
+    job: MergeJob,
+    adapter: Artifact,
+    base_key: str,
+    tmp: Path,
+    shared: SharedRead,
+    started: float,
+    out_name: str,
+) -> dict[str, Any]:
+    """merged/ and the GGUF from one read of the base (merge.fused_convert while a later stage needs merged/'s
+    weights): llama.cpp's converter runs once, through the fused source, which writes each merged tensor both
+    into the GGUF and into merged/'s shards (the streaming merge's layout; untouched tensors copied from the
+    base). The checks then run on merged/ as after any merge; the GGUF gets its final name only when they pass,
+    and is recorded (`premade_gguf`: its digest, the settings it was made with) for the convert stage to reuse.
+    Returns the artifact's meta."""
+    from tasks.core.atomic import atomic_path
+    from tasks.core.hashing import stat_key
+    from tasks.gguf.convert import convert_with_merged, gguf_name
+    from tasks.merge.fused import RECIPE_FILE, FusedRecipe
+
+    plan = job.plan
+    if plan is None:
+        raise PermanentError(
+            f"merge.fused_convert reads the base's safetensors, and {job.base_dir} has PyTorch .bin weights",
+            hint="set merge.fused_convert: false (and merge.backend: peft) for this base",
+        )
+    meta: dict[str, Any] = {
+        "fused_convert": True,
+        "shared_read": True,
+        "tokenizer_from": copy_side_files(
+            job.base_dir, job.adapter_dir, tmp, None if settings.dtype == "auto" else job.dtype
+        ),
+    }
+    if plan.untied:
+        _untie_config(tmp)
+    FusedRecipe(
+        base_dir=str(job.base_dir),
+        base_key=base_key or job.base_ref,
+        adapter_dir=str(job.adapter_dir),
+        adapter_sha256=adapter.sha256,
+        dtype=job.dtype,
+        target_st=job.target_st,
+        qlora=job.qlora,
+        check=False,  # the per-tensor check reads merged/'s files below, as after the streaming merge
+        verify_rows=settings.verify_rows,
+    ).write(tmp)
+    final = Path(shared.gguf_dir) / gguf_name(shared.model_name, shared.outtype)
+    with atomic_path(final) as gguf_tmp:
+        record = convert_with_merged(
+            tmp, tmp, shared.convert_settings(), gguf_tmp, shared.model_name, view_name=out_name
+        )
+        (tmp / RECIPE_FILE).unlink()
+        fused_report = dict(record.get("fused") or {})
+        meta.update(fused_report.pop("merged_weights", None) or {})
+        record["fused"] = fused_report
+        meta.update(_check_tensors(settings, job, tmp))
+        meta["merge_seconds"] = round(time.monotonic() - started, 3)
+        meta.update(_verify(settings, job, tmp, plan.base_bytes()))
+    size, mtime = stat_key(final)
+    meta["premade_gguf"] = {**record, "path": str(final.resolve()), "size": size, "mtime_ns": mtime}
+    return meta
+
+
 def merge(
     adapter: Artifact,
     settings: MergeSettings,
@@ -475,12 +542,14 @@ def merge(
     default_base: str = "",
     base_key: str = "",
     fused: bool = False,
+    shared: SharedRead | None = None,
 ) -> Artifact:
     """Merge `adapter` into its base model; write merged/ atomically; return the 'merged' artifact.
 
     `fused` (merge.fused_convert, when no later stage needs the merged weights): everything is checked as
     usual, and merged/ holds the config, tokenizer and a fused.json recipe; the convert stage applies the adapter
-    while converting (tasks/merge/fused.py)."""
+    while converting (tasks/merge/fused.py). `shared` (merge.fused_convert when a later stage needs the merged
+    weights): one converter run writes merged/'s weights and the GGUF (`_shared_read`)."""
     started = time.monotonic()
     backend = available_backend(settings.backend)  # fail before any work
     adapter_dir = adapter.local_path
@@ -512,6 +581,11 @@ def merge(
     )
 
     meta = _merge_meta(backend, job, adapter_cfg, qlora_found)
+    if shared is not None and not fused:
+        with atomic_dir(out_dir) as tmp:
+            meta.update(_shared_read(settings, job, adapter, base_key, tmp, shared, started, out_dir.name))
+        meta["seconds"] = round(time.monotonic() - started, 3)
+        return _merged_artifact(out_dir, adapter, base_key or ref, settings, meta)
     if fused:
         with atomic_dir(out_dir) as tmp:
             meta.update(_fused_recipe(settings, job, adapter, base_key, tmp))
@@ -573,6 +647,7 @@ def merge_task(
     default_base: str = "",
     base_key: str = "",
     fused: bool = False,
+    shared: SharedRead | None = None,
 ) -> Artifact:
     """The cache key covers the whole merge package (tasks/core/caching.py); base_key stands for the base."""
-    return merge(adapter, settings, out_dir, default_base, base_key, fused)
+    return merge(adapter, settings, out_dir, default_base, base_key, fused, shared)

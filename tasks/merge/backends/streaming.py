@@ -212,6 +212,28 @@ class Buffers:
         return self._get((kind, turn), nbytes)
 
 
+def shard_layout(plan: MergePlan, target_dtype: str | None) -> list[tuple[Path, list[TensorInfo], list[OutEntry]]]:
+    """(base shard, its tensors in file order, their output entries) per shard: merged/ keeps the base's shards,
+    tensor order and names, each tensor in its output dtype, plus an untied lm_head right after the embedding it
+    starts from. The one layout of merged/: the streaming merge writes it in order, the fused merge's writer
+    (tasks/merge/fused.py) at precomputed offsets."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in plan.output_tensors().values():  # base tensors + an untied lm_head (from the embedding's bytes)
+        by_file.setdefault(info.file, []).append(info)
+    out = []
+    for shard in plan.shards:
+        infos = sorted(by_file.get(shard, []), key=lambda t: (t.start, t.name in plan.added))
+        out.append((shard, infos, [OutEntry(t.name, out_dtype_of(t.dtype, target_dtype), t.shape) for t in infos]))
+    return out
+
+
+def write_index(plan: MergePlan, out_dir: Path, weight_map: dict[str, str], total: int) -> None:
+    """merged/'s model.safetensors.index.json, when the base has one."""
+    if plan.indexed:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def stream_merge(
     plan: MergePlan,
     out_dir: Path,
@@ -229,9 +251,6 @@ def stream_merge(
     weight_map: dict[str, str] = {}
     total = 0
     counts = {"merged": 0, "copied": 0, "converted": 0, "rounded": 0}
-    by_file: dict[Path, list] = {}
-    for info in plan.output_tensors().values():  # base tensors + an untied lm_head (from the embedding's bytes)
-        by_file.setdefault(info.file, []).append(info)
 
     bufs = Buffers()
 
@@ -251,9 +270,7 @@ def stream_merge(
         ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool,
     ):
-        for shard in plan.shards:
-            infos = sorted(by_file.get(shard, []), key=lambda t: (t.start, t.name in plan.added))
-            entries = [OutEntry(t.name, out_dtype_of(t.dtype, target_dtype), t.shape) for t in infos]
+        for shard, infos, entries in shard_layout(plan, target_dtype):
             work = [needs_work(plan, i, e, qlora) for i, e in zip(infos, entries)]
             todo = [k for k, w in enumerate(work) if w]
             writer = StreamingWriter(out_dir / shard.name, entries)
@@ -296,9 +313,7 @@ def stream_merge(
                 writer.abort()
                 raise
             total += writer.total_size
-    if plan.indexed:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_index(plan, out_dir, weight_map, total)
     log.info(
         "streaming merge: %d tensors merged, %d copied unchanged, %d converted%s",
         counts["merged"],
