@@ -645,7 +645,12 @@ def run_evaluate(ctx: RunContext) -> list[Artifact]:
     ctx.notes.setdefault("links", {})["eval report"] = report.meta["markdown"]
     rows = report.meta["quants"]
     ctx.notes.setdefault("messages", {})["evaluate"] = "; ".join(
-        f"{q}: ppl {r['ppl']:.4g}" + (f", KL {r['kl_div']:.2g}" if r.get("kl_div") is not None and q != "F16" else "")
+        f"{q}: ppl {r['ppl']:.4g}"
+        + (
+            f", KL {r['kl_div']:.2g}"
+            if r.get("kl_div") is not None and q != report.meta.get("reference", "F16")
+            else ""
+        )
         for q, r in rows.items()
         if r.get("ppl") is not None
     )

@@ -69,7 +69,8 @@ def adapter_artifact(folder: Path, base: str = "acme/tiny-base") -> Artifact:
     return Artifact.from_path(folder, name="adapter", kind="adapter", stage="download", meta={"metadata_files": files})
 
 
-def eval_artifact(path: Path, quants: dict[str, dict[str, float]]) -> Artifact:
+def eval_artifact(path: Path, quants: dict[str, dict[str, float]], reference: str | None = None) -> Artifact:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(quants))
-    return Artifact.from_path(path, name="report:eval", kind="report", stage="evaluate", meta={"quants": quants})
+    meta: dict = {"quants": quants, **({"reference": reference} if reference else {})}
+    return Artifact.from_path(path, name="report:eval", kind="report", stage="evaluate", meta=meta)

@@ -57,6 +57,23 @@ def test_card_with_training_and_eval(tmp_path):
     assert "\n\n\n" not in text
 
 
+def test_card_names_the_kl_reference_the_eval_used(tmp_path):
+    """convert.outtype bf16: the eval's reference is the BF16 GGUF, and the card's columns say so."""
+    ev = eval_artifact(tmp_path / "eval.json", {"Q4_K_M": {"ppl": 12.5, "kl_div": 0.05}, "BF16": {"ppl": 11.8}}, "BF16")
+    text = build_card(
+        gguf_artifacts(tmp_path / "g"),
+        model_name="tiny",
+        version="v1",
+        repo_id="alice/tiny-GGUF",
+        settings=CardSettings(),
+        eval_report=ev,
+    )
+    assert "KL divergence vs BF16" in text and "vs F16" not in text
+    assert any(
+        m["name"] == "KL divergence vs BF16 (Q4_K_M)" for m in _header(text)["model-index"][0]["results"][0]["metrics"]
+    )
+
+
 def test_sections_without_data_are_left_out(tmp_path):
     ggufs = gguf_artifacts(tmp_path / "g", quants=("Q8_0",))
     text = build_card(

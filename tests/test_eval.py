@@ -182,3 +182,19 @@ def test_bad_samples_fail_with_the_line(tmp_path):
     bad.write_text('{"prompt": "hi", "reference": "x"}\n{"prompt": "hi", "metric": "bleu"}\n')
     with pytest.raises(PermanentError, match="samples.jsonl:2"):
         load_samples(EvalSettings(samples=str(bad)))
+
+
+def test_a_bf16_convert_is_the_kl_reference(llama_ggufs, tmp_path):
+    """convert.outtype bf16 makes no F16: the BF16 GGUF is the reference (before, no KL was reported at all)."""
+    from tasks.gguf.quantize import QuantizeSettings, quantize
+
+    f16 = gguf_artifacts(llama_ggufs, ("F16",))[0]
+    bf16 = quantize(f16, "BF16", QuantizeSettings(), tmp_path / "q", "demo", threads=2)
+    assert bf16.meta["quant"] == "BF16"
+    ggufs = [bf16, *gguf_artifacts(llama_ggufs, ("Q4_K_M",))]
+    art = evaluate(ggufs, EvalSettings(max_tokens=4, n_ctx=128), tmp_path / "eval", "demo")
+    quants = art.meta["quants"]
+    assert art.meta["reference"] == "BF16" and list(quants) == ["BF16", "Q4_K_M"]
+    assert quants["BF16"]["kl_div"] == 0 and quants["BF16"]["ppl_delta"] == 0
+    assert 0 < quants["Q4_K_M"]["kl_div"] and quants["Q4_K_M"]["ppl_ratio"] > 0
+    assert "KL-divergence against BF16" in (tmp_path / "eval" / "eval.md").read_text()

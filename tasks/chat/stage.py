@@ -105,7 +105,8 @@ def _pick_gguf(ggufs: list[Artifact], quant: str | None) -> Artifact:
                 hint="name a quant from quantization.types, or F16",
             )
         return by_quant[quant]
-    return by_quant.get("F16") or next(iter(by_quant.values()))
+    floats = sorted((q for q in by_quant if quant_types.is_float(q)), key=quant_types.precision_key)
+    return by_quant[floats[0]] if floats else next(iter(by_quant.values()))  # the unquantized one: F16/BF16/F32
 
 
 def hf_folder(merged: Artifact | None) -> Path | None:

@@ -1,12 +1,13 @@
-"""Stage 11, eval: compare the quantizations against each other and against the F16 GGUF.
+"""Stage 11, eval: compare the quantizations against each other and against the unquantized GGUF.
 
 For every GGUF (and optionally a second model version, `evaluation.compare_gguf`) a child process
 (tasks/evaluate/worker.py) answers the eval samples (eval_samples.jsonl: prompt, reference, optional
 metric exact|contains) and measures latency p50/p95, tokens/s, accuracy and peak memory, then scores a
-held-out text the way `llama-perplexity` does (tasks/evaluate/kl.py, tasks/evaluate/windows.py): the F16
-first, writing its log-probabilities in llama-perplexity's `--kl-divergence-base` format, then each quant
-against that file: perplexity, mean KL-divergence with its standard error, 99th percentile, same-top-token
-rate and the perplexity ratio. Everything is done chunk by chunk, so memory does not grow with the text.
+held-out text the way `llama-perplexity` does (tasks/evaluate/kl.py, tasks/evaluate/windows.py): the reference
+(the unquantized GGUF convert wrote: F16, or BF16/F32 as `convert.outtype` says) first, writing its
+log-probabilities in llama-perplexity's `--kl-divergence-base` format, then each quant against that file:
+perplexity, mean KL-divergence with its standard error, 99th percentile, same-top-token rate and the perplexity
+ratio. Everything is done chunk by chunk, so memory does not grow with the text.
 
 The report (reports/eval/: eval.json, eval.md, quality_vs_size.png) is the `report:eval` artifact; its
 `meta.quants` maps each quant to {ppl, ppl_delta, ppl_ratio, kl_div, kl_div_se, kl_div_p99, top1_agreement,
@@ -155,24 +156,32 @@ def _run_worker(job: dict[str, Any], work: Path, timeout: float) -> dict[str, An
     return json.loads(result_path.read_text())
 
 
-def _order(q: str) -> tuple[bool, tuple[float, int, str]]:
-    """The reference (F16) first, since its logprobs feed the others' KL; then the most precise types first."""
-    return (q != "F16", quant_types.precision_key(q))
+def reference_of(quants: list[str]) -> str | None:
+    """The KL reference among `quants`: the unquantized GGUF the convert stage wrote (F16, BF16 or F32 as
+    `convert.outtype` says; the most precise if several), None when only quantizations were evaluated."""
+    floats = [q for q in quants if quant_types.is_float(q)]
+    return min(floats, key=quant_types.precision_key) if floats else None
+
+
+def _order(q: str, ref: str | None) -> tuple[bool, tuple[float, int, str]]:
+    """The reference first, since its logprobs feed the others' KL; then the most precise types first."""
+    return (q != ref, quant_types.precision_key(q))
 
 
 def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[str, dict[str, Any]]:
-    """Evaluate each GGUF in a child process, F16 first; returns quant -> results."""
+    """Evaluate each GGUF in a child process, the reference (`reference_of`) first; returns quant -> results."""
     by_quant = {str(a.meta.get("quant")): a for a in ggufs}
     if settings.quants:
         missing = [q for q in settings.quants if q not in by_quant]
         if missing:
             raise PermanentError(f"evaluation.quants {missing} were not made in this run (made: {', '.join(by_quant)})")
         by_quant = {q: by_quant[q] for q in settings.quants}
-        ref = next((a for a in ggufs if a.meta.get("quant") == "F16"), None)
-        if ref is not None:
-            by_quant.setdefault("F16", ref)
+        made_ref = reference_of([str(a.meta.get("quant")) for a in ggufs])
+        if made_ref is not None:
+            by_quant.setdefault(made_ref, next(a for a in ggufs if str(a.meta.get("quant")) == made_ref))
     samples, heldout = load_samples(settings), load_heldout(settings)
-    order = sorted(by_quant, key=_order)
+    ref = reference_of(list(by_quant))
+    order = sorted(by_quant, key=lambda q: _order(q, ref))
     base = {
         "samples": samples,
         "heldout_text": heldout,
@@ -183,9 +192,9 @@ def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[
         "max_heldout_tokens": settings.max_heldout_tokens,
         "ppl_ctx": settings.ppl_ctx or settings.n_ctx,
     }
-    ref_lp = work / "f16-logprobs.kld" if "F16" in by_quant else None
+    ref_lp = work / "reference-logprobs.kld" if ref is not None else None
     if ref_lp is None:
-        log.warning("no F16 GGUF in this run: perplexity is reported, KL-divergence is not")
+        log.warning("no unquantized (F16/BF16/F32) GGUF in this run: perplexity is reported, KL-divergence is not")
     jobs = [(q, str(by_quant[q].local_path), by_quant[q].size) for q in order]
     if settings.compare_gguf:
         p = Path(settings.compare_gguf).expanduser()
@@ -196,7 +205,7 @@ def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[
     with Progress("evaluate quants", len(jobs), unit="quant") as progress:
         for q, path, size in jobs:
             job = {**base, "quant": q, "model": path}
-            if q == "F16":
+            if q == ref:
                 job["save_logprobs"] = str(ref_lp)
             elif ref_lp is not None and q != "compare":
                 job["ref_logprobs"] = str(ref_lp)
@@ -205,12 +214,12 @@ def run_eval(ggufs: list[Artifact], settings: EvalSettings, work: Path) -> dict[
             res["size_mb"] = round(size / 1e6, 3)
             results[q] = res
             progress.advance(1)
-    if "F16" in results:
-        f16 = results["F16"]["ppl"]
+    if ref is not None and ref in results:
+        ref_ppl = results[ref]["ppl"]
         for r in results.values():
             if "ppl" in r:
-                r["ppl_delta"] = r["ppl"] - f16
-        results["F16"].update(kl_div=0.0, kl_div_se=0.0, kl_div_p99=0.0, top1_agreement=1.0, ppl_ratio=1.0)
+                r["ppl_delta"] = r["ppl"] - ref_ppl
+        results[ref].update(kl_div=0.0, kl_div_se=0.0, kl_div_p99=0.0, top1_agreement=1.0, ppl_ratio=1.0)
     return results
 
 
@@ -239,7 +248,12 @@ def quant_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def to_markdown(
-    model: str, table: dict[str, dict[str, Any]], n_samples: int, heldout_tokens: int | None, ppl_ctx: int | None = None
+    model: str,
+    table: dict[str, dict[str, Any]],
+    n_samples: int,
+    heldout_tokens: int | None,
+    ppl_ctx: int | None = None,
+    reference: str | None = "F16",
 ) -> str:
     windows = (
         f" in windows of {ppl_ctx} (the second half of each scored, as `llama-perplexity -c {ppl_ctx} --kl-divergence`)"
@@ -249,7 +263,8 @@ def to_markdown(
     lines = [
         f"# Evaluation of {model}",
         "",
-        f"{n_samples} eval samples; perplexity and KL-divergence against F16 on {heldout_tokens} held-out tokens"
+        f"{n_samples} eval samples; perplexity and KL-divergence against {reference} on {heldout_tokens} "
+        "held-out tokens"
         f"{windows}.",
         "",
     ]
@@ -266,7 +281,7 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict[str, dict[str, Any]], path: Path, model: str) -> None:
+def plot(table: dict[str, dict[str, Any]], path: Path, model: str, reference: str | None = "F16") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,9 +303,9 @@ def plot(table: dict[str, dict[str, Any]], path: Path, model: str) -> None:
             [table[q]["kl_div"] for q in kq],
             "o--",
             color="tab:red",
-            label="KL vs F16",
+            label=f"KL vs {reference}",
         )
-        ax2.set_ylabel("mean KL-divergence vs F16", color="tab:red")
+        ax2.set_ylabel(f"mean KL-divergence vs {reference}", color="tab:red")
     ax.set_title(f"{model}: quality against file size")
     fig.tight_layout()
     fig.savefig(path)
@@ -302,7 +317,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
     if not ggufs:
         raise PermanentError("no GGUF files to evaluate", hint="run the convert/quantize stages first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # beside the report, not in /tmp: the F16 reference file grows with the held-out text and the vocabulary
+    # beside the report, not in /tmp: the reference's log-probabilities grow with the held-out text and the vocabulary
     with tempfile.TemporaryDirectory(prefix=".eval-work-", dir=out_dir.parent) as work:
         results = run_eval(ggufs, settings, Path(work))
     table = quant_table(results)
@@ -317,13 +332,15 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
         "note": "timings were measured one quant after another on this machine; CPU load from other work changes them",
     }
     ppl_ctx = next((r.get("ppl_ctx") for r in results.values() if r.get("ppl_ctx")), None)
-    md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens, ppl_ctx)
+    reference = reference_of(list(results))
+    report["reference"] = reference
+    md = to_markdown(model, table, len(load_samples(settings)), heldout_tokens, ppl_ctx, reference)
     md += f"\nMeasured {measured_at}.\n"
     with atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "eval.md").write_text(md)
-        plot(table, tmp / "quality_vs_size.png", model)
+        plot(table, tmp / "quality_vs_size.png", model, reference)
     rows = [{"quant": q, **row} for q, row in table.items()]
     publish_table(artifact_key("eval", model), rows, f"Quantization comparison of {model}")
     return Artifact.from_path(
@@ -339,6 +356,7 @@ def evaluate(ggufs: list[Artifact], settings: EvalSettings, out_dir: Path, model
             "measured_at": measured_at,
             "heldout_tokens": heldout_tokens,
             "ppl_ctx": ppl_ctx,
+            "reference": reference,
             "samples": len(load_samples(settings)),
             "json": str(out_dir / "eval.json"),
             "markdown": str(out_dir / "eval.md"),

@@ -254,6 +254,8 @@ def build_card(
     repos[kind] = repo_id
 
     metrics = eval_by_quant(eval_report)
+    ref = str((eval_report.meta if eval_report is not None else {}).get("reference") or "F16")
+    labels = {k: v.replace("F16", ref) for k, v in _METRIC_LABELS.items()}  # BF16/F32 when convert wrote that
     split_of = {str(a.meta.get("unsplit")): a for a in splits or []}
     base_url = repo_url(endpoint, repo_id)
     quants = []
@@ -292,7 +294,7 @@ def build_card(
         {k for q in quants for k in q["metrics"]},
         key=lambda k: (list(_METRIC_LABELS).index(k) if k in _METRIC_LABELS else 99, k),
     )
-    metric_columns = [{"key": k, "label": _METRIC_LABELS.get(k, k.replace("_", " "))} for k in metric_keys]
+    metric_columns = [{"key": k, "label": labels.get(k, k.replace("_", " "))} for k in metric_keys]
 
     hub_base, base_name = base_model_names(base_model, adapter, settings)
     eval_results = []
@@ -308,7 +310,7 @@ def build_card(
                             dataset_type="loraship-eval",
                             dataset_name="loraship eval prompts",
                             metric_type="perplexity" if k in ("perplexity", "ppl") else "kl_divergence",
-                            metric_name=f"{_METRIC_LABELS[k]} ({q['quant']})",
+                            metric_name=f"{labels[k]} ({q['quant']})",
                             metric_value=v,
                         )
                     )
