@@ -66,15 +66,17 @@ def _install_fused(recipe_dir: Path, write_merged: Path | None = None) -> object
     repo = str(Path(__file__).resolve().parents[2])
     if repo not in sys.path:
         sys.path.append(repo)
-    import gguf.utility  # the converter's own gguf-py (first on sys.path)
+    import gguf.lazy  # the converter's own gguf-py (first on sys.path)
+    import gguf.utility
     import torch
 
     from tasks.merge.backends.streaming import merge_threads
-    from tasks.merge.fused import FusedRecipe, FusedSource, install
+    from tasks.merge.fused import FusedRecipe, FusedSource, install, install_fast_casts
 
     torch.set_num_threads(merge_threads())  # this process is the converter's: its pool leaves a core to it
     source = FusedSource(FusedRecipe.read(recipe_dir), write_merged=write_merged)
     install(source, gguf.utility)
+    install_fast_casts(gguf.lazy)  # the F16 cast by torch (same bytes), numpy's was the largest cost
     return source
 
 

@@ -440,6 +440,52 @@ def install(source: FusedSource, utility: Any) -> None:
     utility.SafetensorsLocal = MergedSafetensors
 
 
+def fast_astype(a: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+    """`a.astype(dtype, ...)`, with float32 -> float16 done by torch (one vectorized pass, ~10x numpy's: measured
+    on a 3456x1280 tensor, 2.2 ms against 21 ms; numpy's cast was the converter's largest cost in the fused
+    path). Both round to nearest even, with the same subnormals and infinities (every 97th float32 bit pattern,
+    and the ties and neighbours of every float16, agree bit for bit); NaN payloads may differ, so an array with
+    a NaN (its sum is NaN) goes to numpy. Anything else is numpy's own cast."""
+    import numpy as np
+
+    if (
+        getattr(a, "dtype", None) == np.float32
+        and np.dtype(dtype) == np.float16
+        and not args
+        and set(kwargs) <= {"copy"}
+        and a.size
+        and a.flags.writeable
+    ):
+        import torch
+
+        try:
+            t = torch.from_numpy(a)
+        except (ValueError, TypeError):  # negative strides, an odd layout: numpy's cast
+            t = None
+        if t is not None and not bool(t.sum().isnan()):
+            return t.to(torch.float16).numpy()
+    return a.astype(dtype, *args, **kwargs)
+
+
+def install_fast_casts(lazy: Any) -> None:
+    """Make gguf-py's lazy numpy tensors (module `lazy`, the converter's own gguf-py) cast with `fast_astype`.
+
+    The converter's F16 output is `quantize(data, F16)` = `data.astype(np.float16)` on a LazyNumpyTensor, which
+    records the cast and runs it when the tensor is written; this keeps upstream's lazy node (its meta, shape
+    and dtype checks) and swaps the function it runs. Installed in the fused converter's process only, so the
+    fused GGUF compared with converting merged/ with the unpatched converter checks the bytes (tests/test_fused.py).
+    """
+    cls = lazy.LazyNumpyTensor
+    upstream = cls.astype
+
+    def astype(self: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+        node = upstream(self, dtype, *args, **kwargs)
+        node._func = fast_astype
+        return node
+
+    cls.astype = astype
+
+
 def merged_state(plan: MergePlan, target_st: str | None, qlora: QLoraFormat | None = None) -> dict[str, Any]:
     """Every tensor merged/ would hold, made in memory (the fused path's logit check on a small base)."""
     from tasks.merge.backends.streaming import merge_tensor, source_tensor
