@@ -6,6 +6,9 @@ Needs llama.cpp's tools (./setup.sh --llama-tools; built on first use otherwise,
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -78,11 +81,14 @@ def test_imatrix_is_computed_once_used_by_every_type_recorded_and_cached(llama_g
     assert changed.computed is True and changed.path != matrix and changed.sha256 != again.sha256
 
 
-def test_a_given_imatrix_file_still_wins_and_short_texts_are_refused(llama_ggufs, tmp_path):
+def test_a_given_imatrix_file_still_wins_and_short_texts_are_refused(llama_ggufs, tmp_path, caplog):
     f16 = _f16(llama_ggufs["F16"])
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(corpus_lines()))
-    matrix = compute_imatrix(f16, calib, tmp_path / "gguf")
+    with caplog.at_level(logging.INFO, logger="loraship.quantize"):
+        matrix = compute_imatrix(f16, calib, tmp_path / "gguf")
+    # the tool's own plan, read from its output, is what the user sees while it runs
+    assert re.search(r"imatrix: \d+ chunk\(s\) of .*F16.* at about [\d.]+ s each", caplog.text), caplog.text
     given = quantize(
         f16,
         "Q4_K_M",
@@ -128,3 +134,25 @@ def test_the_flow_computes_one_imatrix_from_the_evaluation_text_and_caches_the_r
     assert len(list((run.gguf_dir / "imatrix").glob("imatrix-*.gguf"))) == 1
     second = full(config=cfg)
     assert {s.stage: s.status for s in second.stages} == {"convert": "cached", "quantize": "cached"}
+
+
+def test_the_imatrix_progress_is_estimated_from_the_tools_plan_and_never_finishes_early():
+    """llama-imatrix --no-ppl prints its plan (lines as the vendored tool prints them) and then nothing until it
+    ends: the bar advances by time per pass, stops one chunk short, and completes only when the tool has."""
+    from tasks.gguf.imatrix import _EstimatedProgress
+
+    est = _EstimatedProgress("m-F16.gguf")
+    est.line("0.00.049.368 I compute_imatrix: computing over 18 chunks, n_ctx=64, batch_size=64, n_seq=1")
+    est.line("0.00.070.861 I compute_imatrix: 0.01 seconds per pass - ETA 0.00 minutes")
+    assert est.chunks == 18 and est.per_pass == 0.01 and est._progress is not None
+    for _ in range(200):  # the ticker runs once a second
+        if est._progress.done >= 17:
+            break
+        time.sleep(0.05)
+    assert est._progress.done == 17  # not 18: the tool has not said it is done
+    est.close(ok=True)
+    assert est._progress.done == 18
+    silent = _EstimatedProgress("x")
+    silent.line("some other line")
+    silent.close(ok=False)  # no plan seen: nothing to draw, nothing raised
+    assert silent._progress is None

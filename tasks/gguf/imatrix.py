@@ -20,7 +20,9 @@ import collections
 import hashlib
 import json
 import logging
+import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path, atomic_write_json
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
+from tasks.core.progress import Progress
 
 log = logging.getLogger("loraship.quantize")
 
@@ -191,7 +194,7 @@ def compute_imatrix(
             ]  # fmt: skip
             if threads:
                 cmd += ["-t", str(threads)]
-            _run(cmd, calibration)
+            _run(cmd, calibration, src.name)
         seconds = time.monotonic() - started
         facts = imatrix_facts(final, dataset=calibration.name)
         if not facts.entries:
@@ -231,15 +234,74 @@ def _cached(final: Path, record: Path) -> Imatrix | None:
     )
 
 
-def _run(cmd: list[str], calibration: Path) -> None:
+#: llama-imatrix's two lines about its plan (with --no-ppl it prints nothing per chunk)
+_CHUNKS = re.compile(r"computing over (\d+) chunks")
+_PER_PASS = re.compile(r"([\d.]+) seconds per pass")
+
+
+class _EstimatedProgress:
+    """A progress bar / Prefect progress artifact for llama-imatrix, estimated from its own plan lines.
+
+    Why estimated: with `--no-ppl` (which spares the output layer's logits, a large share of a small model's
+    work) the tool prints the number of chunks and the seconds its first pass took, then nothing until it
+    ends. So the bar advances by elapsed time over that per-pass time, never past the last chunk before the
+    tool has finished, and the log gets the tool's estimate once at INFO."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.chunks: int | None = None
+        self.per_pass: float | None = None
+        self._progress: Progress | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def line(self, line: str) -> None:
+        if self.chunks is None and (m := _CHUNKS.search(line)):
+            self.chunks = int(m[1])
+        elif self.per_pass is None and self.chunks and (m := _PER_PASS.search(line)):
+            self.per_pass = max(float(m[1]), 1e-3)
+            log.info(
+                "imatrix: %d chunk(s) of %s at about %.2f s each (llama-imatrix's estimate: %.1f min)",
+                self.chunks,
+                self.name,
+                self.per_pass,
+                self.chunks * self.per_pass / 60,
+            )
+            self._progress = Progress(f"imatrix {self.name}", self.chunks, unit="chunk")
+            self._progress.update_to(1)
+            self._ticker = threading.Thread(target=self._tick, name="imatrix-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        started = time.monotonic()
+        assert self._progress is not None and self.chunks and self.per_pass
+        while not self._stop.wait(1.0):
+            estimated = 1 + (time.monotonic() - started) / self.per_pass
+            self._progress.update_to(min(estimated, self.chunks - 1))
+
+    def close(self, ok: bool) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+        if self._progress is not None:
+            self._progress.__exit__(None if ok else RuntimeError, None, None)
+
+
+def _run(cmd: list[str], calibration: Path, name: str = "") -> None:
     tail: collections.deque[str] = collections.deque(maxlen=20)
+    estimate = _EstimatedProgress(name)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                log.debug("llama-imatrix: %s", line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    tail.append(line)
+                    estimate.line(line)
+                    log.debug("llama-imatrix: %s", line)
+        finally:
+            proc.wait()
+            estimate.close(proc.returncode == 0)
     if proc.returncode != 0:
         raise PermanentError(
             f"llama-imatrix failed on {calibration.name} (exit {proc.returncode}): " + " | ".join(list(tail)[-6:]),
