@@ -191,6 +191,38 @@ def test_records_from_threads_without_our_context(tmp_path: Path) -> None:
     assert "whose run" not in a.pipeline_log.read_text() + b.pipeline_log.read_text()
 
 
+def test_a_stages_own_threads_write_its_stage_log_even_with_two_runs_open(tmp_path: Path) -> None:
+    """Threads a stage starts itself (tasks/core/threads.py: the quantize types, the converter's side checks, the
+    download's hashing) carry the stage's context: their records go to that run's stage log. A plain thread's
+    went to pipeline.log with one run open, and to no file with two."""
+    from tasks.core.threads import ContextPool, context_thread
+
+    log = logging.getLogger("loraship.test.ctx")
+    log.setLevel(logging.INFO)
+    a = open_run_logs(LoggingSettings(), tmp_path / "a", "a", "v1", flow_run_id="ctx-a")
+    other: list = []  # a second run, opened in another thread (as flows/multi.py runs models side by side)
+    opener = threading.Thread(
+        target=lambda: other.append(open_run_logs(LoggingSettings(), tmp_path / "b", "b", "v1", flow_run_id="ctx-b"))
+    )
+    opener.start()
+    opener.join(30)
+    b = other[0]
+    try:
+        with stage_context("quantize"):
+            with ContextPool(max_workers=2) as pool:
+                list(pool.map(lambda i: log.info("type %d quantized", i), range(3)))
+            t = context_thread(lambda: log.info("side check done"))
+            t.start()
+            t.join(30)
+    finally:
+        close_run_logs(flow_run_id="ctx-b")
+        close_run_logs(flow_run_id="ctx-a")
+    quantize_log = (a.dir / "quantize.log").read_text()
+    for line in ("type 0 quantized", "type 2 quantized", "side check done"):
+        assert line in quantize_log
+    assert "quantized" not in "".join(f.read_text() for f in b.dir.glob("*.log"))
+
+
 def test_a_servers_output_in_this_run_goes_to_serve_log(llama_ggufs: dict[str, Path], tmp_path: Path) -> None:
     """The real llama.cpp server writes its own log file (it may outlive the run); what it wrote during the
     run is copied into serve.log when the run's logs close, scrubbed, with a line naming the file."""

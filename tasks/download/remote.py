@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import stat
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from tasks.core.errors import PermanentError
 from tasks.core.hashing import sha256_file
 from tasks.core.progress import Progress
 from tasks.core.scrub import register_secret
+from tasks.core.threads import context_thread
 from tasks.core.vocab import ArtifactKind
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
 from tasks.download.ssh import RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
@@ -101,7 +101,7 @@ class _Background:
             except BaseException as exc:  # handed to the caller in result()
                 self._err = exc
 
-        self._thread = threading.Thread(target=work, name=name, daemon=True)
+        self._thread = context_thread(work, name=name)
         self._thread.start()
 
     def result(self) -> Any:

@@ -36,6 +36,7 @@ from typing import Any
 
 from tasks.core.errors import PermanentError, TransientError
 from tasks.core.progress import Progress
+from tasks.core.threads import context_thread
 from tasks.download.ssh import RemoteFile, RemoteSession, local_target, parse_rsync_version
 
 log = logging.getLogger("loraship.download")
@@ -99,7 +100,7 @@ class LandingHasher:
         self._followed: dict[str, _Followed] = {}
         self._stale = self._candidates_now()  # temporaries of a killed earlier run are not this transfer's
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="landing-sha256", daemon=True)
+        self._thread = context_thread(self._run, name="landing-sha256")
 
     def __enter__(self) -> LandingHasher:
         self._thread.start()

@@ -36,6 +36,7 @@ from tasks.core.hashing import AppendHasher, sha256_file, stat_key
 from tasks.core.progress import Progress
 from tasks.core.settings import GIT_CHECKOUT, StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.threads import ContextPool, context_thread
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
@@ -119,7 +120,7 @@ def file_progress(path: Path, total: int, description: str, interval: float = 0.
             except OSError:
                 pass
 
-    t = threading.Thread(target=watch, name=f"progress-{path.name}", daemon=True)
+    t = context_thread(watch, name=f"progress-{path.name}")
     t.start()
     try:
         yield progress
@@ -233,7 +234,7 @@ def _hf_ids(src: Path, settings: ConvertSettings) -> concurrent.futures.Future |
     the converter subprocess runs, on the core it leaves idle."""
     if not settings.check_tokenizer:
         return None
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokenize")
+    pool = ContextPool(max_workers=1, thread_name_prefix="hf-tokenize")
     fut = pool.submit(hf_tokenize, src, TOKENIZER_TEXT)
     pool.shutdown(wait=False)
     return fut
@@ -394,7 +395,7 @@ def _checked(
     quant = settings.outtype.upper()
     # The runtime checks (one llama.cpp load: tokenization and a few generated tokens) run beside the header
     # validation; the pool's exit waits for them whatever happens.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-check") as pool:
+    with ContextPool(max_workers=1, thread_name_prefix="runtime-check") as pool:
         runtime = pool.submit(
             runtime_check,
             final,

@@ -28,6 +28,7 @@ from tasks.core.disk import disk_preflight
 from tasks.core.errors import ConfigError, PermanentError
 from tasks.core.settings import FILE_CONTENT, StrictModel
 from tasks.core.stage import stage_task
+from tasks.core.threads import ContextPool
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf.convert import file_progress, gguf_name
 from tasks.gguf.plan import QuantPlan, plan_jobs
@@ -479,12 +480,10 @@ def quantize_all(
     f16: Artifact, settings: QuantizeSettings, out_dir: Path, model_name: str, plan: QuantPlan | None = None
 ) -> list[Artifact]:
     """Every type of `settings.types`, planned and run in threads, without Prefect (tests, scripts)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     plan = plan or plan_jobs(Path(f16.path), settings.types, threads=settings.threads, parallel=settings.parallel)
     settings = with_imatrix(f16, settings, Path(out_dir), threads=plan.threads)
     order = plan.start_order(settings.types)
-    with ThreadPoolExecutor(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:  # FIFO: costliest first
+    with ContextPool(max_workers=plan.parallel, thread_name_prefix="quantize") as pool:  # FIFO: costliest first
         futures = {
             q: pool.submit(
                 quantize,
