@@ -19,6 +19,14 @@ def _recording() -> tuple[list[int], threading.Event, object]:
     return sizes, gate, run
 
 
+def _busy_with_one(b: Batcher):
+    """One request that starts at once and blocks in the pipeline until the gate opens; returns its future."""
+    first = b.submit([0], {})
+    while not b.busy:
+        threading.Event().wait(0.005)
+    return first
+
+
 def test_a_lone_request_does_not_wait_for_company():
     """max_wait_ms of 10 s: a lone client's request must not sit out the wait (it did before: 10 s here)."""
     sizes, gate, run = _recording()
@@ -36,9 +44,7 @@ def test_requests_queued_while_a_batch_runs_share_the_next_call():
     sizes, gate, run = _recording()
     b = Batcher(run, max_batch_size=8, max_wait_ms=50)
     try:
-        first = b.submit([0], {})  # starts at once and blocks in the pipeline until the gate opens
-        while not b.busy:
-            threading.Event().wait(0.005)
+        first = _busy_with_one(b)
         rest = [b.submit([i], {}) for i in range(1, 6)]
         gate.set()
         assert first.result(timeout=5).results == [0]
@@ -53,9 +59,7 @@ def test_different_parameters_never_share_a_call():
     sizes, gate, run = _recording()
     b = Batcher(run, max_batch_size=8, max_wait_ms=50)
     try:
-        first = b.submit([0], {})
-        while not b.busy:
-            threading.Event().wait(0.005)
+        first = _busy_with_one(b)
         a = [b.submit([i], {"top_k": 1}) for i in range(2)]
         c = [b.submit([i], {"top_k": 2}) for i in range(3)]
         gate.set()

@@ -433,17 +433,11 @@ def _adapter_meta(adapter_cfg: dict[str, Any], plan: MergePlan | None) -> dict[s
     return meta
 
 
-def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key: str, tmp: Path) -> dict:
-    """merged/ for the fused convert (tasks/merge/fused.py): the recipe instead of the weights; the logit check on
-    the merged tensors made in memory. Returns the artifact's meta."""
-    from tasks.merge.fused import FusedRecipe, merged_state
+def _recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key: str, *, check: bool) -> Any:
+    """The fused-convert recipe (tasks/merge/fused.py: FusedRecipe) for this merge job."""
+    from tasks.merge.fused import FusedRecipe
 
-    if job.plan is None:
-        raise PermanentError(
-            f"merge.fused_convert reads the base's safetensors, and {job.base_dir} has PyTorch .bin weights",
-            hint="set merge.fused_convert: false (and merge.backend: peft) for this base",
-        )
-    FusedRecipe(
+    return FusedRecipe(
         base_dir=str(job.base_dir),
         base_key=base_key or job.base_ref,
         adapter_dir=str(job.adapter_dir),
@@ -451,9 +445,22 @@ def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, bas
         dtype=job.dtype,
         target_st=job.target_st,
         qlora=job.qlora,
-        check=settings.verify != "never",
+        check=check,
         verify_rows=settings.verify_rows,
-    ).write(tmp)
+    )
+
+
+def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key: str, tmp: Path) -> dict:
+    """merged/ for the fused convert (tasks/merge/fused.py): the recipe instead of the weights; the logit check on
+    the merged tensors made in memory. Returns the artifact's meta."""
+    from tasks.merge.fused import merged_state
+
+    if job.plan is None:
+        raise PermanentError(
+            f"merge.fused_convert reads the base's safetensors, and {job.base_dir} has PyTorch .bin weights",
+            hint="set merge.fused_convert: false (and merge.backend: peft) for this base",
+        )
+    _recipe(settings, job, adapter, base_key, check=settings.verify != "never").write(tmp)
     meta: dict[str, Any] = {
         "fused_convert": True,
         "tensor_check": None,
@@ -490,7 +497,7 @@ def _shared_read(
     from tasks.core.atomic import atomic_path
     from tasks.core.hashing import stat_key
     from tasks.gguf.convert import convert_with_merged, gguf_name
-    from tasks.merge.fused import RECIPE_FILE, FusedRecipe
+    from tasks.merge.fused import RECIPE_FILE
 
     plan = job.plan
     if plan is None:
@@ -507,17 +514,8 @@ def _shared_read(
     }
     if plan.untied:
         _untie_config(tmp)
-    FusedRecipe(
-        base_dir=str(job.base_dir),
-        base_key=base_key or job.base_ref,
-        adapter_dir=str(job.adapter_dir),
-        adapter_sha256=adapter.sha256,
-        dtype=job.dtype,
-        target_st=job.target_st,
-        qlora=job.qlora,
-        check=False,  # the per-tensor check reads merged/'s files below, as after the streaming merge
-        verify_rows=settings.verify_rows,
-    ).write(tmp)
+    # check=False: the per-tensor check reads merged/'s files below, as after the streaming merge
+    _recipe(settings, job, adapter, base_key, check=False).write(tmp)
     final = Path(shared.gguf_dir) / gguf_name(shared.model_name, shared.outtype)
     with atomic_path(final) as gguf_tmp:
         record = convert_with_merged(
