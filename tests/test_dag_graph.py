@@ -24,18 +24,34 @@ pytestmark = [pytest.mark.prefect]
 
 
 class StandIns:
-    """Stand-in runners for every stage: each records its wall-clock span; `fail`/`skip`/`sleep` per stage."""
+    """Stand-in runners for every stage: each records its wall-clock span; `fail`/`skip`/`sleep` per stage.
+
+    `meet[stage]`: stages this one waits to see started (up to MEET_S) before it ends. Two stages that meet each
+    other overlap whenever the flow runs them side by side, however slow the machine (a fixed sleep only
+    overlapped them when both started within it); a flow that runs them one after the other makes the first wait
+    out MEET_S and the spans do not overlap."""
+
+    MEET_S = 30.0
 
     def __init__(self) -> None:
         self.spans: dict[str, tuple[float, float]] = {}
         self.fail: dict[str, BaseException] = {}
         self.skip: dict[str, str] = {}
         self.sleep: dict[str, float] = {}
+        self.meet: dict[str, tuple[str, ...]] = {}
+        self._started: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+
+    def _event(self, stage: str) -> threading.Event:
+        with self._lock:
+            return self._started.setdefault(stage, threading.Event())
 
     def runner(self, stage: str) -> Any:
         def run(ctx: Any) -> list:
             t0 = time.time()
+            self._event(stage).set()
+            for other in self.meet.get(stage, ()):
+                self._event(other).wait(self.MEET_S)
             time.sleep(self.sleep.get(stage, 0.0))
             with self._lock:
                 self.spans[stage] = (t0, time.time())
@@ -52,6 +68,9 @@ class StandIns:
         self.fail.clear()
         self.skip.clear()
         self.sleep.clear()
+        self.meet.clear()
+        with self._lock:
+            self._started.clear()
 
 
 @pytest.fixture
@@ -174,7 +193,9 @@ def test_the_task_runs_wait_for_exactly_their_upstreams_and_independent_ones_ove
 
     gate = {"max_kl_div": 0.1}  # the gate then waits for health and evaluate too (its `wants`)
     cfg = _config(tmp_path, gate=gate)
-    standins.sleep.update(serve=1.0, health=1.0, evaluate=2.5)
+    # evaluate runs beside serve and then health: serve ends only once evaluate has started, evaluate only
+    # once health has (health follows serve), health only once evaluate has
+    standins.meet.update(serve=("evaluate",), evaluate=("health",), health=("evaluate",))
     state, _ = _run(cfg)
     runs = _stage_task_runs(state)
     assert set(runs) == set(STAGES)
@@ -194,8 +215,7 @@ def test_the_task_runs_wait_for_exactly_their_upstreams_and_independent_ones_ove
     # local_deploy installed; without the contract, LM Studio/Ollama and the Hub upload run side by side
     assert not overlap("local_deploy", "hub_push")
     standins.reset()
-    for stage in ("local_deploy", "hub_push"):
-        standins.sleep[stage] = 1.0
+    standins.meet.update(local_deploy=("hub_push",), hub_push=("local_deploy",))
     _run(cfg, skip=["template_contract"])
     assert overlap("local_deploy", "hub_push")
 
