@@ -12,6 +12,9 @@ convert stage reuses that GGUF instead of converting again.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,61 @@ def test_tied_embeddings_untied_by_the_adapter_are_byte_identical(tmp_path):
         and json.loads((Path(recipe.path) / "config.json").read_text())["tie_word_embeddings"] is False
     )
     assert "output.weight" in {t[0] for t in _tensors(Path(fused.path))}
+
+
+def test_the_fused_merge_stage_plans_from_the_adapters_header_without_torch(llama_base, llama_adapter, tmp_path):
+    """merge.fused_convert leaves the arithmetic to the converter's process, so the merge stage (its logit check
+    off) and the converter's folder read only the adapter's header and torch stays out of the flow's process.
+    Before: both loaded the adapter's values, which imported torch: ~2 s of each, a third of a fused merge +
+    convert of the 0.83 GB benchmark model (benchmarks/fused_bench.py)."""
+    code = f"""
+import sys
+from pathlib import Path
+from tasks.merge.fused import converter_folder
+from tasks.merge.stage import MergeSettings, merge
+from tests.merge_helpers import as_artifact
+s = MergeSettings(base_model={str(llama_base)!r}, verify="never", fused_convert=True)
+r = merge(as_artifact(Path({str(llama_adapter)!r})), s, Path({str(tmp_path / "merged")!r}), fused=True)
+assert r.meta["fused_convert"] and r.meta["scalings"], r.meta
+with converter_folder(Path(r.path)) as view:
+    assert any(view.glob("*.safetensors"))
+print("torch imported:", "torch" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+def test_the_header_plan_is_the_valued_plan(llama_base, tmp_path):
+    """The header-only plan (load_adapter(values=False)) maps the same tensors with the same ranks, scalings and
+    replacements as the plan with the values, on DoRA + modules_to_save + rsLoRA."""
+    from tasks.merge.plan import HeaderTensor, build_plan, load_adapter, read_json
+
+    adapter = peft_adapter(
+        llama_base,
+        tmp_path / "a",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        use_dora=True,
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+    )
+    cfg = read_json(llama_base / "config.json")
+
+    def shape_of(plan):
+        ops = {
+            n: [(o.module, o.kind, o.r, o.scaling, tuple(o.A.shape), o.magnitude is not None) for o in v]
+            for n, v in plan.ops.items()
+        }
+        return ops, {n: tuple(t.shape) for n, t in plan.replace.items()}, sorted(plan.added), plan.dora
+
+    valued = build_plan(llama_base, cfg, *load_adapter(adapter))
+    header = build_plan(llama_base, cfg, *load_adapter(adapter, values=False))
+    assert shape_of(header) == shape_of(valued) and valued.ops and valued.replace and valued.dora
+    assert all(isinstance(o.A, HeaderTensor) for v in header.ops.values() for o in v)
 
 
 def test_a_wrong_merged_tensor_fails_the_check(llama_base, llama_adapter, tmp_path, monkeypatch):

@@ -123,8 +123,9 @@ def is_fused(folder: Path) -> bool:
     return (folder / RECIPE_FILE).is_file() and not any(folder.glob("*.safetensors"))
 
 
-def plan_of(recipe: FusedRecipe) -> MergePlan:
-    """The merge plan again, from the files the recipe names (cheap: the adapter and the base's headers)."""
+def plan_of(recipe: FusedRecipe, values: bool = True) -> MergePlan:
+    """The merge plan again, from the files the recipe names (cheap: the adapter and the base's headers);
+    `values=False`: the adapter's shapes only (tasks/merge/plan.py: HeaderTensor), for what needs no arithmetic."""
     base_dir, adapter_dir = Path(recipe.base_dir), Path(recipe.adapter_dir)
     for what, folder in (("base model", base_dir), ("adapter", adapter_dir)):
         if not folder.is_dir():
@@ -132,7 +133,7 @@ def plan_of(recipe: FusedRecipe) -> MergePlan:
                 f"the fused convert reads the {what} from {folder}, which is gone",
                 hint="re-run the merge stage (it records where the base and the adapter are)",
             )
-    adapter_cfg, tensors = load_adapter(adapter_dir)
+    adapter_cfg, tensors = load_adapter(adapter_dir, values=values)
     return build_plan(base_dir, read_json(base_dir / "config.json"), adapter_cfg, tensors)
 
 
@@ -142,7 +143,7 @@ def converter_folder(recipe_dir: Path, plan: MergePlan | None = None, name: str 
     links to the recipe folder's files (config, tokenizer, chat template) and to the base's safetensors shards,
     and the index merged/ would have (with an untied lm_head in it)."""
     recipe = FusedRecipe.read(recipe_dir)
-    plan = plan or plan_of(recipe)
+    plan = plan or plan_of(recipe, values=False)  # names and files only: no torch in the flow's process
     with tempfile.TemporaryDirectory(prefix="loraship-fused-") as tmpd:
         view = Path(tmpd) / (name or recipe_dir.name)
         view.mkdir()

@@ -107,8 +107,24 @@ def output_bytes(plan: MergePlan, target: str | None) -> int:
 # --- reading the inputs -------------------------------------------------------------------------------
 
 
-def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(adapter_config, tensors by key) of a peft LoRA adapter folder."""
+@dataclass(frozen=True)
+class HeaderTensor:
+    """An adapter tensor known from its safetensors header only: what the plan's shape checks read.
+
+    The fused merge stage (merge.fused_convert) plans and checks in the flow's process and leaves the arithmetic
+    to the converter's process, which reads the values itself; holding the values here would import torch into
+    the flow's process (about 2 s of a 10 s fused merge + convert, and its memory) for nothing."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def load_adapter(adapter_dir: Path, values: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config, tensors by key) of a peft LoRA adapter folder; `values=False`: `HeaderTensor`s from a
+    safetensors adapter's header (a .bin adapter is read whole either way)."""
     cfg = read_json(adapter_dir / "adapter_config.json")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -118,7 +134,9 @@ def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     st = adapter_dir / "adapter_model.safetensors"
     if st.exists():
-        read_header(st)  # a truncated adapter fails with the file's name
+        header = read_header(st)  # a truncated adapter fails with the file's name
+        if not values:
+            return cfg, {name: HeaderTensor(info.shape, info.dtype) for name, info in header.tensors.items()}
         from safetensors.torch import load_file
 
         return cfg, load_file(str(st))

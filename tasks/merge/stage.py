@@ -474,8 +474,17 @@ def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, bas
     )
     if plan.untied:
         _untie_config(tmp)
-    meta.update(_verify(settings, job, tmp, plan.base_bytes(), lambda: merged_state(plan, job.target_st, job.qlora)))
+    meta.update(
+        _verify(settings, job, tmp, plan.base_bytes(), lambda: merged_state(_valued(job), job.target_st, job.qlora))
+    )
     return meta
+
+
+def _valued(job: MergeJob) -> MergePlan:
+    """`job`'s plan with the adapter's values (the fused merge planned from its header: `load_adapter(values=False)`),
+    for the logit check that makes the merged tensors in memory."""
+    adapter_cfg, tensors = load_adapter(job.adapter_dir)
+    return build_plan(job.base_dir, read_json(job.base_dir / "config.json"), adapter_cfg, tensors)
 
 
 def _shared_read(
@@ -551,7 +560,8 @@ def merge(
     started = time.monotonic()
     backend = available_backend(settings.backend)  # fail before any work
     adapter_dir = adapter.local_path
-    adapter_cfg, tensors = load_adapter(adapter_dir)
+    # fused: the converter's process does the arithmetic, so the checks here need the adapter's shapes only
+    adapter_cfg, tensors = load_adapter(adapter_dir, values=not fused)
     ref = base_reference(settings, default_base, adapter_cfg)
     base_dir = resolve_base(ref)
     assert base_dir is not None
