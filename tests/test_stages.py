@@ -93,3 +93,34 @@ def test_readme_config_reference_names_the_owners() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| ([\w/.]+\.py) \|", readme, flags=re.M))
     assert rows == SECTION_OWNERS
+
+
+def test_stage_modules_import_without_prefect_and_make_their_task_on_first_use() -> None:
+    """Importing a stage module makes no Prefect task (stage_task's LazyTask): a process that only calls a stage's
+    plain function (the fused converter, the benchmarks' children) does not import Prefect, ~2 s. Before, every
+    stage module imported Prefect at import time. The task, once asked for, is Prefect's own."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, sys
+from pathlib import Path
+files = [f for f in Path("tasks").rglob("*.py") if "@stage_task(" in f.read_text()]  # every module making a stage task
+lazy = []
+for f in files:
+    mod = importlib.import_module(".".join(f.with_suffix("").parts))
+    lazy += [obj for obj in vars(mod).values() if type(obj).__name__ == "LazyTask"]
+print(len(lazy), "prefect" in sys.modules)
+from tasks.merge.stage import merge_task
+from prefect import Task
+assert isinstance(merge_task.task, Task) and isinstance(merge_task.with_options(name="x"), Task)
+assert merge_task.name == "merge"
+print("made", "prefect" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.split("\n")[-3:-1]
+    count, loaded = first.split()
+    assert int(count) >= 15 and loaded == "False", first
+    assert second == "made True"

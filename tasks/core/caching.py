@@ -207,12 +207,6 @@ def _drop_if_stale(task_ctx: Any, key: str) -> None:
             return
 
 
-try:
-    from prefect.cache_policies import CachePolicy
-except ImportError:  # pragma: no cover - prefect is a hard dependency; this keeps plain functions importable
-    CachePolicy = object  # type: ignore[misc,assignment]
-
-
 # The tools whose version changes what a stage makes (llama.cpp comes with llama-cpp-python: one pinned
 # vendored commit per version; a checkout named by convert.llama_cpp_dir is keyed by its commit through
 # the setting, one named by $LLAMA_CPP_DIR below).
@@ -233,32 +227,46 @@ def key_files(fn: Any) -> dict[str, str]:
     return {str(p): content_digest(p) for p in getattr(fn, "__loraship_key_files__", ())}
 
 
-class ArtifactCachePolicy(CachePolicy):  # type: ignore[misc]
+def artifact_key(task_ctx: Any, inputs: dict[str, Any]) -> str | None:
     """Key = stage code version + input artifact digests + settings (path settings by content) + tool
     versions + the stage's template files; stale records are dropped.
 
     Parameters named `_x` are left out (thread counts, plan details, secrets), except that a secret among
     them (a SecretStr) adds its keyed fingerprint: a rotated token makes the stage that uses it run again.
     """
-
-    def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        if task_ctx is None:
-            return None
-        fn = task_ctx.task.fn
-        items = sorted((inputs or {}).items())
-        payload = {
-            "stage": task_ctx.task.name,
-            "code": module_code_version(fn.__module__),
-            "inputs": {k: fingerprint(v) for k, v in items if not k.startswith("_")},
-            "secrets": {k: fingerprint(v) for k, v in items if k.startswith("_") and hasattr(v, "get_secret_value")},
-            "environment": environment_key(),
-            "files": key_files(fn),
-        }
-        key = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
-        _drop_if_stale(task_ctx, key)
-        return key
+    if task_ctx is None:
+        return None
+    fn = task_ctx.task.fn
+    items = sorted((inputs or {}).items())
+    payload = {
+        "stage": task_ctx.task.name,
+        "code": module_code_version(fn.__module__),
+        "inputs": {k: fingerprint(v) for k, v in items if not k.startswith("_")},
+        "secrets": {k: fingerprint(v) for k, v in items if k.startswith("_") and hasattr(v, "get_secret_value")},
+        "environment": environment_key(),
+        "files": key_files(fn),
+    }
+    key = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    _drop_if_stale(task_ctx, key)
+    return key
 
 
-ARTIFACTS = ArtifactCachePolicy()
+@functools.cache
+def artifacts_policy() -> Any:
+    """The Prefect cache policy keyed by `artifact_key`, made on first use: importing prefect takes ~2 s, which
+    a process that only calls stages' plain functions (the fused converter, a benchmark) need not pay."""
+    from prefect.cache_policies import CachePolicy
+
+    class ArtifactCachePolicy(CachePolicy):
+        def compute_key(
+            self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+        ) -> str | None:
+            return artifact_key(task_ctx, inputs)
+
+    return ArtifactCachePolicy()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ARTIFACTS":  # the policy, made when first asked for (PEP 562)
+        return artifacts_policy()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
