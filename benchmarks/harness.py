@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,20 +151,33 @@ def weights_size(base: Path) -> tuple[int, int]:
     return sum(f.stat().st_size for f in files), len(files)
 
 
-def measured_row(name: str, cmd: list[str], env: dict[str, str] | None = None, **labels: Any) -> dict[str, Any]:
-    """`labels` + what `measure` says of `cmd` (the columns every side-by-side table shows); a failed command's
-    last lines go to stderr."""
+def measured_row(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    from_output: Callable[[str], dict[str, Any]] | None = None,
+    **labels: Any,
+) -> dict[str, Any]:
+    """`labels` + what `measure` says of `cmd` (the columns every side-by-side table shows) + what `from_output`
+    reads from the command's output (its last 2,000 characters); a failed command's last lines go to stderr."""
     r = measure(cmd, env=env)
     if r["returncode"]:
         print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
-    return {**labels, **{k: r[k] for k in MEASURED}}
+    return {**labels, **{k: r[k] for k in MEASURED}, **(from_output(r["tail"]) if from_output else {})}
 
 
-def report(name: str, result: dict[str, Any], rows: list[dict[str, Any]], ratios: dict[str, float]) -> Path:
-    """Save `result` with its rows and ratios as benchmarks/results/<name>.json and print the table."""
+def report(
+    name: str,
+    result: dict[str, Any],
+    rows: list[dict[str, Any]],
+    ratios: dict[str, float],
+    cols: list[str] | None = None,
+) -> Path:
+    """Save `result` with its rows and ratios as benchmarks/results/<name>.json and print the table (`cols`:
+    the measured columns shown, MEASURED unless given)."""
     result["rows"], result["ratios"] = rows, ratios
     out = save(name, result)
-    print(table(rows, ["model", "contender", *MEASURED]))
+    print(table(rows, ["model", "contender", *(cols or MEASURED)]))
     print(json.dumps(ratios, indent=2))
     print(f"written: {out}")
     return out
