@@ -16,13 +16,13 @@ import yaml
 from pydantic import SecretStr
 
 from tasks.core import artifacts as artifacts_module
-from tasks.core.caching import ARTIFACTS
+from tasks.core.caching import artifacts_policy
 from tasks.core.constants import PROJECT_ROOT, TEMPLATES_DIR
 from tests.hub_fixtures import gguf_artifacts
 
 
 def key(task, **inputs) -> str:
-    return ARTIFACTS.compute_key(SimpleNamespace(task=task, result_store=None), inputs, {})
+    return artifacts_policy().compute_key(SimpleNamespace(task=task, result_store=None), inputs, {})
 
 
 @pytest.fixture

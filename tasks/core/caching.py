@@ -264,9 +264,3 @@ def artifacts_policy() -> Any:
             return artifact_key(task_ctx, inputs)
 
     return ArtifactCachePolicy()
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ARTIFACTS":  # the policy, made when first asked for (PEP 562)
-        return artifacts_policy()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -453,14 +453,15 @@ def _recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key:
 def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, base_key: str, tmp: Path) -> dict:
     """merged/ for the fused convert (tasks/merge/fused.py): the recipe instead of the weights; the logit check on
     the merged tensors made in memory. Returns the artifact's meta."""
-    from tasks.merge.fused import merged_state
+    from tasks.merge.fused import merged_state, plan_of
 
     if job.plan is None:
         raise PermanentError(
             f"merge.fused_convert reads the base's safetensors, and {job.base_dir} has PyTorch .bin weights",
             hint="set merge.fused_convert: false (and merge.backend: peft) for this base",
         )
-    _recipe(settings, job, adapter, base_key, check=settings.verify != "never").write(tmp)
+    recipe = _recipe(settings, job, adapter, base_key, check=settings.verify != "never")
+    recipe.write(tmp)
     meta: dict[str, Any] = {
         "fused_convert": True,
         "tensor_check": None,
@@ -474,17 +475,11 @@ def _fused_recipe(settings: MergeSettings, job: MergeJob, adapter: Artifact, bas
     )
     if plan.untied:
         _untie_config(tmp)
+    # the plan was made from the adapter's header; the check that makes the merged tensors needs its values
     meta.update(
-        _verify(settings, job, tmp, plan.base_bytes(), lambda: merged_state(_valued(job), job.target_st, job.qlora))
+        _verify(settings, job, tmp, plan.base_bytes(), lambda: merged_state(plan_of(recipe), job.target_st, job.qlora))
     )
     return meta
-
-
-def _valued(job: MergeJob) -> MergePlan:
-    """`job`'s plan with the adapter's values (the fused merge planned from its header: `load_adapter(values=False)`),
-    for the logit check that makes the merged tensors in memory."""
-    adapter_cfg, tensors = load_adapter(job.adapter_dir)
-    return build_plan(job.base_dir, read_json(job.base_dir / "config.json"), adapter_cfg, tensors)
 
 
 def _shared_read(
