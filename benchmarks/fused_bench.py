@@ -55,11 +55,11 @@ def bench_inputs(layers: int) -> tuple[Path, Path]:
 
 def _convert(folder: Path, out: Path, fused: Path | None = None) -> None:
     """The converter as the convert stage runs it (tasks/gguf/convert_entry.py), on `folder`."""
-    from tasks.gguf.convert import ENTRY
+    from tasks.gguf.convert import entry_command
     from tasks.gguf.toolchain import resolve_converter
 
     conv = resolve_converter()
-    cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
+    cmd = entry_command(conv)
     if fused is not None:
         cmd += ["--fused", str(fused), "--fused-report", str(out.with_suffix(".fused.json"))]
     cmd += ["--", str(folder), "--outfile", str(out), "--outtype", "f16"]

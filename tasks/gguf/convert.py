@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
 from tasks.core.artifacts import Artifact
 from tasks.core.atomic import atomic_path
+from tasks.core.constants import cache_root
 from tasks.core.disk import disk_preflight
 from tasks.core.errors import PermanentError
 from tasks.core.hashing import AppendHasher, sha256_file, stat_key
@@ -40,9 +41,14 @@ from tasks.core.threads import ContextPool, context_thread
 from tasks.core.vocab import ArtifactKind, Stage
 from tasks.gguf import quant_types
 
+if TYPE_CHECKING:
+    from tasks.gguf.toolchain import Converter
+
 STAGE = Stage.CONVERT
 log = logging.getLogger("loraship.convert")
 ENTRY = Path(__file__).with_name("convert_entry.py")
+#: Under cache_root(): transformers' import structure, kept for the converter's process (lean_imports.py).
+IMPORT_CACHE = "converter-imports"
 TOKENIZER_TEXT = "Hello world! The quick brown fox jumps over the lazy dog; 12 cats, 3 owls."
 TOOLS = ("llama-cpp-python", "gguf", "torch", "transformers", "safetensors")
 
@@ -163,6 +169,16 @@ def converter_view(src: Path) -> Iterator[Path]:
         yield view
 
 
+def entry_command(conv: Converter, *options: str) -> list[str]:
+    """How every converter run starts (the convert stage, the fused merge's shared read, the benchmarks): this
+    interpreter, convert_entry.py on `conv`'s tree, the import cache, then `options` (convert_entry's own)."""
+    return [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root), "--import-cache", str(import_cache()), *options]
+
+
+def import_cache() -> Path:
+    return cache_root() / IMPORT_CACHE
+
+
 def _run_converter(cmd: list[str], env: dict[str, str], timeout_s: int) -> tuple[int, list[str], bool]:
     """Run the converter, streaming its log to ours; return (exit code, last lines, unknown-BPE flag)."""
     tail: collections.deque[str] = collections.deque(maxlen=25)
@@ -256,7 +272,7 @@ def _run_conversion(
 
     conv = resolve_converter(settings.llama_cpp_dir)
     log.info("converting %s with %s", src, conv.describe())
-    cmd = [sys.executable, str(ENTRY), "--llama-cpp", str(conv.root)]
+    cmd = entry_command(conv)
     if settings.vocab_pre:
         cmd += ["--vocab-pre", settings.vocab_pre]
     report_file = out_file.with_name(out_file.name + ".fused.json")
@@ -563,12 +579,7 @@ def convert_lora(
     started = time.monotonic()
     with atomic_path(final) as tmp:
         cmd = [
-            sys.executable,
-            str(ENTRY),
-            "--llama-cpp",
-            str(conv.root),
-            "--script",
-            "convert_lora_to_gguf.py",
+            *entry_command(conv, "--script", "convert_lora_to_gguf.py"),
             "--",
             str(src),
             "--base",

@@ -17,6 +17,10 @@ through tasks/merge/fused.py's tensor source, which applies the adapter tensor b
 when the converter fails. `--write-merged DIR` (a later stage needs merged/'s weights) makes the same source
 also write merged/'s safetensors shards and index into DIR, as the streaming merge would: each merged tensor is
 made once for both files, and the base is read once.
+
+Before the converter imports transformers, lean_imports.py (a sibling script module, standard library only) trims
+what that import costs (~2 s: transformers' tensor-parallel helpers and its model-file scan, the latter kept under
+`--import-cache DIR`); `LORASHIP_LEAN_CONVERTER=0` turns it off.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["convert_hf_to_gguf.py", "convert_lora_to_gguf.py"],
         help="which converter to run",
     )
+    p.add_argument("--import-cache", type=Path, default=None, help="folder keeping transformers' import structure")
     p.add_argument("--fused", type=Path, default=None, help="merged/ folder holding a fused.json recipe")
     p.add_argument("--fused-report", type=Path, default=None, help="where to write the fused source's report")
     p.add_argument(
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     root = args.llama_cpp.resolve()
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+    import lean_imports  # a sibling: Python puts a script's own folder on sys.path
+
+    if lean_imports.enabled():
+        lean_imports.install(args.import_cache)
     _install_vocab_pre(args.vocab_pre)
     source: Any = _install_fused(args.fused, args.write_merged) if args.fused else None
     script = root / args.script
