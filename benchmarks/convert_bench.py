@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import machine, measure, python, save, table
+from benchmarks.harness import machine, measure, python, save, table, warm_inputs
 
 
 def contenders(base: Path, adapter: Path, work: Path) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -81,6 +81,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeat):
         for name, cmd, env in contenders(model, model, work):  # interleaved: a busy moment hits both
+            for p in work.rglob("*.gguf"):
+                p.unlink()
+            warm_inputs(Path(model))
             r = measure(cmd, env=env)
             if r["returncode"]:
                 print(f"!! {name} failed:\n{r['tail']}", file=sys.stderr)
@@ -90,8 +93,6 @@ def main() -> None:
                 row |= {"stage_s": got["stage_s"], "startup_s": round(r["wall_s"] - got["stage_s"], 3)}
                 row["hashed_while_writing"] = got.get("hashed_while_writing")
             runs.setdefault(name, []).append(row)
-            for p in work.rglob("*.gguf"):
-                p.unlink()
     rows: list[dict[str, Any]] = []
     for name, rs in runs.items():
         row = {"contender": name, "repeat": len(rs)}

@@ -34,7 +34,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import LORA_TARGETS, MEASURED, bench_model, machine, measured_row, python, report, weights_size
+from benchmarks.harness import (
+    LORA_TARGETS,
+    MEASURED,
+    bench_model,
+    machine,
+    measured_row,
+    python,
+    report,
+    warm_inputs,
+    weights_size,
+)
 
 MODEL = dict(
     arch="llama", hidden=1280, layers=24, heads=10, kv_heads=2, intermediate=3456, dtype="bfloat16", shard_size="400MB"
@@ -120,19 +130,6 @@ def child(kind: str, base: Path, adapter: Path, work: Path) -> None:
     print(json.dumps({"merge_s": round(merged_s, 2), "total_s": round(time.monotonic() - started, 2)}))
 
 
-def _warm(*folders: Path) -> None:
-    """Read the inputs once, so that every contender starts with them in the page cache (as after the download);
-    otherwise the first contender of a model pays the disk read for all of them. And flush what the previous
-    contender wrote (~2 GB), whose write-back otherwise slows the next one's writes."""
-    os.sync()
-    for folder in folders:
-        for f in folder.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 24):
-                        pass
-
-
 def run_model(label: str, layers: int, work: Path, kinds: tuple[str, ...] = CONTENDERS) -> list[dict[str, Any]]:
     base, adapter = bench_inputs(layers)
     size, _ = weights_size(base)
@@ -140,7 +137,7 @@ def run_model(label: str, layers: int, work: Path, kinds: tuple[str, ...] = CONT
     for kind in kinds:
         folder = work / kind
         folder.mkdir(parents=True, exist_ok=True)
-        _warm(base, adapter)
+        warm_inputs(base, adapter)
         cmd = [python(), "-m", "benchmarks.fused_bench", "--child", kind, "--base", str(base)]
         cmd += ["--adapter", str(adapter)]
         env = {"TOKENIZERS_PARALLELISM": "false"}

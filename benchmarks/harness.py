@@ -145,6 +145,19 @@ def bench_model(model: dict[str, Any], layers: int, r: int = 16, alpha: int = 32
     return base, tiny_adapter(base, r=r, alpha=alpha, targets=LORA_TARGETS)
 
 
+def warm_inputs(*folders: Path) -> None:
+    """Before each contender: flush what the previous one wrote (its write-back otherwise slows the next one's
+    writes), then read the inputs once so that every contender starts with them in the page cache (as after the
+    download; otherwise the first contender of a model pays the disk read for all of them)."""
+    os.sync()
+    for folder in folders:
+        for f in folder.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+
 def weights_size(base: Path) -> tuple[int, int]:
     """(bytes, shards) of a model folder's safetensors."""
     files = list(base.glob("*.safetensors"))

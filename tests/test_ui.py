@@ -50,3 +50,21 @@ def test_inside_a_flow_the_artifacts_exist_and_a_refusal_is_only_logged(prefect_
     assert set(by_key) == {"ui-test-markdown", "ui-table-one"}
     assert "# hello" in str(by_key["ui-test-markdown"].data) and "Q8_0" in str(by_key["ui-table-one"].data)
     assert any("no table artifact ui-bad" in r.getMessage() for r in caplog.records)
+
+
+def test_outside_a_run_prefect_is_not_imported_to_find_out():
+    """The convert stage's progress bar imported Prefect (~3 s) before its converter started, in every process that
+    runs the stage's plain function: a benchmark measured it as stage overhead."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tasks.core.progress import Progress\n"
+        "from tasks.core.ui import in_prefect_run\n"
+        "assert not in_prefect_run()\n"
+        "Progress('convert x', 10).close()\n"
+        "print('prefect' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

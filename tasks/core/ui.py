@@ -9,6 +9,7 @@ letters, digits and dashes), so callers pass any model name.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger("loraship.ui")
@@ -21,7 +22,13 @@ def artifact_key(*parts: str) -> str:
 
 
 def in_prefect_run() -> bool:
-    """Whether this code runs inside a Prefect flow or task run (where artifacts have somewhere to go)."""
+    """Whether this code runs inside a Prefect flow or task run (where artifacts have somewhere to go).
+
+    A process that has not imported Prefect's run context is in no run: answering that without importing Prefect
+    (~2-3 s) keeps a stage's plain function, run outside a flow (a benchmark, `python -m tasks...`), from paying it
+    in the middle of its work (the convert stage's progress bar did, before its converter started)."""
+    if "prefect.context" not in sys.modules:
+        return False
     try:
         from prefect.context import FlowRunContext, TaskRunContext
 
