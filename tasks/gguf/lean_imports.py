@@ -14,7 +14,7 @@ benchmarks/fused_bench.py's fused contender, where it was the largest fixed cost
 Both are applied when transformers' `transformers.utils.import_utils` module is first executed (a meta path finder
 wraps that one module's loader), so nothing is imported early and nothing else changes. A name transformers no
 longer has is left alone: the converter then imports as it always did, only slower. The GGUF is the same either
-way (tests/test_convert.py compares it with the upstream converter's, run without this module).
+way (tests/test_lean_imports.py compares it with the upstream converter's, run without this module).
 
 Standard library only: convert_entry.py runs it before the converter, as a script outside the project's packages.
 Why by hand: no library caches transformers' import structure or trims its imports; this is 2 attribute swaps.
@@ -85,7 +85,7 @@ def patch(module: ModuleType, cache_dir: Path | None) -> None:
         module.is_torch_distributed_available = _not_distributed  # type: ignore[attr-defined]
     define = getattr(module, "define_import_structure", None)
     if cache_dir is not None and callable(define):
-        module.define_import_structure = _kept(define, cache_dir, _version_of(module))  # type: ignore[attr-defined]
+        module.define_import_structure = _kept(define, cache_dir, _transformers_version())  # type: ignore[attr-defined]
 
 
 def _not_distributed() -> bool:
@@ -93,7 +93,7 @@ def _not_distributed() -> bool:
     return False
 
 
-def _version_of(module: ModuleType) -> str:
+def _transformers_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -109,7 +109,9 @@ def _kept(define: Callable[..., Any], cache_dir: Path, version: str) -> Callable
     def define_import_structure(module_path: Any, prefix: str | None = None) -> Any:
         root = Path(module_path)
         fingerprint = tree_fingerprint(root, version, prefix)
-        path = cache_dir / f"import-structure-{fingerprint[:24]}.json"
+        # one file per scanned folder, version and prefix: a changed file overwrites its folder's answer
+        name = hashlib.sha256(f"{version}\0{root.resolve()}\0{prefix}".encode()).hexdigest()[:24]
+        path = cache_dir / f"import-structure-{name}.json"
         kept = _read(path, fingerprint)
         if kept is not None:
             return kept
