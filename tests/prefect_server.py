@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.ports import free_port
 
@@ -182,3 +183,28 @@ def serving(home: Path) -> Iterator[PrefectServer]:
             EventsWorker.drain_all(timeout=10)
     finally:
         stop(srv.proc)
+
+
+def settled_task_runs(
+    flow_run_id: Any, names: Collection[str] = (), ids: Collection[str] = (), timeout: float = 60.0
+) -> list[Any]:
+    """The flow run's task runs, read once every one named in `names` (or with an id in `ids`) is final.
+
+    Why poll: a Prefect 3 client reports task-run states as events, and the server records them on its own
+    time, so a flow can return before its last task run reached the database (seen on a loaded CI machine:
+    the last stage, card, was missing from a read made right after the flow). A run counts once its state is
+    final and its end time is set, since tests read the spans and the `wait_for` inputs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            final = [r for r in runs if r.state is not None and r.state.is_final() and r.end_time is not None]
+            missing = (set(names) - {r.name for r in final}) | (set(ids) - {str(r.id) for r in final})
+            if not missing:
+                return runs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task runs not on the server after {timeout:.0f}s: {sorted(missing)}")
+            time.sleep(0.2)

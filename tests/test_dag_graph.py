@@ -19,6 +19,7 @@ import pytest
 from flows.stages import SPECS, STAGES
 from tasks.core.errors import StageSkipped
 from tasks.core.vocab import Stage
+from tests.prefect_server import settled_task_runs
 
 pytestmark = [pytest.mark.prefect]
 
@@ -176,13 +177,7 @@ def test_a_failed_critical_stage_starts_nothing_after_it(tmp_path: Path, standin
 
 
 def _stage_task_runs(state: Any) -> dict[str, Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
+    runs = settled_task_runs(state.state_details.flow_run_id, names=[f"stage:{s}" for s in STAGES])
     return {r.name.removeprefix("stage:"): r for r in runs if r.name.startswith("stage:")}
 
 
@@ -228,3 +223,36 @@ def test_the_task_runs_wait_for_exactly_their_upstreams_and_independent_ones_ove
     assert order == list(STAGES)
     spans = [standins.spans[s] for s in order]
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
+
+
+def test_task_runs_are_read_once_the_server_has_recorded_them(prefect_api) -> None:
+    """The server records task runs from events after the flow returns: a read must wait for them (CI flake)."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending
+
+    @flow
+    def host() -> None: ...
+
+    @task
+    def late() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        run_id = client.create_flow_run(host).id
+
+        def record_later() -> None:
+            time.sleep(1.0)
+            with get_client(sync_client=True) as c:
+                tr = c.create_task_run(late, run_id, "0", name="stage:card", state=Pending())
+                c.set_task_run_state(tr.id, Completed(), force=True)
+
+        writer = threading.Thread(target=record_later)
+        writer.start()
+        try:
+            with pytest.raises(AssertionError, match="stage:card"):
+                settled_task_runs(run_id, names=["stage:card"], timeout=0.1)
+            runs = settled_task_runs(run_id, names=["stage:card"], timeout=30)
+        finally:
+            writer.join()
+    (card,) = runs
+    assert card.name == "stage:card" and card.state.is_completed() and card.end_time is not None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_server import PrefectServer, serving
+from tests.prefect_server import PrefectServer, serving, settled_task_runs
 
 pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (./setup.sh --test installs it)")
 
@@ -62,8 +62,6 @@ def test_quantize_runs_on_dask_worker_processes(server: PrefectServer, tmp_path:
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterTaskRunId,
-        FlowRunFilter,
-        FlowRunFilterId,
         LogFilter,
         LogFilterTaskRunId,
     )
@@ -100,7 +98,7 @@ def test_quantize_runs_on_dask_worker_processes(server: PrefectServer, tmp_path:
 
     # What the workers reported reached the server: task runs, the stage's log lines, progress artifacts.
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        runs = settled_task_runs(flow_run_id, ids=[item["task_run_id"] for item in info["items"]])
         qruns = [r for r in runs if r.name.startswith("quantize")]
         assert len(qruns) == len(TYPES) and all(r.state.is_completed() for r in qruns), [
             (r.name, r.state) for r in qruns
