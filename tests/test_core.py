@@ -132,3 +132,22 @@ def test_code_version_is_thread_safe():
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda _: caching.module_code_version("tasks.gguf.quantize"), range(16)))
     assert len(set(versions)) == 1
+
+
+def test_ssh_errors_are_classified_and_other_errors_never_import_paramiko() -> None:
+    import subprocess
+    import sys
+
+    import paramiko
+
+    from tasks.core.errors import is_transient
+
+    assert is_transient(paramiko.SSHException("Error reading SSH protocol banner")) is True
+    assert is_transient(paramiko.AuthenticationException("bad key")) is False
+    code = (
+        "import sys; from tasks.core.errors import is_transient; is_transient(ValueError('x'));"
+        "print('paramiko' in sys.modules)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

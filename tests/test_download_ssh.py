@@ -239,6 +239,36 @@ def test_rsync_rides_the_openssh_connection_opened_beside_paramiko(ssh_server, r
     assert "ControlPath=" not in seen[1][0] and not seen[1][1]
 
 
+def test_rsync_starts_without_asking_the_remote_rsync_version_unless_compression_needs_it(
+    ssh_server, remote, tmp_path, monkeypatch
+):
+    """The remote's `rsync --version` is a remote command of its own: asked only to pick a compression codec both
+    sides know, or when rsync failed (the SFTP fall back, tested above)."""
+    import tasks.download.transfer as transfer
+    from tasks.download.ssh import RemoteSession
+
+    run = make_run(remote / "out", big=1_000_000)
+    events: list[str] = []
+    real_info, real_run = RemoteSession.rsync_info, transfer._run_rsync
+
+    def info(self, remote_rsync):
+        events.append("asked")
+        return real_info(self, remote_rsync)
+
+    def spy(argv, env, progress, on_bytes):
+        events.append("rsync")
+        return real_run(argv, env, progress, on_bytes)
+
+    monkeypatch.setattr(RemoteSession, "rsync_info", info)
+    monkeypatch.setattr(transfer, "_run_rsync", spy)
+    art = download(ssh_settings(ssh_server, run), tmp_path / "a" / "adapter")
+    assert art.meta["method"] == "rsync" and events == ["rsync"]
+
+    events.clear()
+    art = download(ssh_settings(ssh_server, run, compress=True), tmp_path / "b" / "adapter")
+    assert art.meta["method"] == "rsync" and events == ["asked", "rsync"]
+
+
 def _write_like_rsync(folder: Path, name: str, data: bytes, suffix: str, *, rename: bool) -> None:
     """Append `data` to `.name.suffix` in pieces, as rsync's receiver does, then rename it (or drop it)."""
     tmp = folder / f".{name}.{suffix}"
@@ -350,6 +380,50 @@ def test_sftp_fallback_when_the_remote_has_no_rsync_resumes_from_the_byte_offset
     with pytest.raises(PermanentError, match="transfer is rsync"):
         (dest / "adapter_config.json").unlink()
         download(ssh_settings(ssh_server, run, remote_rsync="/nonexistent/rsync", transfer="rsync"), dest)
+
+
+def test_an_sftp_prefetch_that_paramiko_turns_off_costs_one_window_not_the_rest_of_the_file(
+    ssh_server, remote, tmp_path, monkeypatch
+):
+    """paramiko marks a prefetch done when its answers catch up with its requests while its thread is still
+    sending them, and the rest of the file then goes one synchronous 32 KB request at a time (#2418; seen here as
+    31 s instead of 2.5 s for 128 MB). Forced here once, by pausing the prefetch thread halfway through its
+    requests: the SFTP pull reads window by window, so the synchronous reads stop at the window's end."""
+    from paramiko.sftp import CMD_READ
+    from paramiko.sftp_client import SFTPClient
+    from paramiko.sftp_file import SFTPFile
+
+    import tasks.download.transfer as transfer
+
+    size = 6 * 1024 * 1024
+    run = make_run(remote / "out", big=size)
+    window = 1 << 20
+    monkeypatch.setattr(transfer, "_SFTP_WINDOW", window)
+    paused: list[bool] = []
+    real_thread, real_request = SFTPFile._prefetch_thread, SFTPClient._request
+    sync_reads: list[int] = []
+
+    def pausing_thread(self, chunks, max_concurrent):
+        if paused or len(chunks) < 4:
+            return real_thread(self, chunks, max_concurrent)
+        paused.append(True)
+        half = len(chunks) // 2
+        real_thread(self, chunks[:half], max_concurrent)
+        time.sleep(1.0)  # the reader catches up with every answer: paramiko calls the prefetch done
+        real_thread(self, chunks[half:], max_concurrent)
+
+    def counting_request(self, t, *args):
+        if t == CMD_READ:
+            sync_reads.append(1)
+        return real_request(self, t, *args)
+
+    monkeypatch.setattr(SFTPFile, "_prefetch_thread", pausing_thread)
+    monkeypatch.setattr(SFTPClient, "_request", counting_request)
+    art = download(ssh_settings(ssh_server, run, transfer="sftp"), tmp_path / "run" / "adapter")
+    assert paused and art.meta["method"] == "sftp"
+    for f in art.files:
+        assert f.sha256 == sha(run / f.path)
+    assert 0 < len(sync_reads) <= window // SFTPFile.MAX_REQUEST_SIZE, len(sync_reads)
 
 
 def test_unknown_host_key_is_refused_unless_trusted_on_first_use(ssh_server, remote, tmp_path, caplog):
@@ -527,3 +601,18 @@ def test_a_saved_training_host_block_supplies_host_key_and_known_host(ssh_server
     assert ssh_server.user_key.read_text().split("\n")[1] not in art.model_dump_json()
     with pytest.raises(PermanentError, match="no saved TrainingHost block"):
         download(DownloadSettings(kind="ssh", host_block="no-such-box"), tmp_path / "x" / "adapter")
+
+
+def test_rsyncs_ssh_prefers_aes_gcm_only_on_a_cpu_with_aes_instructions(tmp_path):
+    """OpenSSH's default puts chacha20 first; with AES instructions AES-GCM costs both ends less CPU."""
+    from tasks.download.ssh import cipher_options
+    from tasks.download.vocab import AES_FIRST_CIPHERS
+
+    x86, arm, old = tmp_path / "x86", tmp_path / "arm", tmp_path / "old"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2 sha_ni\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2\n")
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    want = ["-o", "Ciphers=" + ",".join(AES_FIRST_CIPHERS)]
+    assert cipher_options(x86) == want and cipher_options(arm) == want
+    assert AES_FIRST_CIPHERS[0].startswith("aes128-gcm") and "chacha20-poly1305@openssh.com" in AES_FIRST_CIPHERS
+    assert cipher_options(old) == [] and cipher_options(tmp_path / "missing") == []

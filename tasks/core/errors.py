@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import Any
 
 
@@ -83,15 +84,12 @@ def is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    try:
-        import paramiko
-
+    paramiko = sys.modules.get("paramiko")  # never imported: the error cannot be one of its own
+    if paramiko is not None:
         if isinstance(exc, paramiko.AuthenticationException):
             return False
         if isinstance(exc, (paramiko.SSHException, EOFError)) and "Error reading SSH protocol banner" in str(exc):
             return True
-    except ImportError:  # pragma: no cover
-        pass
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     cause = exc.__cause__ or exc.__context__

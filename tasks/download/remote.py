@@ -26,8 +26,9 @@ from tasks.core.scrub import register_secret
 from tasks.core.threads import context_thread
 from tasks.core.vocab import ArtifactKind
 from tasks.download.metadata import metadata_files, remove_extraneous, training_summary
+from tasks.download.method import Puller
 from tasks.download.ssh import RemoteFile, RemoteSession, SshTarget, fingerprint, local_target
-from tasks.download.transfer import SFTP_PARTIAL, TransferStats, clean_partials, local_rsync_info, rsync_pull, sftp_pull
+from tasks.download.transfer import SFTP_PARTIAL, TransferStats, clean_partials
 from tasks.download.vocab import ADAPTER_MARKER, METADATA_FILES, STAGE, BytesHook
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def resolve_target(settings: DownloadSettings) -> tuple[SshTarget, str, dict[str
 class _Background:
     """A call on its own thread (paramiko opens a channel per remote command, so remote questions can be
     asked side by side): the remote sha256 overlaps the local hashing and, on a fresh pull, the transfer
-    itself; the rsync probe overlaps the discovery. `result()` waits and re-raises the call's error."""
+    itself. `result()` waits and re-raises the call's error."""
 
     def __init__(self, name: str, fn: Callable[[], Any]):
         self._out: Any = None
@@ -150,8 +151,6 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
     dest.mkdir(parents=True, exist_ok=True)
     early = settings.io_timeout_s if settings.transfer != "sftp" else None
     with RemoteSession(target, openssh_early=early) as session:
-        # rsync on both sides? asked while the run folder is found and listed (a remote command each way)
-        probe = _Background("rsync-probe", lambda: _choose_method(session, settings))
         root = session.realpath(path)
         run_dir, how, files = _select_run(session, settings, target, root)
         rels = [f.rel for f in files]
@@ -168,13 +167,12 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
         refetched: list[str] = []
         method = "none"
         if todo:
-            method, local_info, remote_info = probe.result()
-
-            pull = _puller(session, settings, run_dir, dest, method, local_info, remote_info, on_bytes)
+            pull = Puller(session, settings, run_dir, dest, on_bytes)
             label = f"download {Path(run_dir).name} from {target.host}"
             stats_list, refetched = _fetch_verified(
                 pull, todo, dest, lambda: expected or hashing.result(), verified, label
             )
+            method = pull.method
         else:
             log.info("all %d file(s) already here with matching sha256: nothing to transfer", len(files))
         expected = expected or hashing.result()
@@ -230,39 +228,6 @@ def download_remote(settings: DownloadSettings, dest: Path, *, on_bytes: BytesHo
             **({"vastai": facts["vastai"]} if "vastai" in facts else {}),
         },
     )
-
-
-def _puller(
-    session: RemoteSession,
-    settings: DownloadSettings,
-    run_dir: str,
-    dest: Path,
-    method: str,
-    local_info: dict,
-    remote_info: dict,
-    on_bytes: BytesHook | None,
-) -> Callable[[list[RemoteFile], Progress], TransferStats]:
-    """`pull(files, progress)` by the chosen method: rsync over the session's ssh, or SFTP with resume."""
-
-    def pull(batch: list[RemoteFile], progress: Progress) -> TransferStats:
-        if method != "rsync":
-            return sftp_pull(session, run_dir, batch, dest, progress=progress, on_bytes=on_bytes)
-        return rsync_pull(
-            session,
-            run_dir,
-            batch,
-            dest,
-            local=local_info,
-            remote=remote_info,
-            remote_rsync=settings.remote_rsync,
-            bwlimit_kbps=settings.bwlimit_kbps,
-            compress=settings.compress,
-            io_timeout=settings.io_timeout_s,
-            progress=progress,
-            on_bytes=on_bytes,
-        )
-
-    return pull
 
 
 def _select_run(
@@ -349,20 +314,3 @@ def _transfer_record(
         "seconds": round(seconds, 3),
         "throughput_mb_s": round(fetched_bytes / 1e6 / seconds, 2) if fetched_bytes and seconds else None,
     }
-
-
-def _choose_method(session: RemoteSession, settings: DownloadSettings) -> tuple[str, dict, dict]:
-    if settings.transfer == "sftp":
-        return "sftp", {}, {}
-    local = local_rsync_info()
-    remote = session.rsync_info(settings.remote_rsync) if local else None
-    if local and remote:
-        return "rsync", local, remote
-    why = "rsync is not installed here" if not local else f"the remote has no working {settings.remote_rsync!r}"
-    if settings.transfer == "rsync":
-        raise PermanentError(
-            f"source.transfer is rsync but {why}",
-            hint="install rsync on both sides, or set source.transfer: auto (falls back to SFTP)",
-        )
-    log.warning("%s: falling back to SFTP (resumable, no delta transfer)", why)
-    return "sftp", {}, {}

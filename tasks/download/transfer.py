@@ -29,7 +29,7 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ SFTP_PARTIAL = ".partial-sftp"
 _PROGRESS2 = re.compile(rb"^\s*(\d+)\s+\d+%")
 # rsync exit codes worth a retry: socket/protocol/IPC errors, killed by a signal, timeouts, vanished
 # source files (the box is still writing), and 255 (ssh lost the connection).
+_SFTP_WINDOW = 8 << 20  # bytes asked for at once over SFTP (see _sftp_blocks)
 _RSYNC_TRANSIENT = {10, 12, 14, 20, 21, 24, 30, 35, 255}
 _SUFFIX = re.compile(r"[A-Za-z0-9]{6}")  # rsync's mkstemp suffix of a temporary `.<name>.XXXXXX`
 
@@ -367,13 +368,7 @@ def sftp_pull(
         done_total += offset
         try:
             with session.sftp.open(f"{run_dir}/{f.rel}", "rb") as rf, open(part, "ab") as lf:
-                rf.seek(offset)
-                if f.size > offset:
-                    rf.prefetch(f.size)
-                while True:
-                    data = rf.read(chunk)
-                    if not data:
-                        break
+                for data in _sftp_blocks(rf, offset, f.size, chunk):
                     lf.write(data)
                     h.update(data)
                     stats.bytes_received += len(data)
@@ -400,6 +395,25 @@ def sftp_pull(
         stats.files.append(f.rel)
         stats.digests[f.rel] = h.hexdigest()
     return stats
+
+
+def _sftp_blocks(rf: Any, start: int, size: int, chunk: int) -> Iterator[bytes]:
+    """The bytes of `rf` from `start` to `size`, in blocks of `chunk`, asked for a window at a time.
+
+    Why windows (`readv`) and not one `prefetch()` of the whole file: paramiko marks a prefetch done whenever
+    its answers catch up with its requests, even while its thread is still sending them; a read that then finds
+    its block not yet asked for turns prefetching off, and the rest of the file goes one synchronous 32 KB
+    request at a time (paramiko #2418; measured here: 1 in ~10 loopback pulls of 128 MB took 31 s instead of
+    2.5 s). A window bounds that to its own remainder, and the next window prefetches again."""
+    pos = start
+    while pos < size:
+        end = min(size, pos + _SFTP_WINDOW)
+        blocks = [(o, min(chunk, end - o)) for o in range(pos, end, chunk)]
+        for data in rf.readv(blocks):
+            if not data:
+                return
+            yield data
+        pos = end
 
 
 def clean_partials(dest: Path) -> None:

@@ -38,3 +38,15 @@ def wanted(rel: str, include: list[str], exclude: list[str]) -> bool:
 
 
 BytesHook = Callable[[int], None]
+
+# OpenSSH's own ciphers with AES-GCM first, for rsync's ssh when this CPU has AES instructions: OpenSSH's default
+# puts chacha20-poly1305 first, which costs both ends more CPU than AES-GCM on such CPUs (128 MB over loopback:
+# 0.65 s against 0.86 s, see the README); every name is in OpenSSH since 6.5, so the server picks its best.
+AES_FIRST_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
