@@ -382,6 +382,28 @@ def test_sftp_fallback_when_the_remote_has_no_rsync_resumes_from_the_byte_offset
         download(ssh_settings(ssh_server, run, remote_rsync="/nonexistent/rsync", transfer="rsync"), dest)
 
 
+def test_a_failed_rsync_keeps_its_own_error_when_the_box_cannot_be_asked_either(
+    ssh_server, remote, tmp_path, monkeypatch
+):
+    """After rsync fails the remote's rsync is asked (is it missing?); if the connection is gone, the error the
+    user sees is rsync's (what broke), not the follow-up question's."""
+    import tasks.download.method as method
+    from tasks.download.ssh import RemoteSession
+
+    run = make_run(remote / "out", big=1000)
+
+    def broken_rsync(*args, **kwargs):
+        raise TransientError("rsync from box exited with 255: Connection reset by peer")
+
+    def unreachable(self, remote_rsync):
+        raise TransientError("the connection to box dropped")
+
+    monkeypatch.setattr(method, "rsync_pull", broken_rsync)
+    monkeypatch.setattr(RemoteSession, "rsync_info", unreachable)
+    with pytest.raises(TransientError, match="exited with 255"):
+        download(ssh_settings(ssh_server, run), tmp_path / "run" / "adapter")
+
+
 def test_an_sftp_prefetch_that_paramiko_turns_off_costs_one_window_not_the_rest_of_the_file(
     ssh_server, remote, tmp_path, monkeypatch
 ):

@@ -61,6 +61,13 @@ class Puller:
             self._remote, self._asked = self._session.rsync_info(self._settings.remote_rsync), True
         return self._remote
 
+    def _remote_rsync_or(self, failed: BaseException) -> dict[str, Any] | None:
+        """The remote's rsync after rsync failed; if asking fails too (the connection is gone), rsync's error."""
+        try:
+            return self._remote_rsync()
+        except (PermanentError, TransientError):
+            raise failed from None
+
     def _no_remote(self) -> str:
         return f"the remote has no working {self._settings.remote_rsync!r}"
 
@@ -77,8 +84,8 @@ class Puller:
         if self.method == "rsync":
             try:
                 return self._rsync(batch, progress)
-            except (PermanentError, TransientError):
-                if self._remote_rsync() is not None:
+            except (PermanentError, TransientError) as failed:
+                if self._remote_rsync_or(failed) is not None:
                     raise  # rsync is there: its own error says what went wrong
                 self.method = self._fall_back(self._no_remote())
         return sftp_pull(self._session, self._run_dir, batch, self._dest, progress=progress, on_bytes=self._on_bytes)

@@ -29,7 +29,7 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tasks.core.errors import PermanentError, TransientError
 from tasks.core.progress import Progress
 from tasks.core.threads import context_thread
 from tasks.download.ssh import RemoteFile, RemoteSession, local_target, parse_rsync_version
+from tasks.download.vocab import BytesHook
 
 log = logging.getLogger("loraship.download")
 
@@ -46,11 +47,9 @@ SFTP_PARTIAL = ".partial-sftp"
 _PROGRESS2 = re.compile(rb"^\s*(\d+)\s+\d+%")
 # rsync exit codes worth a retry: socket/protocol/IPC errors, killed by a signal, timeouts, vanished
 # source files (the box is still writing), and 255 (ssh lost the connection).
-_SFTP_WINDOW = 8 << 20  # bytes asked for at once over SFTP (see _sftp_blocks)
 _RSYNC_TRANSIENT = {10, 12, 14, 20, 21, 24, 30, 35, 255}
 _SUFFIX = re.compile(r"[A-Za-z0-9]{6}")  # rsync's mkstemp suffix of a temporary `.<name>.XXXXXX`
-
-BytesHook = Callable[[int], None]
+_SFTP_WINDOW = 8 << 20  # bytes asked for at once over SFTP (see _sftp_blocks)
 
 
 @dataclass
